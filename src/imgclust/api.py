@@ -1,0 +1,392 @@
+"""The user-facing estimator, scikit-learn style, and the one-call run that the CLI uses.
+
+>>> from imgclust import ImageClusterer
+>>> est = ImageClusterer(n_clusters=10, backbone="pixels", image_size=8)
+>>> labels = est.fit_predict("digits")          # a path, a source name, an ImageSource or arrays
+>>> est.save("model/")                           # doctest: +SKIP
+>>> ImageClusterer.load("model/").predict("new_images/")   # doctest: +SKIP
+
+``X`` may be an :class:`~imgclust.data.base.ImageSource`, a path or source name understood by
+:func:`imgclust.data.open_source`, a uint8 image array (N, H, W[, C]), or a 2-D float array
+of precomputed features (then no backbone runs).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClusterMixin
+
+import imgclust
+from imgclust.backbones import Backbone, build_backbone
+from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
+from imgclust.data import ArraySource, ImageSource, open_source
+from imgclust.data.base import SubsetSource
+from imgclust.errors import InputError
+from imgclust.features import FeatureSet, extract_features
+from imgclust.methods import ClusteringMethod, FitContext, get_method
+from imgclust.metrics import evaluate
+from imgclust.rundir import read_json, write_csv, write_json
+
+MODEL_FORMAT = 1
+
+
+class ImageClusterer(ClusterMixin, BaseEstimator):
+    """Cluster images into ``n_clusters`` groups and classify new images into them.
+
+    Parameters mirror ``imgclust cluster``; ``method_options`` holds the chosen method's
+    own options (see ``imgclust methods``). After ``fit``: ``labels_`` (one per input image,
+    -1 for images that could not be read), ``confidences_``, ``skipped_`` and
+    ``feature_set_``.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        method: str = "kmeans",
+        backbone: str = "efficientnet-lite0",
+        backbone_weights: str | None = None,
+        image_size: int | None = None,
+        backbone_options: dict | None = None,
+        method_options: dict | None = None,
+        pca: int | None = None,
+        pca_whiten: bool = False,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        device: str = "auto",
+        workers: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.method = method
+        self.backbone = backbone
+        self.backbone_weights = backbone_weights
+        self.image_size = image_size
+        self.backbone_options = backbone_options
+        self.method_options = method_options
+        self.pca = pca
+        self.pca_whiten = pca_whiten
+        self.batch_size = batch_size
+        self.precision = precision
+        self.device = device
+        self.workers = workers
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.progress = progress
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: RunConfig, progress: bool = True) -> ImageClusterer:
+        f = cfg.features
+        return cls(
+            n_clusters=cfg.k,
+            method=cfg.method,
+            backbone=cfg.backbone.name,
+            backbone_weights=cfg.backbone.weights,
+            image_size=cfg.backbone.image_size,
+            backbone_options=dict(cfg.backbone.options),
+            method_options=dict(cfg.method_options),
+            pca=f.pca,
+            pca_whiten=f.pca_whiten,
+            batch_size=f.batch_size,
+            precision=f.precision,
+            device=f.device,
+            workers=f.workers,
+            cache_dir=f.cache_dir,
+            seed=cfg.seed,
+            progress=progress,
+        )
+
+    def _backbone(self) -> Backbone:
+        if getattr(self, "backbone_", None) is None:
+            opts = dict(self.backbone_options or {})
+            if self.image_size is not None:
+                opts["image_size"] = int(self.image_size)
+            self.backbone_ = build_backbone(self.backbone, weights=self.backbone_weights, **opts)
+        return self.backbone_
+
+    # ----------------------------------------------------------------- features
+    def _features(self, X: Any) -> tuple[np.ndarray, np.ndarray, FeatureSet | None, ImageSource | None]:
+        """(features of all rows, valid mask, feature set, source) for any accepted X."""
+        if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
+            feats = np.asarray(X, dtype=np.float32)
+            valid = np.isfinite(feats).all(axis=1)
+            return feats, valid, None, None
+        source = as_source(X)
+        fs = extract_features(
+            source,
+            self._backbone(),
+            cache_dir=self.cache_dir,
+            batch_size=self.batch_size,
+            device=self.device,
+            precision=self.precision,
+            workers=self.workers,
+            progress=self.progress,
+        )
+        return fs.features, fs.valid, fs, source
+
+    def _reduce(self, feats: np.ndarray, fit: bool) -> np.ndarray:
+        if not self.pca:
+            return np.asarray(feats, dtype=np.float32)
+        if fit:
+            from sklearn.decomposition import PCA
+
+            n_comp = min(int(self.pca), feats.shape[0], feats.shape[1])
+            p = PCA(n_components=n_comp, random_state=self.seed).fit(feats)
+            self.pca_mean_ = p.mean_.astype(np.float32)
+            scale = np.sqrt(np.maximum(p.explained_variance_, 1e-12)) if self.pca_whiten else np.ones(n_comp)
+            # Projection and (optional) whitening folded into one matrix.
+            self.pca_components_ = (p.components_ / scale[:, None]).astype(np.float32)
+        return ((np.asarray(feats, dtype=np.float32) - self.pca_mean_) @ self.pca_components_.T).astype(np.float32)
+
+    # ----------------------------------------------------------------- sklearn API
+    def fit(self, X: Any, y: Any = None) -> ImageClusterer:
+        if int(self.n_clusters) < 2:
+            raise InputError(f"K must be at least 2, got {self.n_clusters}")
+        t0 = time.perf_counter()
+        _seed_everything(self.seed)
+        feats, valid, fs, source = self._features(X)
+        t1 = time.perf_counter()
+        n_valid = int(valid.sum())
+        if n_valid < int(self.n_clusters):
+            raise InputError(
+                f"K={self.n_clusters} is larger than the number of readable images ({n_valid})"
+            )
+        x = self._reduce(feats[valid], fit=True)
+        method_cls = get_method(self.method)
+        model: ClusteringMethod = method_cls(int(self.n_clusters), self.method_options)
+        ctx = FitContext(seed=self.seed, device=self.device, progress=self.progress,
+                         work_dir=None if fs is None or fs.path is None else fs.path)
+        model.fit(x, ctx)
+        t2 = time.perf_counter()
+        proba = model.predict_proba(x)
+        self.model_ = model
+        self.n_features_in_ = feats.shape[1]
+        self.labels_ = np.full(len(feats), -1, dtype=np.int64)
+        self.labels_[valid] = proba.argmax(axis=1)
+        self.confidences_ = np.zeros(len(feats), dtype=np.float32)
+        self.confidences_[valid] = proba.max(axis=1)
+        self.valid_ = valid
+        self.feature_set_ = fs
+        self.source_ = source
+        self.skipped_ = [] if fs is None else list(fs.skipped)
+        self.timings_ = {"features_s": t1 - t0, "method_s": t2 - t1}
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """(N, K) probabilities; rows of unreadable images are all zero."""
+        self._check_fitted()
+        feats, valid, _, _ = self._features(X)
+        out = np.zeros((len(feats), self.model_.n_clusters), dtype=np.float32)
+        if valid.any():
+            out[valid] = self.model_.predict_proba(self._reduce(feats[valid], fit=False))
+        return out
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Cluster index per image; -1 for images that could not be read."""
+        proba = self.predict_proba(X)
+        labels = proba.argmax(axis=1).astype(np.int64)
+        labels[proba.sum(axis=1) == 0] = -1
+        return labels
+
+    def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> np.ndarray:
+        return self.fit(X).labels_
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "model_", None) is None:
+            raise InputError("this ImageClusterer is not fitted yet: call fit() or load a saved model")
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, model_dir: str | Path) -> Path:
+        """Write ``model.json`` (what to rebuild) and ``model.pt`` (tensors only) atomically."""
+        self._check_fitted()
+        d = Path(model_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {f"method.{k}": v for k, v in self.model_.state_dict().items()}
+        if self.pca:
+            state["pca.mean"] = torch.from_numpy(self.pca_mean_)
+            state["pca.components"] = torch.from_numpy(self.pca_components_)
+        from imgclust.rundir import atomic_open
+
+        with atomic_open(d / "model.pt", "wb") as f:
+            torch.save(state, f)
+        bb = getattr(self, "backbone_", None)
+        sizes = np.bincount(self.labels_[self.labels_ >= 0], minlength=self.model_.n_clusters)
+        write_json(
+            d / "model.json",
+            {
+                "format": MODEL_FORMAT,
+                "imgclust_version": imgclust.__version__,
+                "params": self.get_params(),
+                "method_config": self.model_.config.to_dict(),
+                "backbone": None if bb is None else bb.describe(),
+                "n_features_in": int(self.n_features_in_),
+                "clusters": [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)],
+            },
+        )
+        return d
+
+    @classmethod
+    def load(cls, model_dir: str | Path, **overrides: Any) -> ImageClusterer:
+        """Re-create a fitted estimator from ``save``'s directory (``weights_only=True``)."""
+        d = Path(model_dir)
+        if not (d / "model.json").is_file() or not (d / "model.pt").is_file():
+            raise InputError(f"{d} is not an imgclust model directory (model.json and model.pt expected)")
+        meta = read_json(d / "model.json")
+        if meta.get("format") != MODEL_FORMAT:
+            raise InputError(f"{d}: unsupported model format {meta.get('format')!r}")
+        params = dict(meta["params"])
+        params.update(overrides)
+        est = cls(**params)
+        try:
+            state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"refusing to load {d / 'model.pt'}: not a plain tensor file ({type(e).__name__})") from e
+        method_cls = get_method(est.method)
+        model = method_cls(int(est.n_clusters), meta.get("method_config"))
+        model.load_state_dict({k[len("method."):]: v for k, v in state.items() if k.startswith("method.")})
+        est.model_ = model
+        if est.pca:
+            est.pca_mean_ = state["pca.mean"].numpy()
+            est.pca_components_ = state["pca.components"].numpy()
+        est.n_features_in_ = int(meta["n_features_in"])
+        want = (meta.get("backbone") or {}).get("weights")
+        if want is not None:
+            have = est._backbone().weights_id
+            if have != want:
+                raise InputError(
+                    f"{d} was fitted with backbone weights {want} but {est.backbone!r} now loads {have}; "
+                    "pass the same weights file (backbone_weights=...)"
+                )
+        return est
+
+
+def as_source(X: Any, split: str | None = None) -> ImageSource:
+    if isinstance(X, ImageSource):
+        return X
+    if isinstance(X, (str, Path)):
+        return open_source(X, split=split)
+    if isinstance(X, np.ndarray):
+        if X.ndim in (3, 4):
+            return ArraySource(X, name="array")
+        raise InputError(
+            f"an array X must be images (N, H, W[, C]) or 2-D float features, got shape {X.shape} dtype {X.dtype}"
+        )
+    raise InputError(f"cannot read images from a {type(X).__name__}; give a path, an ImageSource or an array")
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------- one-call run
+def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run a whole clustering job and write its directory; returns the run summary.
+
+    Writes ``assignments.csv`` (id, path, cluster, confidence[, label]), ``skipped.csv``
+    (images that could not be read, with the reason), ``metrics.json`` when labels are
+    known, ``run.json`` (config, versions, data fingerprint, timings, peak memory) and the
+    fitted model under ``model/``.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a directory")
+    if cfg.k < 2:
+        raise InputError(f"K must be at least 2, got {cfg.k}")
+    s = cfg.source
+    source = open_source(s.path, split=s.split, kind=s.kind, labels=s.labels, coarse=s.coarse)
+    if s.limit is not None:
+        if s.limit < 1:
+            raise InputError(f"limit must be >= 1, got {s.limit}")
+        source = SubsetSource.sample(source, s.limit, seed=cfg.seed)
+    if cfg.k > len(source):
+        raise InputError(f"K={cfg.k} is larger than the number of images ({len(source)})")
+    t_open = time.perf_counter() - t0
+    est = ImageClusterer.from_config(cfg, progress=progress)
+    est.fit(source)
+    t_write = time.perf_counter()
+    ids = source.ids()
+    paths = [source.path(i) or "" for i in range(len(source))]
+    has_labels = source.labels is not None
+    header = ["id", "path", "cluster", "confidence"] + (["label"] if has_labels else [])
+    rows = []
+    for i in np.flatnonzero(est.valid_):
+        row = [ids[i], paths[i], int(est.labels_[i]), f"{est.confidences_[i]:.4f}"]
+        if has_labels:
+            lab = int(source.labels[i])
+            row.append(source.class_names[lab] if source.class_names and lab >= 0 else lab)
+        rows.append(row)
+    write_csv(out / "assignments.csv", header, rows)
+    write_csv(out / "skipped.csv", ["id", "path", "reason"], [(ids[i], paths[i], r) for i, _, r in est.skipped_])
+    metrics = None
+    if has_labels and (source.labels[est.valid_] >= 0).any():
+        metrics = evaluate(source.labels[est.valid_], est.labels_[est.valid_])
+        metrics["nmi_geometric"] = evaluate(source.labels[est.valid_], est.labels_[est.valid_], "geometric")["nmi"]
+        write_json(out / "metrics.json", metrics)
+    est.save(out / "model")
+    fs = est.feature_set_
+    summary = {
+        "imgclust_version": imgclust.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": cfg.to_dict(),
+        "source": source.describe(),
+        "backbone": est.backbone_.describe(),
+        "n_images": len(source),
+        "n_clustered": int(est.valid_.sum()),
+        "n_skipped": len(est.skipped_),
+        "cluster_sizes": np.bincount(est.labels_[est.valid_], minlength=cfg.k).tolist(),
+        "metrics": metrics,
+        "features": {
+            "cache": None if fs is None or fs.path is None else str(fs.path),
+            "from_cache": bool(fs and fs.from_cache),
+            "images_per_second": None if fs is None else fs.images_per_second,
+        },
+        "timings_s": {
+            "open_source": round(t_open, 3),
+            "features": round(est.timings_["features_s"], 3),
+            "method": round(est.timings_["method_s"], 3),
+            "write": round(time.perf_counter() - t_write, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "versions": _versions(),
+        "method_history": est.model_.history_,
+        "out_dir": str(out.resolve()),
+    }
+    write_json(out / "run.json", summary)
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    import faiss
+    import PIL
+    import scipy
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "faiss": getattr(faiss, "__version__", "?"),
+        "pillow": PIL.__version__,
+    }
+
+
+__all__ = ["ImageClusterer", "cluster", "as_source", "RunConfig", "SourceConfig", "BackboneConfig", "FeatureConfig", "asdict"]

@@ -1,0 +1,74 @@
+"""Backbone registry: a name -> how to build it.
+
+Families register themselves in their own modules (``efficientnet.py``, ``pixels.py``,
+``vit.py``, ``clip.py``, ``timm.py``, ``resnet.py``); ``build_backbone`` resolves a name or a
+directory made by ``imgclust pretrain``.
+"""
+
+from __future__ import annotations
+
+from imgclust.backbones.base import Backbone, BackboneInfo
+from imgclust.errors import InputError
+
+_REGISTRY: dict[str, BackboneInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_backbone(info: BackboneInfo) -> BackboneInfo:
+    if info.name in _REGISTRY:
+        raise ValueError(f"backbone {info.name!r} registered twice")
+    _REGISTRY[info.name] = info
+    for a in info.aliases:
+        _ALIASES[a] = info.name
+    return info
+
+
+def available_backbones() -> list[BackboneInfo]:
+    _load_families()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_backbone_info(name: str) -> BackboneInfo:
+    _load_families()
+    key = _ALIASES.get(name, name)
+    if key.startswith("timm:") and "timm" in _REGISTRY:
+        return _REGISTRY["timm"]
+    if key not in _REGISTRY:
+        raise InputError(
+            f"unknown backbone {name!r}; available: {', '.join(sorted(_REGISTRY))} (or timm:<model_name>)"
+        )
+    return _REGISTRY[key]
+
+
+def build_backbone(name: str, weights: str | None = None, **options) -> Backbone:
+    """Build a backbone by registry name. ``weights`` is a local file that replaces any download.
+
+    ``NAME+mean`` (the name a ViT reports for ICCE's CLS + mean-patch feature) is the same as
+    ``NAME`` with ``feature="cls+mean"``.
+    """
+    if name.endswith("+mean"):
+        name = name[: -len("+mean")]
+        options.setdefault("feature", "cls+mean")
+    info = get_backbone_info(name)
+    if name.startswith("timm:"):
+        options.setdefault("model_name", name.split(":", 1)[1])
+    return info.factory(weights=weights, **options)
+
+
+_LOADED = False
+
+
+def _load_families() -> None:
+    """Import every family module once so that each registers its entries."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import importlib
+
+    for mod in ("pixels", "efficientnet", "vit", "clip", "timm", "resnet"):
+        try:
+            importlib.import_module(f"imgclust.backbones.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"imgclust.backbones.{mod}":
+                raise

@@ -1,0 +1,105 @@
+"""Typed run configuration: dataclasses, read from TOML, recorded in run.json.
+
+A TOML file mirrors the dataclasses::
+
+    k = 10
+    method = "kmeans"
+    seed = 0
+    [source]
+    path = "photos/"
+    [backbone]
+    name = "efficientnet-lite0"
+    [features]
+    batch_size = 64
+    [method_options]
+    n_init = 10
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from imgclust.errors import InputError
+
+
+@dataclass
+class SourceConfig:
+    path: str = "digits"
+    split: str | None = None  # train | test | all | unlabeled (benchmark layouts, or a sub-folder)
+    kind: str = "auto"  # force a reader: folder, archive, npz, cifar10, cifar100, mnist, stl10, digits ...
+    labels: str = "auto"  # auto | folder | none (labels from the first sub-folder level)
+    coarse: bool = False  # CIFAR-100: the 20 super-classes
+    limit: int | None = None  # use a random subset of this many images (seeded by the run's seed)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "efficientnet-lite0"
+    weights: str | None = None  # local weights file (replaces any download)
+    image_size: int | None = None  # override the backbone's input size
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {"feature": "cls+mean"} for ViTs
+
+
+@dataclass
+class FeatureConfig:
+    batch_size: int = 64
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int | None = None  # decoding threads
+    cache_dir: str | None = None  # default $IMGCLUST_CACHE or ~/.cache/imgclust
+    pca: int | None = None  # reduce features to this many dimensions before clustering
+    pca_whiten: bool = False  # scale PCA components to unit variance (helps k-means on CNN features)
+
+
+@dataclass
+class RunConfig:
+    k: int = 10
+    method: str = "kmeans"
+    seed: int = 0
+    source: SourceConfig = field(default_factory=SourceConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        subs = {"source": SourceConfig, "backbone": BackboneConfig, "features": FeatureConfig}
+        kw: dict[str, Any] = {}
+        for name, sub in subs.items():
+            kw[name] = _build(sub, d.pop(name, {}) or {}, name)
+        top = {f.name for f in fields(cls)} - set(subs)
+        unknown = sorted(set(d) - top)
+        if unknown:
+            raise InputError(f"unknown config key(s) {unknown}; allowed: {sorted(top | set(subs))}")
+        kw.update(d)
+        return cls(**kw)
+
+
+def _build(cls: type, d: dict[str, Any], section: str) -> Any:
+    if not isinstance(d, dict):
+        raise InputError(f"config section [{section}] must be a table")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise InputError(f"unknown key(s) {unknown} in [{section}]; allowed: {sorted(names)}")
+    return cls(**d)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML run configuration (parsed as data only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: not valid TOML ({e})") from e
+    return RunConfig.from_dict(data)

@@ -1,0 +1,91 @@
+"""k-means on L2-normalised features (spherical k-means): the baseline every paper reports.
+
+Uses faiss's k-means (multi-threaded, several restarts, keeps the best by objective).
+Confidence of an assignment is the softmax of the cosine similarities to the centroids at
+temperature ``temperature`` (so it lies in [1/K, 1] and is comparable across runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from imgclust.errors import InputError
+from imgclust.methods.base import (
+    ClusteringMethod,
+    FitContext,
+    MethodConfig,
+    l2_normalize,
+    register_method,
+    softmax,
+)
+
+
+@dataclass
+class KMeansConfig(MethodConfig):
+    n_init: int = 10  # restarts; the one with the best objective is kept
+    max_iter: int = 100
+    temperature: float = 0.05  # softmax temperature on cosine similarities, for confidences
+    normalize: bool = True  # L2-normalise features (spherical k-means)
+
+
+@register_method
+class KMeans(ClusteringMethod):
+    name = "kmeans"
+    Config = KMeansConfig
+    config: KMeansConfig
+
+    def __init__(self, n_clusters: int, config: KMeansConfig | dict | None = None) -> None:
+        super().__init__(n_clusters, config)
+        self.centroids_: np.ndarray | None = None
+
+    def _prep(self, features: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        return l2_normalize(x) if self.config.normalize else x
+
+    def fit(self, features: np.ndarray, ctx: FitContext) -> KMeans:
+        x = self._prep(features)
+        n, d = x.shape
+        if n < self.n_clusters:
+            raise InputError(f"K={self.n_clusters} is larger than the number of images ({n})")
+        km = faiss.Kmeans(
+            d,
+            self.n_clusters,
+            niter=self.config.max_iter,
+            nredo=self.config.n_init,
+            seed=int(ctx.seed) + 1,  # faiss treats seed 0 specially on some versions
+            spherical=self.config.normalize,
+            max_points_per_centroid=max(256, n),  # use every point (faiss subsamples by default)
+            min_points_per_centroid=1,
+            verbose=False,
+        )
+        km.train(x)
+        self.centroids_ = np.asarray(km.centroids, dtype=np.float32).copy()
+        self.history_ = {"objective": [float(v) for v in km.obj[-self.config.max_iter:]]}
+        self.labels_ = self.predict(features)
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        if self.centroids_ is None:
+            raise InputError("this k-means model is not fitted yet")
+        x = self._prep(features)
+        c = l2_normalize(self.centroids_) if self.config.normalize else self.centroids_
+        if self.config.normalize:
+            logits = x @ c.T / self.config.temperature
+        else:  # negative squared distance, scaled by the mean so the temperature is unit-free
+            d2 = (x**2).sum(1, keepdims=True) - 2 * x @ c.T + (c**2).sum(1)[None]
+            logits = -d2 / max(float(np.median(d2)), 1e-12) / self.config.temperature
+        return softmax(logits.astype(np.float64)).astype(np.float32)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        assert self.centroids_ is not None
+        return {"centroids": torch.from_numpy(self.centroids_)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        c = state["centroids"].numpy().astype(np.float32)
+        if c.shape[0] != self.n_clusters:
+            raise InputError(f"saved model has {c.shape[0]} centroids, expected {self.n_clusters}")
+        self.centroids_ = c

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The project's shared data folder, from ``$IMGCLUST_SHARED`` (skips when unset).
+
+    A relative value is resolved against the current directory, then the repository root
+    (CI sets ``IMGCLUST_SHARED=../shared``).
+    """
+    value = os.environ.get("IMGCLUST_SHARED")
+    if not value:
+        pytest.skip("IMGCLUST_SHARED is not set")
+    p = Path(value).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    pytest.skip(f"IMGCLUST_SHARED={value} is not a folder")
