@@ -17,8 +17,10 @@ from imgclust.metrics import cluster_acc, hungarian_mapping
 
 @pytest.fixture(scope="module")
 def digits():
-    d = load_digits()
-    return (d.images * 255 / 16).astype(np.uint8), d.target
+    from imgclust.data import digits as bundled
+
+    src = bundled()
+    return src.images, src.labels
 
 
 def est(tmp_path, **kw):
@@ -122,3 +124,19 @@ def test_array_source_accepts_gray_and_rgba(digits):
     images, _ = digits
     rgba = np.repeat(images[:4, :, :, None], 4, axis=3)
     assert ArraySource(rgba).read(0).shape == (8, 8, 3)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README lost its Python example"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMGCLUST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("IMGCLUST_QUIET", "1")
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert cluster_acc(load_digits().target, scope["labels"]) > 0.75
+    assert (tmp_path / "model" / "model.pt").is_file()

@@ -187,7 +187,10 @@ def datasets() -> None:
     from imgclust.data import available_datasets
 
     for d in available_datasets():
-        typer.echo(f"{d['name']:<16} {d.get('description', '')}")
+        splits = "/".join(d.get("splits") or [])
+        typer.echo(f"{d['name']:<16} {d.get('description', '')}" + (f" [splits: {splits}]" if splits else ""))
+        if d.get("how_to_get"):
+            typer.echo(f"{'':<16} {d['how_to_get']}")
 
 
 @app.command()
