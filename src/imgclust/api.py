@@ -13,6 +13,8 @@ of precomputed features (then no backbone runs).
 
 from __future__ import annotations
 
+import inspect
+import json
 import platform
 import resource
 import time
@@ -26,14 +28,14 @@ from sklearn.base import BaseEstimator, ClusterMixin
 
 import imgclust
 from imgclust.backbones import Backbone, build_backbone
-from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
+from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig, check_types
 from imgclust.data import ArraySource, ImageSource, open_source
 from imgclust.data.base import SubsetSource
 from imgclust.errors import InputError
 from imgclust.features import FeatureSet, extract_features
 from imgclust.methods import ClusteringMethod, FitContext, get_method
 from imgclust.metrics import evaluate
-from imgclust.rundir import read_json, write_csv, write_json
+from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json, write_csv, write_json
 
 MODEL_FORMAT = 1
 
@@ -43,8 +45,13 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
     Parameters mirror ``imgclust cluster``; ``method_options`` holds the chosen method's
     own options (see ``imgclust methods``). After ``fit``: ``labels_`` (one per input image,
-    -1 for images that could not be read), ``confidences_``, ``skipped_`` and
-    ``feature_set_``.
+    -1 for images that could not be read), ``confidences_``, ``skipped_``,
+    ``empty_clusters_`` (clusters no image was assigned to, e.g. when there are fewer
+    distinct images than K) and ``feature_set_``.
+
+    Precomputed features (a 2-D float array) with NaN or inf in a row: that row is left out
+    of fitting, gets label -1 and is listed in ``skipped_`` with the reason
+    ``"non-finite features (NaN or inf)"``, like an unreadable image.
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         cache_dir: str | None = None,
         seed: int = 0,
         progress: bool = True,
+        chunk_rows: int = 1024,
     ) -> None:
         self.n_clusters = n_clusters
         self.method = method
@@ -82,6 +90,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.cache_dir = cache_dir
         self.seed = seed
         self.progress = progress
+        self.chunk_rows = chunk_rows
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -104,6 +113,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             cache_dir=f.cache_dir,
             seed=cfg.seed,
             progress=progress,
+            chunk_rows=f.chunk_rows,
         )
 
     def _backbone(self) -> Backbone:
@@ -130,6 +140,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             device=self.device,
             precision=self.precision,
             workers=self.workers,
+            chunk_rows=self.chunk_rows,
             progress=self.progress,
         )
         return fs.features, fs.valid, fs, source
@@ -178,7 +189,12 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.valid_ = valid
         self.feature_set_ = fs
         self.source_ = source
-        self.skipped_ = [] if fs is None else list(fs.skipped)
+        if fs is not None:
+            self.skipped_ = list(fs.skipped)
+        else:  # precomputed features: non-finite rows are skipped like unreadable images
+            self.skipped_ = [(int(i), str(i), "non-finite features (NaN or inf)") for i in np.flatnonzero(~valid)]
+        sizes = np.bincount(self.labels_[valid], minlength=int(self.n_clusters))
+        self.empty_clusters_ = [int(c) for c in np.flatnonzero(sizes == 0)]
         self.timings_ = {"features_s": t1 - t0, "method_s": t2 - t1}
         return self
 
@@ -186,6 +202,8 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         """(N, K) probabilities; rows of unreadable images are all zero."""
         self._check_fitted()
         feats, valid, _, _ = self._features(X)
+        if feats.ndim != 2 or feats.shape[1] != self.n_features_in_:
+            raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {self.n_features_in_}")
         out = np.zeros((len(feats), self.model_.n_clusters), dtype=np.float32)
         if valid.any():
             out[valid] = self.model_.predict_proba(self._reduce(feats[valid], fit=False))
@@ -215,8 +233,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         if self.pca:
             state["pca.mean"] = torch.from_numpy(self.pca_mean_)
             state["pca.components"] = torch.from_numpy(self.pca_components_)
-        from imgclust.rundir import atomic_open
-
+        clean_stale_tmp(d)
         with atomic_open(d / "model.pt", "wb") as f:
             torch.save(state, f)
         bb = getattr(self, "backbone_", None)
@@ -230,6 +247,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                 "method_config": self.model_.config.to_dict(),
                 "backbone": None if bb is None else bb.describe(),
                 "n_features_in": int(self.n_features_in_),
+                # model.json is written after model.pt: this digest pairs them, so a save
+                # interrupted between the two files is detected on load.
+                "model_pt_sha256": file_sha256(d / "model.pt"),
                 "clusters": [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)],
             },
         )
@@ -237,28 +257,49 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
     @classmethod
     def load(cls, model_dir: str | Path, **overrides: Any) -> ImageClusterer:
-        """Re-create a fitted estimator from ``save``'s directory (``weights_only=True``)."""
+        """Re-create a fitted estimator from ``save``'s directory.
+
+        Both files are treated as untrusted input: ``model.pt`` is read with
+        ``torch.load(weights_only=True)`` (tensors only, a pickle payload is refused) and must
+        be a flat dict of tensors; ``model.json`` is plain JSON whose keys, types and values
+        are checked. Anything unexpected raises a one-line InputError.
+        """
         d = Path(model_dir)
         if not (d / "model.json").is_file() or not (d / "model.pt").is_file():
             raise InputError(f"{d} is not an imgclust model directory (model.json and model.pt expected)")
-        meta = read_json(d / "model.json")
-        if meta.get("format") != MODEL_FORMAT:
-            raise InputError(f"{d}: unsupported model format {meta.get('format')!r}")
+        meta = _read_model_json(d / "model.json")
         params = dict(meta["params"])
         params.update(overrides)
-        est = cls(**params)
         try:
             state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise InputError(f"refusing to load {d / 'model.pt'}: not a plain tensor file ({type(e).__name__})") from e
-        method_cls = get_method(est.method)
-        model = method_cls(int(est.n_clusters), meta.get("method_config"))
-        model.load_state_dict({k[len("method."):]: v for k, v in state.items() if k.startswith("method.")})
-        est.model_ = model
-        if est.pca:
-            est.pca_mean_ = state["pca.mean"].numpy()
-            est.pca_components_ = state["pca.components"].numpy()
-        est.n_features_in_ = int(meta["n_features_in"])
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise InputError(f"refusing to load {d / 'model.pt'}: expected a flat dict of named tensors")
+        want_sha = meta.get("model_pt_sha256")
+        if want_sha is not None and file_sha256(d / "model.pt") != want_sha:
+            raise InputError(f"{d}: model.pt does not match model.json (changed, or an interrupted save); save the model again")
+        est = cls(**params)
+        try:
+            method_cls = get_method(est.method)
+            model = method_cls(int(est.n_clusters), meta.get("method_config"))
+            model.load_state_dict({k[len("method."):]: v for k, v in state.items() if k.startswith("method.")})
+            est.model_ = model
+            est.n_features_in_ = int(meta["n_features_in"])
+            dim = est.n_features_in_
+            if est.pca:
+                est.pca_mean_ = state["pca.mean"].numpy().astype(np.float32)
+                est.pca_components_ = state["pca.components"].numpy().astype(np.float32)
+                if est.pca_mean_.shape != (dim,) or est.pca_components_.ndim != 2 or est.pca_components_.shape[1] != dim:
+                    raise InputError(f"PCA tensors do not fit {dim}-d features")
+                dim = est.pca_components_.shape[0]
+            probe = model.predict_proba(np.zeros((1, dim), np.float32))  # shapes agree end to end
+            if probe.shape != (1, model.n_clusters):
+                raise InputError(f"the method predicts {probe.shape[1]} clusters, expected {model.n_clusters}")
+        except InputError as e:
+            raise InputError(f"{d}: invalid model ({e})") from e
+        except Exception as e:  # wrong shapes/keys in a hand-edited or foreign file
+            raise InputError(f"{d}: model.pt does not match model.json ({type(e).__name__}: {e})") from e
         want = (meta.get("backbone") or {}).get("weights")
         if want is not None:
             have = est._backbone().weights_id
@@ -268,6 +309,48 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                     "pass the same weights file (backbone_weights=...)"
                 )
         return est
+
+
+def _read_model_json(path: Path) -> dict[str, Any]:
+    """model.json as a checked dict: JSON only, known keys, right types, sane values."""
+    try:
+        meta = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path}: unsupported model format {meta.get('format')!r}")
+    params = meta.get("params")
+    if not isinstance(params, dict):
+        raise InputError(f"{path}: 'params' must be an object")
+    sig = inspect.signature(ImageClusterer.__init__).parameters
+    unknown = sorted(set(params) - set(sig) - {"self"})
+    if unknown:
+        raise InputError(f"{path}: unknown parameter(s) {unknown}")
+    _check_param_types(params, path)
+    if isinstance(params.get("n_clusters"), int) and params["n_clusters"] < 2:
+        raise InputError(f"{path}: n_clusters must be at least 2, got {params['n_clusters']}")
+    n_in = meta.get("n_features_in")
+    if not isinstance(n_in, int) or isinstance(n_in, bool) or n_in < 1:
+        raise InputError(f"{path}: 'n_features_in' must be a positive integer, got {n_in!r}")
+    for key, types in (("method_config", (dict, type(None))), ("backbone", (dict, type(None))),
+                       ("model_pt_sha256", (str, type(None)))):
+        if not isinstance(meta.get(key), types):
+            raise InputError(f"{path}: {key!r} has the wrong type ({type(meta.get(key)).__name__})")
+    weights = (meta.get("backbone") or {}).get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise InputError(f"{path}: backbone 'weights' must be a string")
+    return meta
+
+
+def _check_param_types(params: dict[str, Any], path: Path) -> None:
+    """The ``__init__`` annotations ("int | None", "dict | None", ...) checked like config keys."""
+    sig = inspect.signature(ImageClusterer.__init__).parameters
+    try:
+        check_types({k: str(p.annotation) for k, p in sig.items() if k != "self"}, params, "")
+    except InputError as e:
+        raise InputError(f"{path}: {str(e).replace('config key', 'parameter')}") from e
 
 
 def as_source(X: Any, split: str | None = None) -> ImageSource:
@@ -298,17 +381,25 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
 
     Writes ``assignments.csv`` (id, path, cluster, confidence[, label]), ``skipped.csv``
     (images that could not be read, with the reason), ``metrics.json`` when labels are
-    known, ``run.json`` (config, versions, data fingerprint, timings, peak memory) and the
-    fitted model under ``model/``.
+    known, ``run.json`` (config, seed, versions, data fingerprint, feature-cache digest,
+    empty clusters, timings, peak memory) and the fitted model under ``model/``.
+
+    Every file is written atomically. ``run.json`` is written last and the previous one is
+    removed just before the first output is replaced, so a directory holding ``run.json``
+    is a complete run; temporary files a killed run left behind are removed on the next run.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory")
+    clean_stale_tmp(out)
+    clean_stale_tmp(out / "model")
     if cfg.k < 2:
         raise InputError(f"K must be at least 2, got {cfg.k}")
     s = cfg.source
-    source = open_source(s.path, split=s.split, kind=s.kind, labels=s.labels, coarse=s.coarse)
+    if s.max_pixels is not None and s.max_pixels < 1:
+        raise InputError(f"max pixels must be >= 1, got {s.max_pixels}")
+    source = open_source(s.path, split=s.split, kind=s.kind, labels=s.labels, coarse=s.coarse, max_pixels=s.max_pixels)
     if s.limit is not None:
         if s.limit < 1:
             raise InputError(f"limit must be >= 1, got {s.limit}")
@@ -330,6 +421,7 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
             lab = int(source.labels[i])
             row.append(source.class_names[lab] if source.class_names and lab >= 0 else lab)
         rows.append(row)
+    (out / "run.json").unlink(missing_ok=True)  # outputs change from here on: not a complete run until rewritten
     write_csv(out / "assignments.csv", header, rows)
     write_csv(out / "skipped.csv", ["id", "path", "reason"], [(ids[i], paths[i], r) for i, _, r in est.skipped_])
     metrics = None
@@ -339,20 +431,33 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         write_json(out / "metrics.json", metrics)
     est.save(out / "model")
     fs = est.feature_set_
+    n_distinct = None
+    if est.empty_clusters_ and fs is not None:  # explain them: how many different feature vectors?
+        n_distinct = _n_distinct_rows(np.asarray(fs.features)[est.valid_])
+    src_desc = source.describe()
     summary = {
         "imgclust_version": imgclust.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seed": cfg.seed,
         "config": cfg.to_dict(),
-        "source": source.describe(),
+        "data_fingerprint": src_desc.get("fingerprint"),
+        "source": src_desc,
         "backbone": est.backbone_.describe(),
         "n_images": len(source),
         "n_clustered": int(est.valid_.sum()),
         "n_skipped": len(est.skipped_),
         "cluster_sizes": np.bincount(est.labels_[est.valid_], minlength=cfg.k).tolist(),
+        "empty_clusters": est.empty_clusters_,
+        "n_distinct_features": n_distinct,
         "metrics": metrics,
         "features": {
             "cache": None if fs is None or fs.path is None else str(fs.path),
+            "key": None if fs is None else fs.key,
+            "sha256": None if fs is None else fs.sha256,
             "from_cache": bool(fs and fs.from_cache),
+            "cache_status": None if fs is None else fs.cache_status,
+            "resumed_from": 0 if fs is None else fs.resumed_from,
+            "rows_computed": 0 if fs is None else fs.rows_computed,
             "images_per_second": None if fs is None else fs.images_per_second,
         },
         "timings_s": {
@@ -364,11 +469,28 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         },
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "versions": _versions(),
+        "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads()},
         "method_history": est.model_.history_,
         "out_dir": str(out.resolve()),
     }
     write_json(out / "run.json", summary)
     return summary
+
+
+def _n_distinct_rows(x: np.ndarray) -> int:
+    import hashlib
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return len({hashlib.sha1(memoryview(r)).digest() for r in x})
+
+
+def _faiss_threads() -> int | None:
+    try:
+        import faiss
+
+        return int(faiss.omp_get_max_threads())
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _versions() -> dict[str, str]:

@@ -1,13 +1,17 @@
 """Command line: thin commands over :mod:`imgclust.api`.
 
-Every predictable problem ends in one line on stderr (``error: ...``) and exit status 2;
-Ctrl-C ends with status 130 and a hint that rerunning resumes from the feature cache.
+Every predictable problem ends in one line on stderr (``error: ...``) and exit status 2
+(an operating-system error such as a full disk: status 1); Ctrl-C ends with status 130 and
+SIGTERM with 143, each after keeping the finished feature batches, with a one-line hint that
+rerunning resumes from the feature cache.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +54,14 @@ def _print_summary(summary: dict, out: Path) -> None:
     )
     if skipped:
         typer.echo(f"skipped {skipped} unreadable image(s): listed in {out / 'skipped.csv'}")
+    empty = summary.get("empty_clusters") or []
+    if empty:
+        distinct = summary.get("n_distinct_features")
+        typer.echo(
+            f"warning: {len(empty)} of {len(summary['cluster_sizes'])} clusters are empty"
+            + (f" (only {distinct} distinct images)" if distinct is not None else "")
+            + "; see empty_clusters in run.json"
+        )
     if m:
         typer.echo(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (on {m['n_evaluated']} labelled images)")
     typer.echo(f"outputs: {out.resolve()}  (assignments.csv, run.json{', metrics.json' if m else ''}, model/)")
@@ -68,6 +80,7 @@ def cluster(
     labels: str = typer.Option("auto", help="labels from sub-folders: auto | folder | none"),
     coarse: bool = typer.Option(False, help="CIFAR-100: use the 20 super-classes"),
     limit: Optional[int] = typer.Option(None, help="cluster a random subset of this many images (quick trials)"),
+    max_pixels: Optional[int] = typer.Option(None, help="skip images with more pixels than this (default 178,956,970; decompression bombs)"),
     weights: Optional[str] = typer.Option(None, help="local backbone weights file (no download)"),
     image_size: Optional[int] = typer.Option(None, help="backbone input size in pixels (default: the backbone's)"),
     backbone_option: Optional[list[str]] = typer.Option(None, "--backbone-option", help="backbone option key=value, e.g. feature=cls+mean"),
@@ -82,9 +95,9 @@ def cluster(
     seed: int = typer.Option(0, help="random seed"),
     config: Optional[Path] = typer.Option(None, help="TOML run config; options given on the command line win"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    chunk_rows: int = typer.Option(1024, hidden=True, help="feature rows between two cache flushes"),
 ) -> None:
     """Cluster SOURCE into K groups and write a run directory."""
-    from imgclust.api import cluster as run_cluster
     from imgclust.config import RunConfig, load_config
 
     cfg = load_config(config) if config is not None else RunConfig()
@@ -102,17 +115,19 @@ def cluster(
     for name, value, obj, attr in [
         ("method", method, cfg, "method"), ("seed", seed, cfg, "seed"),
         ("split", split, src, "split"), ("kind", kind, src, "kind"), ("labels", labels, src, "labels"),
-        ("coarse", coarse, src, "coarse"), ("limit", limit, src, "limit"),
+        ("coarse", coarse, src, "coarse"), ("limit", limit, src, "limit"), ("max_pixels", max_pixels, src, "max_pixels"),
         ("backbone", backbone, bb, "name"), ("weights", weights, bb, "weights"),
         ("image_size", image_size, bb, "image_size"), ("pca", pca, ft, "pca"), ("pca_whiten", pca_whiten, ft, "pca_whiten"),
         ("batch_size", batch_size, ft, "batch_size"),
         ("precision", precision, ft, "precision"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
-        ("cache_dir", cache_dir, ft, "cache_dir"),
+        ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
     ]:
         if given(name):
             setattr(obj, attr, value)
     cfg.backbone.options.update(_parse_options(backbone_option, "--backbone-option"))
     cfg.method_options.update(_parse_options(option, "--option"))
+    from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
+
     summary = run_cluster(cfg, out, progress=not quiet)
     _print_summary(summary, out)
 
@@ -156,6 +171,7 @@ def predict(
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write"),
     split: Optional[str] = typer.Option(None),
     cache_dir: Optional[str] = typer.Option(None),
+    max_pixels: Optional[int] = typer.Option(None, help="skip images with more pixels than this"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Classify new images with a fitted model."""
@@ -166,7 +182,9 @@ def predict(
     if (model_dir / "model").is_dir() and not (model_dir / "model.json").exists():
         model_dir = model_dir / "model"
     est = ImageClusterer.load(model_dir, progress=not quiet, **({"cache_dir": cache_dir} if cache_dir else {}))
-    src = open_source(source, split=split)
+    if max_pixels is not None and max_pixels < 1:
+        raise InputError(f"max pixels must be >= 1, got {max_pixels}")
+    src = open_source(source, split=split, max_pixels=max_pixels)
     proba = est.predict_proba(src)
     ids = src.ids()
     rows = []
@@ -216,15 +234,50 @@ def methods() -> None:
         typer.echo(f"{name:<12} {doc}\n{'':<12} options: {opts}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the run unwinds like Ctrl-C (finished feature
+    batches are flushed, temporary files removed) and exits with 143."""
+
+
+_signal_seen: list[int] = []  # typer turns KeyboardInterrupt into exit code 130: remember why
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _signal_seen.append(signum)
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+    raise KeyboardInterrupt()
+
+
+def _interrupted_exit() -> None:
+    term = signal.SIGTERM in _signal_seen
+    typer.echo(f"{'terminated' if term else 'interrupted'}; run the same command again to resume from the feature cache",
+               err=True)
+    sys.exit(143 if term else 130)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    except ValueError:  # not the main thread (embedded use): keep the defaults
+        pass
+    # Corrupt files make Pillow warn ("Truncated File Read", "Corrupt EXIF data") before it
+    # fails or recovers; the outcome is reported per file in skipped.csv, so the warnings
+    # would only be noise on the terminal.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\..*)?$")
+    try:
+        rv = app(standalone_mode=False)
     except ImgclustError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; run the same command again to resume from the feature cache", err=True)
-        sys.exit(130)
+        _interrupted_exit()
+    except OSError as e:  # full disk, read-only or unwritable output folder, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        sys.exit(1)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code)
@@ -238,6 +291,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    if _signal_seen:  # typer caught the KeyboardInterrupt and returned 130
+        _interrupted_exit()
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

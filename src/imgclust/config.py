@@ -34,6 +34,7 @@ class SourceConfig:
     labels: str = "auto"  # auto | folder | none (labels from the first sub-folder level)
     coarse: bool = False  # CIFAR-100: the 20 super-classes
     limit: int | None = None  # use a random subset of this many images (seeded by the run's seed)
+    max_pixels: int | None = None  # refuse images with more pixels (default ~179 Mpx; decompression bombs)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class FeatureConfig:
     cache_dir: str | None = None  # default $IMGCLUST_CACHE or ~/.cache/imgclust
     pca: int | None = None  # reduce features to this many dimensions before clustering
     pca_whiten: bool = False  # scale PCA components to unit variance (helps k-means on CNN features)
+    chunk_rows: int = 1024  # feature rows between two flushes of the cache (what an interruption can lose)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class RunConfig:
         unknown = sorted(set(d) - top)
         if unknown:
             raise InputError(f"unknown config key(s) {unknown}; allowed: {sorted(top | set(subs))}")
+        check_types(cls, d, "")
         kw.update(d)
         return cls(**kw)
 
@@ -90,7 +93,61 @@ def _build(cls: type, d: dict[str, Any], section: str) -> Any:
     unknown = sorted(set(d) - names)
     if unknown:
         raise InputError(f"unknown key(s) {unknown} in [{section}]; allowed: {sorted(names)}")
+    check_types(cls, d, section)
     return cls(**d)
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float, int),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "dict": (dict,),
+    "list": (list, tuple),
+    "tuple": (list, tuple),
+}
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
+    """Python types a dataclass field annotation (a string here) accepts; None = not checked.
+
+    Understands unions of int, float, str, bool, None, dict[...], list[...], tuple[...];
+    anything else (Literal, custom classes) is left unchecked.
+    """
+    if not isinstance(annotation, str):
+        annotation = getattr(annotation, "__name__", str(annotation))
+    out: list[type] = []
+    for part in annotation.split("|"):
+        base = part.strip().split("[", 1)[0].strip()
+        if base not in _SIMPLE_TYPES:
+            return None
+        out.extend(_SIMPLE_TYPES[base])
+    return tuple(out)
+
+
+def check_types(cls: type | dict[str, Any], values: dict[str, Any], section: str) -> None:
+    """Raise InputError naming the key when a value has the wrong type for ``cls``'s field.
+
+    ``cls`` is a dataclass, or a mapping of names to annotations (strings like ``"int | None"``).
+
+    Configs are data from a file or a command line: ``k = "ten"`` must end in one clear
+    line, not in a TypeError deep inside a run. ``bool`` is not accepted for ``int``
+    fields (TOML ``true`` is not a count).
+    """
+    where = f" in [{section}]" if section else ""
+    spec = cls if isinstance(cls, dict) else {f.name: f.type for f in fields(cls)}
+    for name, annotation in spec.items():
+        if name not in values:
+            continue
+        allowed = _allowed_types(annotation)
+        if allowed is None:
+            continue
+        v = values[name]
+        ok = isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+        if not ok:
+            want = " or ".join(sorted({t.__name__ if t is not type(None) else "none" for t in allowed}))
+            raise InputError(f"config key {name!r}{where} must be {want}, got {type(v).__name__} {v!r}")
 
 
 def load_config(path: str | Path) -> RunConfig:

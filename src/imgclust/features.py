@@ -10,18 +10,31 @@ chunk.
 Layout of one cache entry (``<cache_root>/features/<key>/``)::
 
     features.npy     float32 (N, D), open_memmap; rows of skipped images are zero
-    progress.json    {"done": rows flushed so far, "skipped": [[index, reason], ...]}
-    meta.json        written last: key, source/backbone description, valid count; its
-                     presence marks the entry complete (and only then is it trusted)
+    progress.json    {"done": rows flushed so far, "skipped": [[index, reason], ...],
+                      "chunks": [[start, end, sha256 of those rows], ...]}
+    meta.json        written last: key, size and sha256 of features.npy, source/backbone
+                     description, valid count; its presence marks the entry complete
+
+Trust rules. A finished entry is used only when meta.json is present and features.npy has
+the recorded size, header and digest: the full sha256 for files up to 1 GiB (about 0.65 s
+per GB; k-means reads every row anyway), a digest of 65 sampled 64 KiB blocks above that
+(``verify_cache=True`` forces the full check). An entry that claims to be finished but fails
+the check is deleted and recomputed. A partial entry resumes only from the leading chunks
+whose rows still match the digests recorded when they were flushed (the memmap is flushed
+before progress.json is atomically replaced, so SIGKILL loses at most one chunk). Finished
+batches are flushed when the run is interrupted (Ctrl-C, SIGTERM). An exclusive ``flock`` on
+``<key>.lock`` keeps two processes from writing the same entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +47,9 @@ from imgclust.backbones.base import Backbone
 from imgclust.data.base import ImageSource
 from imgclust.errors import BadImageError, InputError
 from imgclust.progress import progress_bar
-from imgclust.rundir import read_json, write_json
+from imgclust.rundir import clean_stale_tmp, file_sha256, read_json, write_json
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: chunk digests in progress.json, sha256 of features.npy in meta.json
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +78,10 @@ class FeatureSet:
     from_cache: bool = False
     seconds: float = 0.0
     images_per_second: float | None = None
+    resumed_from: int = 0  # rows taken from an interrupted run's partial entry
+    rows_computed: int = 0  # rows run through the backbone by this call (0 on a cache hit)
+    sha256: str | None = None  # digest of the cached features.npy
+    cache_status: str = ""  # hit | fresh | resumed | recomputed (...) | off
 
     @property
     def n_valid(self) -> int:
@@ -104,35 +121,75 @@ def extract_features(
     chunk_rows: int = 1024,
     progress: bool = True,
     use_cache: bool = True,
+    verify_cache: bool | None = None,
 ) -> FeatureSet:
     """Features for every image of ``source``; cached and resumable (see module docstring).
 
     ``precision``: ``"fp32"`` (default, exact) or ``"bf16"`` (autocast; about 2-3x faster on
     recent CPUs and on GPUs, features differ in the third decimal). bf16 is part of the
     cache key. ``workers``: threads that decode and resize images while the model runs
-    (default: CPU count, at most 8).
+    (default: CPU count, at most 8). ``chunk_rows``: rows between two flushes of the cache
+    (what an interrupted run can lose). ``verify_cache``: how a finished entry is checked
+    before it is trusted: ``None`` full sha256 up to 1 GiB and sampled blocks above,
+    ``True`` always the full sha256, ``False`` always the sampled digest.
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if chunk_rows < 1:
+        raise InputError(f"chunk rows must be >= 1, got {chunk_rows}")
     if precision not in ("fp32", "bf16"):
         raise InputError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     n = len(source)
     if n == 0:
         raise InputError(f"{source.name}: no images")
+    opts = dict(batch_size=batch_size, device=device, precision=precision, workers=workers,
+                chunk_rows=chunk_rows, progress=progress)
+    if not use_cache:
+        return _extract(source, backbone, None, **opts)
     key = cache_key(source, backbone) + ("-bf16" if precision == "bf16" else "")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / "features" / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    # One process at a time per entry: a second run of the same extraction waits and then
+    # gets the cache hit instead of writing the same memmap concurrently.
+    with _exclusive(entry.parent / f"{key}.lock"):
+        status = "fresh"
+        if entry.is_dir():
+            clean_stale_tmp(entry)
+            done = _load_complete(entry, n, backbone.dim, source.ids(), check="full" if verify_cache else
+                                  ("sampled" if verify_cache is False else "auto"))
+            if done is not None:
+                return done
+            if (entry / "meta.json").exists():
+                # Marked complete but failing verification: nothing in it can be trusted.
+                _wipe(entry)
+                status = "recomputed (cache entry failed verification)"
+        return _extract(source, backbone, entry, status=status, key=key, **opts)
+
+
+def _extract(
+    source: ImageSource,
+    backbone: Backbone,
+    entry: Path | None,
+    *,
+    batch_size: int,
+    device: str,
+    precision: str,
+    workers: int | None,
+    chunk_rows: int,
+    progress: bool,
+    status: str = "off",
+    key: str = "",
+) -> FeatureSet:
+    n = len(source)
     ids = source.ids()
-
-    if use_cache:
-        done = _load_complete(entry, n, backbone.dim, ids)
-        if done is not None:
-            return done
-
     t0 = time.perf_counter()
-    if use_cache:
+    chunks: list[list] = []
+    if entry is not None:
         entry.mkdir(parents=True, exist_ok=True)
-        feats, start, skipped_idx = _open_partial(entry, n, backbone.dim)
+        feats, start, skipped_idx, chunks = _open_partial(entry, n, backbone.dim)
+        if start > 0:
+            status = "resumed"
     else:
         feats, start, skipped_idx = np.zeros((n, backbone.dim), np.float32), 0, {}
 
@@ -153,117 +210,221 @@ def extract_features(
 
     batches = [list(range(s, min(s + batch_size, n))) for s in range(start, n, batch_size)]
     bar = progress_bar(total=n, initial=start, desc=f"features {backbone.name}", unit="img", enable=progress)
-    last_flush = start
+    last_flush = written = start
     processed = 0
     t_model = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        # Prefetch: batch j+1 is decoded and resized (per image, in threads; Pillow releases
-        # the GIL) while the model runs on batch j.
-        def submit(b: list[int]) -> list:
-            return [pool.submit(load, i) for i in b]
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # Prefetch: batch j+1 is decoded and resized (per image, in threads; Pillow releases
+            # the GIL) while the model runs on batch j.
+            def submit(b: list[int]) -> list:
+                return [pool.submit(load, i) for i in b]
 
-        nxt = submit(batches[0]) if batches else []
-        for j, idx in enumerate(batches):
-            cur, nxt = nxt, (submit(batches[j + 1]) if j + 1 < len(batches) else [])
-            imgs = [f.result() for f in cur]
-            good = [k for k, im in enumerate(imgs) if not isinstance(im, BadImageError)]
-            for k, im in enumerate(imgs):
-                if isinstance(im, BadImageError):
-                    skipped_idx[idx[k]] = str(im) or "unreadable"
-            if good:
-                x = pre.to_tensor(np.stack([imgs[k] for k in good]))
-                x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    out = model(x).float().cpu().numpy()
-                if not np.all(np.isfinite(out)):
-                    bad = ~np.isfinite(out).all(axis=1)
-                    for k in np.flatnonzero(bad):
-                        skipped_idx[idx[good[k]]] = "backbone produced non-finite features"
-                    out[bad] = 0.0
-                feats[[idx[k] for k in good]] = out
-            processed += len(idx)
-            bar.update(len(idx))
-            end = idx[-1] + 1
-            if use_cache and (end - last_flush >= chunk_rows or end == n):
-                _flush(entry, feats, end, skipped_idx)
-                last_flush = end
-    bar.close()
+            nxt = submit(batches[0]) if batches else []
+            for j, idx in enumerate(batches):
+                cur, nxt = nxt, (submit(batches[j + 1]) if j + 1 < len(batches) else [])
+                imgs = [f.result() for f in cur]
+                good = [k for k, im in enumerate(imgs) if not isinstance(im, BadImageError)]
+                for k, im in enumerate(imgs):
+                    if isinstance(im, BadImageError):
+                        skipped_idx[idx[k]] = str(im) or "unreadable"
+                if good:
+                    x = pre.to_tensor(np.stack([imgs[k] for k in good]))
+                    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        out = model(x).float().cpu().numpy()
+                    if not np.all(np.isfinite(out)):
+                        bad = ~np.isfinite(out).all(axis=1)
+                        for k in np.flatnonzero(bad):
+                            skipped_idx[idx[good[k]]] = "backbone produced non-finite features"
+                        out[bad] = 0.0
+                    feats[[idx[k] for k in good]] = out
+                written = idx[-1] + 1
+                processed += len(idx)
+                bar.update(len(idx))
+                if entry is not None and (written - last_flush >= chunk_rows or written == n):
+                    _flush(entry, feats, last_flush, written, skipped_idx, chunks)
+                    last_flush = written
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM, a crash): keep every finished batch for the rerun.
+        if entry is not None and written > last_flush:
+            with contextlib.suppress(Exception):
+                _flush(entry, feats, last_flush, written, {i: r for i, r in skipped_idx.items() if i < written}, chunks)
+        raise
+    finally:
+        bar.close()
     dt_model = time.perf_counter() - t_model
     valid = np.ones(n, dtype=bool)
     valid[list(skipped_idx)] = False
     skipped = [(i, ids[i], skipped_idx[i]) for i in sorted(skipped_idx)]
     ips = processed / dt_model if processed and dt_model > 0 else None
-    if use_cache:
-        write_json(
-            entry / "meta.json",
-            {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "n": n,
-                "dim": backbone.dim,
-                "n_valid": int(valid.sum()),
-                "source": {k: v for k, v in source.describe().items()},
-                "backbone": backbone.describe(),
-                "precision": precision,
-                "images_per_second": ips,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            },
-        )
-        del feats
-        fs = _load_complete(entry, n, backbone.dim, ids)
-        assert fs is not None
-        fs.from_cache = False
-        fs.seconds = time.perf_counter() - t0
-        fs.images_per_second = ips
-        return fs
-    return FeatureSet(feats, valid, skipped, key, None, False, time.perf_counter() - t0, ips)
+    if entry is None:
+        return FeatureSet(feats, valid, skipped, key, None, False, time.perf_counter() - t0, ips,
+                          resumed_from=0, rows_computed=processed, cache_status=status)
+    fpath = entry / "features.npy"
+    size = fpath.stat().st_size
+    del feats
+    write_json(
+        entry / "meta.json",
+        {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "n": n,
+            "dim": backbone.dim,
+            "n_valid": int(valid.sum()),
+            "bytes": size,
+            "sha256": file_sha256(fpath),
+            "sample_sha256": _sampled_sha256(fpath, size),
+            "source": {k: v for k, v in source.describe().items()},
+            "backbone": backbone.describe(),
+            "precision": precision,
+            "images_per_second": ips,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
+    fs = _load_complete(entry, n, backbone.dim, ids, check="none")  # digest just computed
+    assert fs is not None
+    fs.from_cache = False
+    fs.seconds = time.perf_counter() - t0
+    fs.images_per_second = ips
+    fs.resumed_from = start
+    fs.rows_computed = processed
+    fs.cache_status = status
+    return fs
 
 
-def _flush(entry: Path, feats: np.ndarray, done: int, skipped: dict[int, str]) -> None:
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) held for the block; a no-op where unsupported.
+
+    The kernel releases it when the process dies, even on SIGKILL.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a file system without locks
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _wipe(entry: Path) -> None:
+    for p in entry.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _rows_sha256(feats: np.ndarray, a: int, b: int) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(feats[a:b]))).hexdigest()
+
+
+def _flush(entry: Path, feats: np.ndarray, a: int, b: int, skipped: dict[int, str], chunks: list[list]) -> None:
+    """Make rows ``[a, b)`` durable, then record them (with their digest) in progress.json.
+
+    The memmap is flushed before progress.json is replaced, so progress.json never claims
+    rows that are not on disk; each chunk's sha256 lets a resumed run check the rows it
+    keeps.
+    """
     if isinstance(feats, np.memmap):
         feats.flush()
-    write_json(entry / "progress.json", {"done": done, "skipped": sorted([int(i), r] for i, r in skipped.items())})
+    if b > a:
+        chunks.append([int(a), int(b), _rows_sha256(feats, a, b)])
+    write_json(
+        entry / "progress.json",
+        {"done": int(b), "skipped": sorted([int(i), r] for i, r in skipped.items()), "chunks": chunks},
+    )
 
 
-def _open_partial(entry: Path, n: int, dim: int) -> tuple[np.ndarray, int, dict[int, str]]:
-    """Open features.npy for writing, resuming after the last flushed row when possible."""
+def _open_partial(entry: Path, n: int, dim: int) -> tuple[np.ndarray, int, dict[int, str], list[list]]:
+    """Open features.npy for writing, resuming after the last flushed, verified chunk."""
     fpath, ppath = entry / "features.npy", entry / "progress.json"
     if fpath.exists() and ppath.exists():
         try:
             prog = read_json(ppath)
             feats = open_memmap(fpath, mode="r+")
             if feats.shape == (n, dim) and feats.dtype == np.float32 and 0 <= int(prog["done"]) <= n:
-                return feats, int(prog["done"]), {int(i): str(r) for i, r in prog["skipped"]}
+                # Keep the leading run of chunks whose rows still match their digest.
+                start, chunks = 0, []
+                for a, b, digest in prog["chunks"]:
+                    a, b = int(a), int(b)
+                    if a != start or not start < b <= int(prog["done"]) or _rows_sha256(feats, a, b) != digest:
+                        break
+                    chunks.append([a, b, str(digest)])
+                    start = b
+                skipped = {int(i): str(r) for i, r in prog["skipped"] if int(i) < start}
+                return feats, start, skipped, chunks
             del feats
-        except (ValueError, KeyError, OSError, json.JSONDecodeError):
+        except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError):
             pass
     # Nothing trustworthy: start over.
-    for p in entry.iterdir():
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    _wipe(entry)
     feats = open_memmap(fpath, mode="w+", dtype=np.float32, shape=(n, dim))
-    _flush(entry, feats, 0, {})
-    return feats, 0, {}
+    chunks = []
+    _flush(entry, feats, 0, 0, {}, chunks)
+    return feats, 0, {}, chunks
 
 
-def _load_complete(entry: Path, n: int, dim: int, ids: list[str]) -> FeatureSet | None:
-    """The finished cache entry as a read-only memmap, or None when absent/incomplete/corrupt."""
+#: Finished entries up to this size get a full sha256 check on every load (about 0.65 s
+#: per GB); larger ones a digest of sampled blocks unless ``verify_cache=True``.
+FULL_VERIFY_MAX_BYTES = 1 << 30
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 1 << 16
+
+
+def _sampled_sha256(path: Path, size: int) -> str:
+    """sha256 over the size and 65 blocks of 64 KiB spread evenly (first and last included)."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        span = max(size - _SAMPLE_BYTES, 0)
+        for k in range(_SAMPLE_BLOCKS + 1):
+            f.seek(span * k // _SAMPLE_BLOCKS)
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _load_complete(entry: Path, n: int, dim: int, ids: list[str], check: str = "auto") -> FeatureSet | None:
+    """The finished cache entry as a read-only memmap, or None when absent/incomplete/corrupt.
+
+    ``check``: ``"auto"`` (full sha256 up to :data:`FULL_VERIFY_MAX_BYTES`, sampled above),
+    ``"full"``, ``"sampled"`` or ``"none"`` (size and header only; right after writing).
+    """
     meta_p, prog_p, feat_p = entry / "meta.json", entry / "progress.json", entry / "features.npy"
     if not (meta_p.exists() and prog_p.exists() and feat_p.exists()):
         return None
     try:
         meta, prog = read_json(meta_p), read_json(prog_p)
-        feats = np.load(feat_p, mmap_mode="r")
+        size = feat_p.stat().st_size
+        if meta.get("format") != CACHE_FORMAT or size != int(meta["bytes"]):
+            return None
+        if check == "auto":
+            check = "full" if size <= FULL_VERIFY_MAX_BYTES else "sampled"
+        if check == "full" and file_sha256(feat_p) != meta["sha256"]:
+            return None
+        if check == "sampled" and _sampled_sha256(feat_p, size) != meta["sample_sha256"]:
+            return None
+        feats = np.load(feat_p, mmap_mode="r", allow_pickle=False)
         skipped_idx = {int(i): str(r) for i, r in prog["skipped"]}
     except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError):
         return None
-    if feats.shape != (n, dim) or meta.get("n") != n or int(prog.get("done", -1)) != n:
+    if (feats.shape != (n, dim) or feats.dtype != np.float32 or meta.get("n") != n
+            or int(prog.get("done", -1)) != n or not all(0 <= i < n for i in skipped_idx)):
         return None
     valid = np.ones(n, dtype=bool)
     valid[list(skipped_idx)] = False
     if int(valid.sum()) != meta.get("n_valid"):
         return None
     skipped = [(i, ids[i], skipped_idx[i]) for i in sorted(skipped_idx)]
-    return FeatureSet(feats, valid, skipped, meta["key"], entry, True, 0.0, meta.get("images_per_second"))
+    return FeatureSet(feats, valid, skipped, meta["key"], entry, True, 0.0, meta.get("images_per_second"),
+                      sha256=meta["sha256"], cache_status="hit")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +38,45 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+#: Temporary files of :func:`atomic_open` are named ``.<target name>.<8 random chars>.tmp``
+#: (``tempfile.mkstemp``); only names of exactly that shape are ever cleaned up.
+TMP_GLOB = ".*.tmp"
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def clean_stale_tmp(directory: str | Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete temporary files that :func:`atomic_open` left behind in ``directory``.
+
+    A run killed with SIGKILL (or a power cut) between creating a temporary file and
+    renaming it leaves ``.<name>.<random>.tmp``; they are never read, only removed here at
+    the start of the next run that writes into the same directory. ``older_than_s`` spares
+    files modified more recently than that (another live writer). Returns what was removed.
+    """
+    d = Path(directory)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    now = time.time()
+    for p in d.glob(TMP_GLOB):
+        try:
+            if (_TMP_NAME.match(p.name) and p.is_file() and not p.is_symlink()
+                    and now - p.stat().st_mtime >= older_than_s):
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks (about 0.65 s per GB with SHA-NI)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _json_default(o: Any) -> Any:

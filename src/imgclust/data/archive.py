@@ -351,7 +351,7 @@ class ArchiveSource(ImageSource):
         return list(self._rel)
 
     def fingerprint(self) -> str:
-        """sha256 over (archive path, size, mtime_ns, selected root, label mode)."""
+        """sha256 over (archive path, size, mtime_ns, selected root, label mode[, pixel cap])."""
         try:
             st = os.stat(self.archive)
             meta = f"{st.st_size}:{st.st_mtime_ns}"
@@ -363,6 +363,8 @@ class ArchiveSource(ImageSource):
                 "utf-8", "surrogateescape"
             )
         )
+        if self.max_pixels != DEFAULT_MAX_PIXELS:  # another cap skips other images
+            h.update(f"\0max_pixels={self.max_pixels}".encode())
         return h.hexdigest()
 
     def describe(self) -> dict:

@@ -36,6 +36,7 @@ module is imported, and its ``DecompressionBombError`` is handled here.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import threading
@@ -121,11 +122,8 @@ def decode_image(data: bytes | str | Path, max_pixels: int | None = DEFAULT_MAX_
     if not buf:
         raise BadImageError("empty file")
     try:
-        if buf[:4] in _TIFF_MAGIC:
-            out = _decode_tiff(buf, cap)
-            if out is not None:
-                return out
-        return _decode_pillow(buf, cap)
+        out = _decode_tiff(buf, cap) if buf[:4] in _TIFF_MAGIC else None
+        return _checked(out if out is not None else _decode_pillow(buf, cap))
     except BadImageError:
         raise
     except Exception as e:  # any decoder failure is a bad image
@@ -141,12 +139,14 @@ def _read_bytes(path: str | Path) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as e:
-        raise BadImageError("file not found") from e
+        raise BadImageError("broken symlink (target not found)" if os.path.islink(path) else "file not found") from e
     except PermissionError as e:
         raise BadImageError("permission denied") from e
     except IsADirectoryError as e:
         raise BadImageError("is a directory, not an image") from e
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadImageError("symlink loop") from e
         raise BadImageError(f"cannot read file ({e.strerror or e})") from e
 
 
@@ -167,6 +167,13 @@ def _reason(e: BaseException) -> str:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"corrupt image ({text[:120]})"
     return f"corrupt image ({type(e).__name__})"
+
+
+def _checked(out: np.ndarray) -> np.ndarray:
+    """The contract every caller relies on: (H, W, 3) uint8 with H, W >= 1."""
+    if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8 or out.shape[0] < 1 or out.shape[1] < 1:
+        raise BadImageError(f"corrupt image (decoded to shape {out.shape}, dtype {out.dtype})")
+    return out
 
 
 def _too_large(w: int, h: int, cap: int) -> BadImageError:

@@ -104,6 +104,13 @@ def _index(names_iter) -> tuple[np.ndarray, list[str]]:
     return np.fromiter((lookup[n] for n in names), dtype=np.int64, count=len(names)), classes
 
 
+def _is_symlink(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
+
+
 def _sort_key(rel: str) -> list[str]:
     return rel.split("/")
 
@@ -115,7 +122,9 @@ class FolderSource(ImageSource):
         root: the folder.
         labels: ``"auto"`` | ``"folder"`` | ``"none"``; see :func:`labels_from_relpaths`.
         follow_symlinks: descend into symlinked directories (loops are detected and skipped).
-            Symlinked *files* are always included, as ``os.walk`` lists them.
+            Symlinked *files* are always included, as ``os.walk`` lists them; image-named
+            links that are dangling or loop are included too and fail to read, so they are
+            listed as skipped with a reason.
         max_pixels: decompression-bomb cap passed to :func:`decode_image`.
 
     Hidden files and folders (name starting with ``.``) and ``__MACOSX`` are skipped;
@@ -188,10 +197,15 @@ class FolderSource(ImageSource):
                             continue  # symlink loop or a folder already scanned
                         visited.add(key)
                         stack.append((entry.path, rel + "/"))
-                    elif is_image_name(name) and entry.is_file(follow_symlinks=True):
+                    elif is_image_name(name) and (entry.is_file(follow_symlinks=True) or is_link):
+                        # A dangling image-named symlink is kept: reading it fails with a
+                        # reason ("file not found"), so it is counted and listed, not lost.
                         out.append(rel)
                 except OSError:
-                    continue  # broken link, vanished file
+                    # A symlink loop (ELOOP) named like an image is kept for the same reason.
+                    if is_image_name(name) and _is_symlink(entry):
+                        out.append(rel)
+                    continue  # vanished file, unreadable entry
         out.sort(key=_sort_key)
         return out
 
@@ -210,13 +224,16 @@ class FolderSource(ImageSource):
         return os.path.join(str(self.root), *self._rel[i].split("/"))
 
     def fingerprint(self) -> str:
-        """sha256 over (relative path, size, mtime_ns) of every image plus the label mode.
+        """sha256 over (relative path, size, mtime_ns) of every image plus the label mode
+        (and the pixel cap when it is not the default).
 
         Computed afresh on each call (one ``stat`` per file), so edits made after the scan
         are seen.
         """
         h = hashlib.sha256()
         h.update(f"folder\0labels={self.label_mode}\0".encode())
+        if self.max_pixels != DEFAULT_MAX_PIXELS:  # another cap skips other images
+            h.update(f"max_pixels={self.max_pixels}\0".encode())
         root = str(self.root)
         for rel in self._rel:
             try:

@@ -44,6 +44,9 @@ class MethodConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise InputError(f"unknown option(s) {unknown} for this method; allowed: {sorted(names)}")
+        from imgclust.config import check_types
+
+        check_types(cls, d, "method_options")  # wrong types end in one line, not deep in a run
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,12 @@ class KMeansConfig(MethodConfig):
     temperature: float = 0.05  # softmax temperature on cosine similarities, for confidences
     normalize: bool = True  # L2-normalise features (spherical k-means)
 
+    def __post_init__(self) -> None:
+        if self.n_init < 1 or self.max_iter < 1:
+            raise InputError(f"k-means needs n_init >= 1 and max_iter >= 1, got {self.n_init} and {self.max_iter}")
+        if not self.temperature > 0:
+            raise InputError(f"k-means temperature must be > 0, got {self.temperature}")
+
 
 @register_method
 class KMeans(ClusteringMethod):
@@ -44,7 +50,14 @@ class KMeans(ClusteringMethod):
 
     def _prep(self, features: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(features, dtype=np.float32)
-        return l2_normalize(x) if self.config.normalize else x
+        if not self.config.normalize:
+            return x
+        with np.errstate(over="ignore"):
+            big = ~np.isfinite(np.einsum("ij,ij->i", x, x))
+        if big.any():  # |x|^2 overflows float32 (values > ~1e19): scale those rows first
+            x = x.copy()
+            x[big] /= np.abs(x[big]).max(axis=1, keepdims=True)
+        return l2_normalize(x)
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> KMeans:
         x = self._prep(features)
@@ -66,6 +79,10 @@ class KMeans(ClusteringMethod):
         self.centroids_ = np.asarray(km.centroids, dtype=np.float32).copy()
         self.history_ = {"objective": [float(v) for v in km.obj[-self.config.max_iter:]]}
         self.labels_ = self.predict(features)
+        # With fewer distinct points than K (duplicates, constant images) faiss keeps
+        # coincident centroids and some clusters get no point: reported, not an error.
+        sizes = np.bincount(self.labels_, minlength=self.n_clusters)
+        self.history_["empty_clusters"] = [int(c) for c in np.flatnonzero(sizes == 0)]
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
@@ -85,7 +102,12 @@ class KMeans(ClusteringMethod):
         return {"centroids": torch.from_numpy(self.centroids_)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        c = state["centroids"].numpy().astype(np.float32)
+        c = state.get("centroids")
+        if not isinstance(c, torch.Tensor) or c.ndim != 2 or not c.is_floating_point() or c.shape[1] < 1:
+            raise InputError("saved k-means model has no valid 'centroids' tensor (K x D floats expected)")
+        c = c.detach().cpu().numpy().astype(np.float32)
         if c.shape[0] != self.n_clusters:
             raise InputError(f"saved model has {c.shape[0]} centroids, expected {self.n_clusters}")
+        if not np.isfinite(c).all():
+            raise InputError("saved k-means model has non-finite centroids")
         self.centroids_ = c
