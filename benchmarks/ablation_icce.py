@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             res.append({**r, "head_acc_mean": float(np.mean(head_acc)), "head_acc_max": float(np.max(head_acc))})
             cfg = m.config
             nb = load_or_mine_neighbors(x, fs.path, mode=cfg.neighbors, k=cfg.k, threshold=cfg.threshold,
-                                        max_neighbors=cfg.max_neighbors, seed=seed, progress=False)
+                                        max_neighbors=cfg.max_neighbors, seed=seed, progress=False,
+                                        center=cfg.center_neighbors)
             pairs = np.repeat(np.arange(len(nb)), nb.sizes)
             nb_info = {"mean_size": nb.info["mean_size"], "pair_acc": float((y[pairs] == y[nb.indices]).mean())}
         record(name, res, secs, nb_info)
