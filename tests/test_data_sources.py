@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import pickle
 import tarfile
 import time
@@ -300,9 +301,19 @@ def test_archive_fingerprint(tmp_path: Path) -> None:
     assert fp == ArchiveSource(path, subdir="test").fingerprint()
     assert fp != ArchiveSource(path, subdir="train").fingerprint()
     assert fp != ArchiveSource(path, subdir="test", labels="none").fingerprint()
+    # Content-addressed: a touched or copied identical archive keeps its fingerprint (and cache) ...
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert a.fingerprint() != fp
+    copy = tmp_path / "copy" / "f.tar.gz"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    assert ArchiveSource(path, subdir="test").fingerprint() == fp == ArchiveSource(copy, subdir="test").fingerprint()
+    # ... and a changed image changes it.
+    tree = _archive_tree()
+    first = sorted(n for n in tree if n.startswith("test/"))[0]
+    tree[first] = 255 - tree[first]
+    changed = _make_archive(tmp_path / "g.tar.gz", tree)
+    assert ArchiveSource(changed, subdir="test").fingerprint() != fp
 
 
 def test_archive_errors(tmp_path: Path) -> None:

@@ -159,6 +159,22 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             self.pca_components_ = (p.components_ / scale[:, None]).astype(np.float32)
         return ((np.asarray(feats, dtype=np.float32) - self.pca_mean_) @ self.pca_components_.T).astype(np.float32)
 
+    def _fit_extras(self, source: ImageSource | None, valid: np.ndarray) -> dict[str, Any]:
+        """What a method that needs more than features may use (see :class:`FitContext`).
+
+        ``source`` and ``backbone`` are None when fitting on precomputed features;
+        ``rows[i]`` is the source index of feature row ``i`` (valid images only).
+        """
+        return {
+            "source": source,
+            "backbone": None if source is None else self._backbone(),
+            "rows": np.flatnonzero(valid),
+            "cache_dir": self.cache_dir,
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "workers": self.workers,
+        }
+
     # ----------------------------------------------------------------- sklearn API
     def fit(self, X: Any, y: Any = None) -> ImageClusterer:
         if int(self.n_clusters) < 2:
@@ -176,7 +192,8 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         method_cls = get_method(self.method)
         model: ClusteringMethod = method_cls(int(self.n_clusters), self.method_options)
         ctx = FitContext(seed=self.seed, device=self.device, progress=self.progress,
-                         work_dir=None if fs is None or fs.path is None else fs.path)
+                         work_dir=None if fs is None or fs.path is None else fs.path,
+                         extras=self._fit_extras(source, valid))
         model.fit(x, ctx)
         t2 = time.perf_counter()
         proba = model.predict_proba(x)

@@ -136,6 +136,7 @@ class ArchiveSource(ImageSource):
         self._rel: list[str]
         self._members: list = []
         self._all_names: list[str] = []  # every image member, for messages
+        self._sigs: dict[str, str] = {}  # member name -> content signature (for the fingerprint)
         try:
             if zipfile.is_zipfile(p):
                 self._kind = "zip"
@@ -154,6 +155,11 @@ class ArchiveSource(ImageSource):
         rels = [n[len(base) :] for n in names if n.startswith(base)]
         self._rel = rels
         self._members = [entries[base + r] for r in rels]
+        sig = hashlib.sha256()
+        for r in rels:
+            sig.update(f"{r}\0{self._sigs.get(base + r, '')}\n".encode("utf-8", "surrogateescape"))
+        self._content_sig = sig.hexdigest()
+        self._sigs = {}
         self.base = base
         self.labels, self.class_names, self.labels_from = labels_from_relpaths(
             rels, labels, f"{p}:{base or '/'}"
@@ -218,7 +224,9 @@ class ArchiveSource(ImageSource):
                 if name is None or not is_image_name(name):
                     continue
                 self._all_names.append(name)
-                entries.setdefault(name, info.filename)
+                if name not in entries:
+                    entries[name] = info.filename
+                    self._sigs[name] = f"crc={info.CRC:08x}:{info.file_size}"
         return entries
 
     def _index_tar(self) -> dict[str, object]:
@@ -239,7 +247,9 @@ class ArchiveSource(ImageSource):
                     name = self._tar_member_name(m)
                     if name is not None:
                         self._all_names.append(name)
-                        entries.setdefault(name, (m.offset_data, m.size))
+                        if name not in entries:
+                            entries[name] = (m.offset_data, m.size)
+                            self._sigs[name] = f"{m.size}:{m.mtime}"
             return entries
         self._kind = "memory"
         # One sequential pass: names and bytes together (streaming mode, no seeks).
@@ -253,6 +263,7 @@ class ArchiveSource(ImageSource):
                     continue
                 fobj = tf.extractfile(m)
                 entries[name] = b"" if fobj is None else fobj.read()
+                self._sigs[name] = hashlib.blake2b(entries[name], digest_size=16).hexdigest()
         return entries
 
     @staticmethod
@@ -351,18 +362,15 @@ class ArchiveSource(ImageSource):
         return list(self._rel)
 
     def fingerprint(self) -> str:
-        """sha256 over (archive path, size, mtime_ns, selected root, label mode[, pixel cap])."""
-        try:
-            st = os.stat(self.archive)
-            meta = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            meta = "missing"
+        """sha256 over the selected members' content signatures, label mode[, pixel cap].
+
+        Content, not the archive's path or mtime: a copied, moved or re-downloaded identical
+        archive keeps its feature cache, and any changed, added or removed image changes the
+        fingerprint. Per member: zip CRC-32 + size; plain tar size + mtime; compressed tar
+        (already read into memory) a BLAKE2 hash of the bytes.
+        """
         h = hashlib.sha256()
-        h.update(
-            f"archive\0{self.archive}\0{meta}\0{self.base}\0labels={self.label_mode}".encode(
-                "utf-8", "surrogateescape"
-            )
-        )
+        h.update(f"archive-content\0{self._content_sig}\0labels={self.label_mode}".encode())
         if self.max_pixels != DEFAULT_MAX_PIXELS:  # another cap skips other images
             h.update(f"\0max_pixels={self.max_pixels}".encode())
         return h.hexdigest()

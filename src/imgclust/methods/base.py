@@ -30,6 +30,9 @@ class FitContext:
     device: str = "cpu"
     progress: bool = True
     work_dir: Path | None = None  # where a method may cache neighbours, checkpoints, ...
+    # Set by ImageClusterer.fit: "source" (ImageSource or None for precomputed features),
+    # "backbone" (Backbone or None), "rows" (source index of each feature row), "cache_dir",
+    # "batch_size", "precision", "workers" (feature-extraction settings, to extract views).
     extras: dict[str, Any] = field(default_factory=dict)
 
 
