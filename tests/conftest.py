@@ -9,6 +9,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The report's map uses PCA in tests: UMAP's first call per process compiles for ~30 s.
+os.environ.setdefault("IMGCLUST_REPORT_MAP", "pca")
+
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:

@@ -5,9 +5,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.base import clone
 from sklearn.datasets import load_digits
-from PIL import Image
 
 from imgclust import ImageClusterer
 from imgclust.data.base import ArraySource

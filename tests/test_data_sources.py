@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import shutil
 import pickle
+import shutil
 import tarfile
 import time
 import zipfile

@@ -196,7 +196,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                          extras=self._fit_extras(source, valid))
         model.fit(x, ctx)
         t2 = time.perf_counter()
-        proba = model.predict_proba(x)
+        # A method that fine-tuned its backbone (``image_level``, e.g. icbpl finetune=last_blocks)
+        # no longer matches the cached features: it reports the probabilities of its own pass.
+        proba = model.fit_proba_ if getattr(model, "image_level", False) else model.predict_proba(x)
         self.model_ = model
         self.n_features_in_ = feats.shape[1]
         self.labels_ = np.full(len(feats), -1, dtype=np.int64)
@@ -218,6 +220,11 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """(N, K) probabilities; rows of unreadable images are all zero."""
         self._check_fitted()
+        if getattr(self.model_, "image_level", False):  # fine-tuned backbone: the method reads the images
+            if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
+                raise InputError("this model fine-tuned its backbone: predict needs images, not precomputed features")
+            return self.model_.predict_proba_images(as_source(X), self._backbone(), batch_size=self.batch_size,
+                                                    device=self.device, workers=self.workers, progress=self.progress)
         feats, valid, _, _ = self._features(X)
         if feats.ndim != 2 or feats.shape[1] != self.n_features_in_:
             raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {self.n_features_in_}")
@@ -267,10 +274,31 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                 # model.json is written after model.pt: this digest pairs them, so a save
                 # interrupted between the two files is detected on load.
                 "model_pt_sha256": file_sha256(d / "model.pt"),
-                "clusters": [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)],
+                "clusters": self._cluster_metadata(sizes),
             },
         )
         return d
+
+    def _cluster_metadata(self, sizes: np.ndarray) -> list[dict[str, Any]]:
+        """Per cluster: size and mean confidence; with known labels, the majority class and its share."""
+        lab, conf = self.labels_, self.confidences_
+        src = getattr(self, "source_", None)
+        y = None if src is None or src.labels is None else np.asarray(src.labels)
+        names = None if src is None else src.class_names
+        out = []
+        for c, size in enumerate(sizes):
+            member = lab == c
+            info: dict[str, Any] = {"cluster": c, "size": int(size),
+                                    "mean_confidence": round(float(conf[member].mean()), 4) if size else None}
+            if y is not None and size:
+                ys = y[member]
+                ys = ys[ys >= 0]
+                if len(ys):
+                    top = int(np.bincount(ys).argmax())
+                    info["majority_label"] = names[top] if names and top < len(names) else top
+                    info["purity"] = round(float((ys == top).mean()), 4)
+            out.append(info)
+        return out
 
     @classmethod
     def load(cls, model_dir: str | Path, **overrides: Any) -> ImageClusterer:
@@ -411,8 +439,12 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         raise InputError(f"output path {out} exists and is not a directory")
     clean_stale_tmp(out)
     clean_stale_tmp(out / "model")
-    if cfg.k < 2:
-        raise InputError(f"K must be at least 2, got {cfg.k}")
+    if cfg.k != "auto" and (not isinstance(cfg.k, int) or cfg.k < 2):
+        raise InputError(f"K must be at least 2 (or 'auto'), got {cfg.k!r}")
+    from imgclust.runlog import LOG_NAME, RunLog
+
+    log = RunLog(out / LOG_NAME)  # JSON lines, one per event: a machine-readable record of this run
+    log.event("run_start", out_dir=str(out), config=cfg.to_dict())
     s = cfg.source
     if s.max_pixels is not None and s.max_pixels < 1:
         raise InputError(f"max pixels must be >= 1, got {s.max_pixels}")
@@ -421,11 +453,24 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         if s.limit < 1:
             raise InputError(f"limit must be >= 1, got {s.limit}")
         source = SubsetSource.sample(source, s.limit, seed=cfg.seed)
-    if cfg.k > len(source):
+    if cfg.k != "auto" and cfg.k > len(source):
         raise InputError(f"K={cfg.k} is larger than the number of images ({len(source)})")
     t_open = time.perf_counter() - t0
+    cfg_requested, k_choice = cfg, None
+    if cfg.k == "auto":  # score cfg.k_range without labels and run with the pick (imgclust.choosek)
+        import dataclasses
+
+        from imgclust.choosek import choose_k_for_run
+
+        with log.stage("choose_k") as info:
+            k_choice = choose_k_for_run(cfg, source, progress)
+            info["k"] = k_choice["k"]
+        cfg = dataclasses.replace(cfg, k=k_choice["k"])
     est = ImageClusterer.from_config(cfg, progress=progress)
-    est.fit(source)
+    with log.stage("fit") as info:
+        est.fit(source)
+        info.update(est.timings_)
+    log.history("method", est.model_.history_)
     t_write = time.perf_counter()
     ids = source.ids()
     paths = [source.path(i) or "" for i in range(len(source))]
@@ -439,6 +484,10 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
             row.append(source.class_names[lab] if source.class_names and lab >= 0 else lab)
         rows.append(row)
     (out / "run.json").unlink(missing_ok=True)  # outputs change from here on: not a complete run until rewritten
+    for stale in ("report.html", "choose_k.json"):  # derived from the previous run: never shown beside this one
+        (out / stale).unlink(missing_ok=True)
+    if k_choice is not None:
+        write_json(out / "choose_k.json", k_choice)
     write_csv(out / "assignments.csv", header, rows)
     write_csv(out / "skipped.csv", ["id", "path", "reason"], [(ids[i], paths[i], r) for i, _, r in est.skipped_])
     metrics = None
@@ -456,7 +505,9 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         "imgclust_version": imgclust.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seed": cfg.seed,
-        "config": cfg.to_dict(),
+        "config": cfg_requested.to_dict(),
+        "k_selection": None if k_choice is None else {"k": k_choice["k"], "per_criterion": k_choice["per_criterion"],
+                                                      "file": "choose_k.json"},
         "data_fingerprint": src_desc.get("fingerprint"),
         "source": src_desc,
         "backbone": est.backbone_.describe(),
@@ -490,8 +541,34 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         "method_history": est.model_.history_,
         "out_dir": str(out.resolve()),
     }
-    write_json(out / "run.json", summary)
+    from imgclust.config import save_config
+
+    save_config(cfg_requested, out / "config.toml")  # `imgclust cluster --config <run>/config.toml` re-runs it
+    write_json(out / "run.json", summary)  # last of the run's outputs; report.html is a view written after it
+    log.event("stage_end", stage="write", seconds=round(time.perf_counter() - t_write, 3))
+    if cfg.report:
+        summary["report"] = _write_report(out, source, est, cfg, log)
+    log.event("run_end", seconds=round(time.perf_counter() - t0, 3))
+    log.close()
     return summary
+
+
+def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunConfig, log: Any) -> dict[str, Any]:
+    """report.html from what is in memory; a failure is logged and reported, never fatal to the run."""
+    from imgclust.report import build_report
+
+    fs = est.feature_set_
+    try:
+        with log.stage("report") as info:
+            import os
+
+            map_method = os.environ.get("IMGCLUST_REPORT_MAP") or cfg.report_map  # e.g. "pca" in test suites
+            rep = build_report(out, source=source, features=None if fs is None else fs.features,
+                               rows=np.flatnonzero(est.valid_), map_method=map_method, seed=cfg.seed)
+            info.update(bytes=rep["bytes"], map_method=rep["map_method"])
+        return rep
+    except Exception as e:  # noqa: BLE001 - the clustering is done and saved; the report is a view of it
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _n_distinct_rows(x: np.ndarray) -> int:

@@ -64,14 +64,25 @@ def _print_summary(summary: dict, out: Path) -> None:
         )
     if m:
         typer.echo(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (on {m['n_evaluated']} labelled images)")
+    ks = summary.get("k_selection")
+    if ks:
+        pc = ks["per_criterion"]
+        typer.echo(f"K chosen automatically: {ks['k']} (silhouette alone {pc['silhouette']}, stability alone "
+                   f"{pc['stability']}, eigengap alone {pc['eigengap']}; curve in choose_k.json and the report)")
     typer.echo(f"outputs: {out.resolve()}  (assignments.csv, run.json{', metrics.json' if m else ''}, model/)")
+    rep = summary.get("report")
+    if rep and rep.get("error"):
+        typer.echo(f"warning: the report could not be written ({rep['error']}); try `imgclust report {out}`", err=True)
+    elif rep:
+        typer.echo(f"report: {rep['path']} ({rep['bytes'] / 1e6:.1f} MB)")
 
 
 @app.command()
 def cluster(
     ctx: typer.Context,
-    source: str = typer.Argument(..., help="folder of images, archive (.tar/.zip), .npz, benchmark directory, or 'digits'"),
-    k: Optional[int] = typer.Option(None, "--k", "-k", help="number of clusters K (>= 2); required unless --config sets it"),
+    source: Optional[str] = typer.Argument(None, help="folder of images, archive (.tar/.zip), .npz, benchmark directory, or 'digits' (optional with --config)"),
+    k: Optional[str] = typer.Option(None, "--k", "-k", help="number of clusters K (>= 2), or 'auto' to choose it from --k-range; required unless --config sets it"),
+    k_range: str = typer.Option("2:20", help="candidates for --k auto: lo:hi, lo:hi:step or a list 5,10,20"),
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="feature extractor (see `imgclust backbones`)"),
     method: str = typer.Option("kmeans", "--method", "-m", help="clustering method (see `imgclust methods`)"),
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory to write"),
@@ -96,8 +107,11 @@ def cluster(
     config: Optional[Path] = typer.Option(None, help="TOML run config; options given on the command line win"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     chunk_rows: int = typer.Option(1024, hidden=True, help="feature rows between two cache flushes"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write report.html at the end"),
+    report_map: str = typer.Option("auto", "--map", help="the report's 2-D map: auto (UMAP if installed) | umap | tsne | pca"),
+    save_config: Optional[Path] = typer.Option(None, help="also write the effective config to this TOML file (the run dir always gets config.toml)"),
 ) -> None:
-    """Cluster SOURCE into K groups and write a run directory."""
+    """Cluster SOURCE into K groups and write a run directory (with report.html, log.jsonl and config.toml)."""
     from imgclust.config import RunConfig, load_config
 
     cfg = load_config(config) if config is not None else RunConfig()
@@ -106,11 +120,14 @@ def cluster(
         src = ctx.get_parameter_source(name)
         return config is None or getattr(src, "name", "") == "COMMANDLINE"
 
-    cfg.source.path = source
-    if k is not None:
-        cfg.k = k
+    if source is not None:
+        cfg.source.path = source
     elif config is None:
-        raise InputError("missing --k: the number of clusters K (>= 2)")
+        raise InputError("missing SOURCE: the images to cluster (or --config FILE that names them)")
+    if k is not None:
+        cfg.k = _parse_k(k)
+    elif config is None:
+        raise InputError("missing --k: the number of clusters K (>= 2), or 'auto'")
     src, bb, ft = cfg.source, cfg.backbone, cfg.features
     for name, value, obj, attr in [
         ("method", method, cfg, "method"), ("seed", seed, cfg, "seed"),
@@ -121,15 +138,126 @@ def cluster(
         ("batch_size", batch_size, ft, "batch_size"),
         ("precision", precision, ft, "precision"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
         ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
+        ("k_range", k_range, cfg, "k_range"), ("report", report, cfg, "report"), ("report_map", report_map, cfg, "report_map"),
     ]:
         if given(name):
             setattr(obj, attr, value)
     cfg.backbone.options.update(_parse_options(backbone_option, "--backbone-option"))
     cfg.method_options.update(_parse_options(option, "--option"))
+    from imgclust.report.embed import MAP_METHODS
+
+    if cfg.report_map not in MAP_METHODS:
+        raise InputError(f"unknown map method {cfg.report_map!r}; use one of: {', '.join(MAP_METHODS)}")
+    if cfg.k == "auto":
+        from imgclust.choosek import parse_k_range
+
+        parse_k_range(cfg.k_range)
+    if save_config is not None:
+        from imgclust.config import save_config as write_config
+
+        write_config(cfg, save_config)
     from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
 
     summary = run_cluster(cfg, out, progress=not quiet)
     _print_summary(summary, out)
+
+
+def _parse_k(value: str | int) -> int | str:
+    if isinstance(value, int) or str(value).strip().lower() != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise InputError(f"--k must be an integer >= 2 or 'auto', got {value!r}") from None
+    return "auto"
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `imgclust cluster`"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html)"),
+    map_method: str = typer.Option("auto", "--map", help="2-D map: auto (UMAP if installed, else t-SNE) | umap | tsne | pca"),
+    per_cluster: int = typer.Option(24, help="thumbnails per cluster (most confident, then the least confident)"),
+    max_thumbs: int = typer.Option(2400, help="cap on gallery thumbnails over all clusters"),
+    map_points: int = typer.Option(3000, help="cap on points on the map (a stratified sample)"),
+    thumb_size: int = typer.Option(64, help="thumbnail size in pixels"),
+) -> None:
+    """Write the self-contained HTML report of a run (opens offline; no external resources)."""
+    from imgclust.report import build_report
+
+    for name, v in (("per cluster", per_cluster), ("max thumbs", max_thumbs), ("map points", map_points), ("thumb size", thumb_size)):
+        if v < 1:
+            raise InputError(f"{name} must be >= 1, got {v}")
+    rep = build_report(run_dir, out=out, map_method=map_method, per_cluster=per_cluster, max_thumbs=max_thumbs,
+                       map_points=map_points, thumb_size=thumb_size)
+    for n in rep["notes"]:
+        typer.echo(f"note: {n}", err=True)
+    typer.echo(f"report: {rep['path']} ({rep['bytes'] / 1e6:.2f} MB, map {rep['map_method']}, "
+               f"{rep['n_thumbnails']} thumbnails, {rep['seconds']:.1f} s)")
+
+
+@app.command("choose-k")
+def choose_k_cmd(
+    source: str = typer.Argument(..., help="images (same forms as for `cluster`)"),
+    k_range: str = typer.Option("2:20", help="candidates: lo:hi, lo:hi:step or a list 5,10,20"),
+    backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b"),
+    image_size: Optional[int] = typer.Option(None),
+    weights: Optional[str] = typer.Option(None),
+    split: Optional[str] = typer.Option(None),
+    kind: str = typer.Option("auto"),
+    labels: str = typer.Option("auto", help="labels (when known) only add check columns: auto | folder | none"),
+    limit: Optional[int] = typer.Option(None),
+    sample: int = typer.Option(5000, help="images scored (a seeded random sample)"),
+    pca_dim: int = typer.Option(64, help="PCA dimensions before scoring"),
+    runs: int = typer.Option(5, help="k-means runs per K (stability)"),
+    cache_dir: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(64),
+    precision: str = typer.Option("fp32"),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the scores as JSON here (a run dir gets choose_k.json)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Score a range of K without labels (silhouette, stability, eigengap) and print the curve and the pick."""
+    from imgclust.api import ImageClusterer
+    from imgclust.choosek import choose_k, format_curve, parse_k_range
+    from imgclust.data import open_source
+    from imgclust.data.base import SubsetSource
+    from imgclust.rundir import write_json
+
+    ks = parse_k_range(k_range)
+    src = open_source(source, split=split, kind=kind, labels=labels)
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"limit must be >= 1, got {limit}")
+        src = SubsetSource.sample(src, limit, seed=seed)
+    est = ImageClusterer(n_clusters=2, backbone=backbone, backbone_weights=weights, image_size=image_size,
+                         cache_dir=cache_dir, batch_size=batch_size, precision=precision, device=device,
+                         seed=seed, progress=not quiet)
+    feats, valid, _, _ = est._features(src)
+    lab = None if src.labels is None else src.labels[valid]
+    res = choose_k(feats[valid], ks, sample=sample, pca_dim=pca_dim, n_runs=runs, seed=seed, progress=not quiet, labels=lab)
+    typer.echo(format_curve(res))
+    if out is not None:
+        target = out / "choose_k.json" if out.is_dir() else out
+        write_json(target, res)
+        typer.echo(f"scores: {target}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `imgclust cluster`"),
+    dest: Path = typer.Argument(..., help="destination: a new folder (folders, imagefolder) or a file (csv, json, parquet)"),
+    to: str = typer.Option("folders", "--to", help="folders | imagefolder | csv | json | parquet"),
+    mode: Optional[str] = typer.Option(None, help="symlink (folders' default) | hardlink | copy (imagefolder's default)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Export a run's clusters: one folder per cluster (links or copies), an ImageFolder tree, or a table.
+    Source images are never moved or modified."""
+    from imgclust.export import export_run
+
+    s = export_run(run_dir, to, dest, mode=mode, progress=not quiet)
+    how = f" ({s['mode']}: {s['linked']} linked, {s['copied']} copied, {s['written']} written from archive/arrays)" if "mode" in s else ""
+    typer.echo(f"exported {s['n_images']} images in {s['n_clusters']} clusters as {s['format']} -> {s['dest']}{how}")
 
 
 @app.command()
@@ -200,6 +328,82 @@ def predict(
 
 
 @app.command()
+def refine(
+    model_dir: Path = typer.Argument(..., help="a run directory (or its model/) written by `imgclust cluster`"),
+    source: Optional[str] = typer.Argument(None, help="images to refine on (default: the run's own, from its run.json)"),
+    method: str = typer.Option("icsr", "--method", "-m", help="refiner: icsr"),
+    out: Path = typer.Option(Path("runs/refined"), "--out", "-o", help="run directory to write"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="refiner option key=value, e.g. epochs=60"),
+    split: Optional[str] = typer.Option(None),
+    cache_dir: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="random seed (default: the base run's)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Refine a fitted model (any method) and write a new run directory whose model/ `predict` uses."""
+    if method != "icsr":
+        raise InputError(f"unknown refiner {method!r}; available: icsr")
+    from imgclust.refine.icsr import refine_model
+
+    s = refine_model(model_dir, source, out, options=_parse_options(option, "--option"), split=split,
+                     cache_dir=cache_dir, seed=seed, progress=not quiet)
+    m = s.get("metrics")
+    typer.echo(f"refined {s['n_clustered']} images with icsr in {s['timings_s']['total']:.1f} s; "
+               f"{s['changed_vs_base']} changed cluster")
+    if m:
+        b = m["base"]
+        typer.echo(f"ACC {b['acc']:.4f} -> {m['acc']:.4f}  NMI {b['nmi']:.4f} -> {m['nmi']:.4f}  "
+                   f"ARI {b['ari']:.4f} -> {m['ari']:.4f}")
+    r = s.get("mean_rsr") or {}
+    if r.get("after"):
+        typer.echo("R_sr(p) averaged over clusters, last ranking: "
+                   + "  ".join(f"{p}% {v:.3f}" for p, v in r["after"].items()))
+    typer.echo(f"outputs: {out.resolve()}  (assignments.csv, icsr.json, run.json{', metrics.json' if m else ''}, model/)")
+
+
+@app.command()
+def pretrain(
+    source: str = typer.Argument(..., help="the images to learn from: folder, archive, .npz, benchmark directory, or 'digits'"),
+    method: str = typer.Option("simclr", "--method", "-m", help="simclr | mocov2 | byol | barlowtwins"),
+    arch: str = typer.Option("resnet18", help="resnet18 | resnet34 | resnet50 | vit_tiny | vit_small (ResNets get the 3x3 stem up to 64 px)"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write; then use it as --backbone DIR"),
+    epochs: int = typer.Option(100, help="training epochs"),
+    batch_size: int = typer.Option(256, help="images per step (per process under torchrun)"),
+    image_size: int = typer.Option(32, help="training (and feature) image size in pixels"),
+    lr: Optional[float] = typer.Option(None, help="base learning rate at batch 256 (default: the method's)"),
+    split: Optional[str] = typer.Option(None, help="train | test | all | unlabeled, or a sub-folder name"),
+    limit: Optional[int] = typer.Option(None, help="train on a random subset of this many images"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="more options key=value, e.g. temperature=0.2, queue_size=8192"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (fp16: GPU only)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0, help="random seed"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from OUT/checkpoint.pt when it exists"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Self-supervised pre-training of a backbone on SOURCE; OUT then works as --backbone OUT."""
+    from imgclust.data import open_source
+    from imgclust.data.base import SubsetSource
+    from imgclust.pretrain import PretrainConfig
+    from imgclust.pretrain import pretrain as run_pretrain
+
+    opts = _parse_options(option, "--option")
+    cfg = PretrainConfig(method=method, arch=arch, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                         base_lr=lr, precision=precision, seed=seed, **opts)
+    src = open_source(source, split=split)
+    if limit is not None:
+        src = SubsetSource.sample(src, limit, seed=seed)
+    summary = run_pretrain(src, out, cfg, device=device, resume=resume, progress=not quiet)
+    if summary["rank"] != 0:  # under torchrun only rank 0 monitors and reports
+        return
+    last = summary["history"][-1]
+    knn = f"  kNN acc {last['knn_acc']:.4f}" if "knn_acc" in last else ""
+    speed = f"  {last['images_per_s']:.1f} img/s" if "images_per_s" in last else ""
+    typer.echo(f"{summary['method']} {summary['arch']}: epoch {summary['epochs_done']}/{cfg.epochs}  "
+               f"loss {last.get('loss', float('nan')):.4f}  alignment {last['alignment']:.3f}  "
+               f"uniformity {last['uniformity']:.3f}{knn}{speed}")
+    typer.echo(f"backbone: {Path(out).resolve()}  (use --backbone {out})")
+
+
+@app.command()
 def datasets() -> None:
     """List the data sources imgclust can read."""
     from imgclust.data import available_datasets
@@ -229,7 +433,8 @@ def methods() -> None:
     from imgclust.methods import available_methods
 
     for name, cls in available_methods().items():
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in fields(cls.Config))
+        defaults = cls.Config().to_dict()  # default_factory fields (lists, dicts) resolved too
+        opts = ", ".join(f"{f.name}={defaults[f.name]!r}" for f in fields(cls.Config))
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:<12} {doc}\n{'':<12} options: {opts}")
 

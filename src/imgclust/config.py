@@ -59,7 +59,10 @@ class FeatureConfig:
 
 @dataclass
 class RunConfig:
-    k: int = 10
+    k: int | str = 10  # number of clusters, or "auto": chosen from k_range (imgclust.choosek)
+    k_range: str = "2:20"  # candidates for k = "auto": "lo:hi", "lo:hi:step" or "5,10,20"
+    report: bool = True  # write report.html at the end of the run (imgclust.report)
+    report_map: str = "auto"  # the report's 2-D map: auto | umap | tsne | pca
     method: str = "kmeans"
     seed: int = 0
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -82,6 +85,8 @@ class RunConfig:
         if unknown:
             raise InputError(f"unknown config key(s) {unknown}; allowed: {sorted(top | set(subs))}")
         check_types(cls, d, "")
+        if isinstance(d.get("k"), str) and d["k"] != "auto":
+            raise InputError(f"config key 'k' must be int, got str {d['k']!r} (the only string allowed is \"auto\")")
         kw.update(d)
         return cls(**kw)
 
@@ -160,3 +165,64 @@ def load_config(path: str | Path) -> RunConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: not valid TOML ({e})") from e
     return RunConfig.from_dict(data)
+
+
+# --------------------------------------------------------------------- writing TOML
+# Hand-written because tomllib only reads and the configs hold nothing but strings, numbers,
+# booleans, lists and tables: a 40-line writer beats a new dependency (tomli-w).
+def _toml_key(k: str) -> str:
+    import re
+
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def _toml_value(v: Any) -> str:
+    import json
+    import math
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string (same escapes)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise InputError(f"cannot write a {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: RunConfig) -> str:
+    """The config as TOML text that :func:`load_config` reads back to an equal config.
+
+    ``None`` values are left out (TOML has no null, and every field that may be ``None``
+    defaults to ``None``).
+    """
+    d = cfg.to_dict()
+    tables = {name: d.pop(name) for name in ("source", "backbone", "features", "method_options")}
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.items() if v is not None]
+    for name, table in tables.items():
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)} if name != "method_options" else {}
+        lines += ["", f"[{name}]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None and k not in nested]
+        for sub, val in nested.items():
+            lines += ["", f"[{name}.{_toml_key(sub)}]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(x)}" for k, x in val.items() if x is not None]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as TOML (atomically); ``imgclust cluster --config PATH`` re-runs it."""
+    from imgclust.rundir import atomic_open
+
+    p = Path(path)
+    with atomic_open(p, "w", encoding="utf-8") as f:
+        f.write(dump_toml(cfg))
+    return p

@@ -310,10 +310,8 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
+        with contextlib.suppress(OSError):  # e.g. a file system without locks
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # e.g. a file system without locks
-            pass
         yield
     finally:
         os.close(fd)

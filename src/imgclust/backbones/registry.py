@@ -34,6 +34,11 @@ def get_backbone_info(name: str) -> BackboneInfo:
     if key.startswith("timm:") and "timm" in _REGISTRY:
         return _REGISTRY["timm"]
     if key not in _REGISTRY:
+        from imgclust.backbones.pretrained_dir import dir_backbone_info  # a dir from `imgclust pretrain`
+
+        info = dir_backbone_info(name)
+        if info is not None:
+            return info
         raise InputError(
             f"unknown backbone {name!r}; available: {', '.join(sorted(_REGISTRY))} (or timm:<model_name>)"
         )

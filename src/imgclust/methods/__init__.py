@@ -1,7 +1,14 @@
 """Clustering methods, one recipe per paper, registered by name (``get_method("kmeans")``)."""
 
-from imgclust.methods import kmeans  # noqa: F401  (registers "kmeans")
-from imgclust.methods import temi  # noqa: F401  (registers "temi", "icce-heads")
+from imgclust.methods import (
+    icbpl,  # noqa: F401  (registers "icbpl")
+    icce,  # noqa: F401  (registers "icce")
+    icsr,  # noqa: F401  (registers "icsr")
+    kmeans,  # noqa: F401  (registers "kmeans")
+    pici,  # noqa: F401  (registers "pici", "cc")
+    spice,  # noqa: F401  (registers "spice-self", "spice")
+    temi,  # noqa: F401  (registers "temi", "icce-heads")
+)
 from imgclust.methods.base import (
     ClusteringMethod,
     FitContext,

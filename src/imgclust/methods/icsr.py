@@ -1,0 +1,88 @@
+"""ICSR (sample ranking + weighted self-training) on top of another method: ``--method icsr``.
+
+``imgclust cluster SOURCE --method icsr --option base=kmeans`` fits the base method, then
+refines it with ICSR (:mod:`imgclust.refine.icsr`); ``imgclust refine MODEL_DIR`` refines an
+already fitted model (any method) and saves the result as a model of this method. Either
+way the fitted state is ICSR's linear classifier on the (PCA-reduced, when the run used PCA)
+features, so ``predict`` needs only the frozen backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgclust.errors import InputError
+from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, get_method, register_method
+from imgclust.refine.icsr import ICSRConfig, make_views, train_icsr
+from imgclust.refine.selftrain import LinearClassifier
+
+
+@dataclass
+class ICSRMethodConfig(ICSRConfig, MethodConfig):
+    """ICSR's options (:class:`~imgclust.refine.icsr.ICSRConfig`) as a method config."""
+
+
+@register_method
+class ICSR(ClusteringMethod):
+    """ICSR: rank samples inside clusters, then weighted self-training of a linear head (refines a base method)."""
+
+    name = "icsr"
+    Config = ICSRMethodConfig
+    config: ICSRMethodConfig
+
+    def __init__(self, n_clusters: int, config: ICSRMethodConfig | dict | None = None) -> None:
+        super().__init__(n_clusters, config)
+        self.classifier_: LinearClassifier | None = None
+
+    def fit(self, features: np.ndarray, ctx: FitContext) -> ICSR:
+        """``ctx.extras["base_proba"]`` (N, K): the fitted model to refine; without it the base method is fitted here.
+
+        ``ctx.extras["truth"]`` (or the labels of ``ctx.extras["source"]``) feed the R_sr diagnostics only.
+        """
+        cfg = self.config
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        extras = ctx.extras or {}
+        base_proba = extras.get("base_proba")
+        base_info: dict[str, Any] = {"method": cfg.base, "options": dict(cfg.base_options)}
+        if base_proba is None:
+            if cfg.base == self.name:
+                raise InputError("icsr cannot use itself as its base method")
+            base = get_method(cfg.base)(self.n_clusters, cfg.base_options)
+            base.fit(x, ctx)
+            base_proba = base.fit_proba_ if getattr(base, "image_level", False) else base.predict_proba(x)
+            base_info["history"] = base.history_
+        base_proba = np.asarray(base_proba, dtype=np.float32)
+        truth = extras.get("truth")
+        source, rows = extras.get("source"), extras.get("rows")
+        if truth is None and source is not None and rows is not None and getattr(source, "labels", None) is not None:
+            truth = np.asarray(source.labels)[np.asarray(rows)]
+        views = make_views(torch.from_numpy(x), cfg, ctx)
+        res = train_icsr(x, base_proba, self.n_clusters, cfg, views, truth=truth, seed=ctx.seed, progress=ctx.progress)
+        self.classifier_ = res.classifier
+        self.labels_ = self.predict(x)
+        sizes = np.bincount(self.labels_, minlength=self.n_clusters)
+        self.history_ = {**res.history, "base": base_info, "empty_clusters": [int(c) for c in np.flatnonzero(sizes == 0)],
+                         "changed_vs_base": int((self.labels_ != base_proba.argmax(1)).sum())}
+        self.base_labels_ = base_proba.argmax(1)
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        if self.classifier_ is None:
+            raise InputError("this ICSR model is not fitted yet")
+        return self.classifier_.predict_proba(np.asarray(features, dtype=np.float32)).astype(np.float32)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        assert self.classifier_ is not None
+        return self.classifier_.state_dict("clf.")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        clf = LinearClassifier.from_state_dict(state, "clf.")
+        if clf.weight.shape[1] != self.n_clusters:
+            raise InputError(f"saved ICSR classifier has {clf.weight.shape[1]} clusters, expected {self.n_clusters}")
+        if not all(torch.isfinite(t).all() for t in (clf.weight, clf.bias, clf.mean, clf.std)):
+            raise InputError("saved ICSR classifier has non-finite values")
+        self.classifier_ = clf

@@ -1,0 +1,588 @@
+"""PICI (partial information discrimination and cross-level interaction; Zhang et al.) and its
+ablation baseline CC (Contrastive Clustering, Li et al. 2021): clustering networks trained
+*from scratch on the images*, for domains where no pretrained backbone fits.
+
+``pici`` (paper sec. 3, Algorithm 1). Encoder F = a masked-autoencoder ViT
+(:mod:`imgclust.backbones.mae`; ``vit_size`` tiny/small/base, patch from the image size,
+32 px -> patch 4), decoder D, instance MLP G_I (128-d) and cluster MLP G_C (softmax over K)
+(:mod:`imgclust.heads.pici`, where the losses and their formulas are). Every image gives two
+views: weak T_w = resize + normalise, strong T_s = random resized crop, flip, colour jitter,
+random grayscale, Gaussian blur (kornia, ``imgclust.methods.icbpl.build_augment``); both are
+masked (ratio 0.5) in training. Three stages, each with its own epoch count:
+
+1. pre-training (``pretrain_epochs``, paper 200): L_PISD (masked-patch MSE), F and D;
+2. training (``train_epochs``, paper 800): L_PISD + L_PICD (instance InfoNCE tau_I = 0.5 +
+   cluster contrast tau_C = 1.0 - H(C));
+3. boosting (``boost_epochs``, paper 50): L_PICD + L_CLI (k-means on the instance features,
+   Hungarian-aligned per batch to the cluster-MLP argmax, cross-entropy); the decoder rests.
+   Where the k-means runs is ``cli_kmeans``: ``"dataset"`` (default; what the reference code
+   does: once when boosting starts, over the instance features of all images, weak and one
+   strong view, labels fixed for the stage and kept in the checkpoint) or ``"batch"`` (eqs.
+   (12)-(13) read literally, N = the mini-batch: a fresh k-means per step and view).
+
+PISD's target is the plain pixels (paper); ``norm_pix_loss=True`` standardises each target
+patch (MAE's option, on in the reference code).
+
+Test (Algorithm 1, line 21): c = argmax G_C(F(x)) on the *unmasked* image — the paper omits
+masking at test time, the reference code does not; this follows the paper.
+``predict_proba`` = G_C(F(x)).
+
+``cc``: PICD alone (instance + cluster contrast, one stage of ``epochs``), no masking, no
+decoder, on a CNN: ``encoder="cnn"`` (default: a 4-layer conv net, 256-d, sized for CPU),
+``resnet18``/``resnet34`` (the CIFAR-stem ResNets of :mod:`imgclust.backbones.resnet`; CC
+uses ResNet-34) or ``vit`` (the MAE encoder without masking). CC's own defaults: Adam lr
+3e-4, batch 256, tau_I = 0.5, tau_C = 1.0.
+
+**Input.** These methods read the images, not the cached features: the estimator passes
+``ctx.extras["source"]`` / ``["rows"]`` and the method decodes every training image once to
+``image_size`` (``uint8`` in memory: N x 3 x S^2 bytes, 3 MB per 1,000 images at 32 px)
+and normalises with mean = std = 0.5. The features the estimator extracts are then unused,
+so run them with the cheap ``pixels`` backbone at the same size:
+``imgclust cluster SRC --k 10 --method pici --backbone pixels --image-size 32``. Without a
+source (precomputed features) a fit works only when the features *are* such pixels
+(3 x S x S values in [0, 1], channel-first: the ``pixels`` backbone's output).
+``image_level`` is true: after fit, ``fit_proba_`` holds the network's probabilities of the
+training images, and ``predict`` on new images goes through :meth:`predict_proba_images`.
+The network's parameters are saved in ``state_dict`` (``net.*``).
+
+**Checkpoints.** After every epoch (and after each stage's evaluation) the network, the
+optimiser and the history go to ``<work_dir>/<name>-ckpt-<key>.pt`` (atomic write; the key
+hashes the method, K, seed, the options other than the epoch counts, and the training
+images). A re-run resumes from the last completed epoch; raising an epoch count continues
+from there (for a stage that a later stage already followed, the raise is ignored: stages
+keep their order). Every epoch draws its order, masks and augmentations from a generator seeded by
+(seed, stage, epoch), so a resumed run equals an uninterrupted one.
+
+**History.** ``history_["stages"]``: per stage its losses per epoch, ``images_per_s``
+(training images per second, two views each, forward + backward; use it to size a GPU run)
+and, when the caller puts ground truth in ``ctx.extras["labels"]`` (the benchmark does), the
+ACC/NMI/ARI of the cluster head and of k-means on the encoder features after the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclust.backbones.base import Preprocess
+from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
+from imgclust.errors import BadImageError, InputError
+from imgclust.heads.pici import ClusterMLP, InstanceMLP, cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
+from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
+from imgclust.progress import progress_bar
+
+CKPT_FORMAT = 1
+CC_ENCODERS = ("cnn", "resnet18", "resnet34", "vit")
+CLI_KMEANS = ("dataset", "batch")
+MEAN_STD = 0.5  # per-channel normalisation (x - 0.5) / 0.5
+
+
+def _check_int(cfg: MethodConfig, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise InputError(f"{name} must be an integer >= {low}; got {v!r}")
+
+
+def _check_positive(cfg: MethodConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise InputError(f"{name} must be > 0; got {getattr(cfg, name)}")
+
+
+@dataclass
+class PICIConfig(MethodConfig):
+    """Options of ``pici`` (paper sec. 4.1 defaults, except where a CPU needs less)."""
+
+    image_size: int = 32  # paper: 224; patch = image_size / 8 up to 32 px
+    vit_size: str = "small"  # tiny | small (paper) | base
+    depth: int = 0  # encoder blocks; 0 = the size's own (small: 6)
+    patch_size: int = 0  # 0 = from the image size (32 -> 4, 224 -> 16)
+    decoder_dim: int = 512  # paper: 512
+    decoder_depth: int = 8  # paper: 8
+    decoder_heads: int = 16  # paper: 16
+    mask_ratio: float = 0.5  # training only (paper: 0.5; none at test)
+    instance_dim: int = 128
+    projector_bn: bool = False  # BatchNorm in G_I / G_C (not in the paper; see heads.pici.InstanceMLP)
+    tau_i: float = 0.5
+    tau_c: float = 1.0
+    pretrain_epochs: int = 200  # E1
+    train_epochs: int = 800  # E2
+    boost_epochs: int = 50  # E3
+    batch_size: int = 96
+    lr: float = 1e-4  # Adam
+    weight_decay: float = 0.0
+    crop_scale: float = 0.2  # strong view: smallest area of the resized crop (not stated in the paper)
+    norm_pix_loss: bool = False  # PISD target standardised per patch (reference code: on; paper: plain MSE)
+    cli_kmeans: str = "dataset"  # "dataset" (reference code: once per boosting stage) | "batch" (eq. 12 per batch)
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cli_kmeans not in CLI_KMEANS:
+            raise InputError(f"cli_kmeans must be one of {', '.join(CLI_KMEANS)}; got {self.cli_kmeans!r}")
+        if self.vit_size not in VIT_SIZES:
+            raise InputError(f"vit_size must be one of {', '.join(VIT_SIZES)}; got {self.vit_size!r}")
+        _check_int(self, ("image_size",), 8)
+        _check_int(self, ("decoder_dim", "decoder_depth", "decoder_heads", "instance_dim", "batch_size"), 1)
+        _check_int(self, ("depth", "patch_size", "pretrain_epochs", "train_epochs", "boost_epochs"), 0)
+        if self.batch_size < 2:
+            raise InputError("batch_size must be >= 2 (contrastive losses need negatives)")
+        if not 0.0 < self.mask_ratio < 1.0:  # PISD needs masked patches
+            raise InputError(f"mask_ratio must be in (0, 1); got {self.mask_ratio}")
+        _check_positive(self, ("tau_i", "tau_c", "lr"))
+        if not self.weight_decay >= 0:
+            raise InputError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise InputError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
+        if self.patch_size and self.image_size % self.patch_size:
+            raise InputError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+
+
+@dataclass
+class CCConfig(MethodConfig):
+    """Options of ``cc`` (Contrastive Clustering's defaults; ``epochs`` CPU-sized, paper: 1000)."""
+
+    image_size: int = 32
+    encoder: str = "cnn"  # cnn | resnet18 | resnet34 | vit
+    vit_size: str = "tiny"  # encoder="vit" only
+    depth: int = 0
+    patch_size: int = 0
+    instance_dim: int = 128
+    projector_bn: bool = False  # BatchNorm in G_I / G_C (not in the paper; see heads.pici.InstanceMLP)
+    tau_i: float = 0.5
+    tau_c: float = 1.0
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    crop_scale: float = 0.2
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        if self.encoder not in CC_ENCODERS:
+            raise InputError(f"encoder must be one of {', '.join(CC_ENCODERS)}; got {self.encoder!r}")
+        if self.vit_size not in VIT_SIZES:
+            raise InputError(f"vit_size must be one of {', '.join(VIT_SIZES)}; got {self.vit_size!r}")
+        _check_int(self, ("image_size",), 8)
+        _check_int(self, ("instance_dim", "batch_size"), 1)
+        _check_int(self, ("depth", "patch_size", "epochs"), 0)
+        if self.batch_size < 2:
+            raise InputError("batch_size must be >= 2 (contrastive losses need negatives)")
+        _check_positive(self, ("tau_i", "tau_c", "lr"))
+        if not self.weight_decay >= 0:
+            raise InputError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise InputError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
+
+
+# ---------------------------------------------------------------------------- network
+class SmallCNN(nn.Module):
+    """Four 3x3 conv-BN-ReLU layers (32, 64, 128, 256 channels; stride 2 after the first), global
+    average pool: a CPU-sized stand-in for CC's ResNet-34. (B, 3, S, S) -> (B, 256)."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = channels
+        for c_out, stride in ((32, 1), (64, 2), (128, 2), (256, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.net = nn.Sequential(*layers)
+        self.dim = 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(2, 3))
+
+
+class ClusteringNet(nn.Module):
+    """Encoder F + instance MLP G_I + cluster MLP G_C."""
+
+    def __init__(self, encoder: nn.Module, dim: int, instance_dim: int, n_clusters: int, bn: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.instance = InstanceMLP(dim, instance_dim, bn)
+        self.cluster = ClusterMLP(dim, n_clusters, bn)
+
+    @property
+    def is_vit(self) -> bool:
+        return isinstance(self.encoder, MaskedAutoencoderViT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster probabilities (B, K) of unmasked images."""
+        return self.cluster(self.encoder(x))
+
+
+def _build_net(cfg: PICIConfig | CCConfig, n_clusters: int) -> ClusteringNet:
+    encoder_kind = getattr(cfg, "encoder", "vit")
+    enc: nn.Module
+    if encoder_kind == "vit":
+        enc = MaskedAutoencoderViT(cfg.image_size, 3, cfg.vit_size, cfg.patch_size or None, cfg.depth or None,
+                                   getattr(cfg, "decoder_dim", 64), getattr(cfg, "decoder_depth", 1),
+                                   getattr(cfg, "decoder_heads", 4))
+        dim = enc.dim
+    elif encoder_kind == "cnn":
+        enc = SmallCNN()
+        dim = enc.dim
+    else:
+        from imgclust.backbones.resnet import build_resnet
+
+        enc = build_resnet(int(encoder_kind[len("resnet"):]), small_images=True)
+        dim = enc.dim
+    return ClusteringNet(enc, dim, cfg.instance_dim, n_clusters, cfg.projector_bn)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - MEAN_STD) / MEAN_STD
+
+
+def load_images(source: Any, rows: np.ndarray, size: int, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode ``rows`` of ``source`` to (N, 3, size, size) uint8 (squash resize, bilinear, as the
+    ``pixels`` backbone); returns the images and a mask of those that decoded."""
+    pre = Preprocess(size=int(size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="squash",
+                     interpolation="bilinear")
+    out = np.zeros((len(rows), size, size, 3), np.uint8)
+    ok = np.ones(len(rows), bool)
+    bar = progress_bar(len(rows), "decode images", unit="img", enable=progress)
+    for j, i in enumerate(rows):
+        try:
+            out[j] = pre.resize_image(source.read(int(i)))
+        except BadImageError:
+            ok[j] = False
+        bar.update(1)
+    bar.close()
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), ok
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+def _accuracy_report(y: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from imgclust.metrics import evaluate
+
+    return {k: round(float(v), 4) for k, v in evaluate(y, labels).items() if k in ("acc", "nmi", "ari")}
+
+
+# ---------------------------------------------------------------------------- method
+class _ImageContrastive(ClusteringMethod):
+    """Shared training loop of ``pici`` and ``cc`` (stages differ)."""
+
+    image_level = True
+
+    def __init__(self, n_clusters: int, config: MethodConfig | dict | None = None) -> None:
+        super().__init__(n_clusters, config)
+        self.net_: ClusteringNet | None = None
+        self.fit_proba_: np.ndarray | None = None
+        self.stage_labels_: dict[str, dict[str, np.ndarray]] = {}
+        self._pseudo: dict[str, np.ndarray] = {}  # CLI k-means labels of views a/b (cli_kmeans="dataset")
+
+    def _stages(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ input
+    def _training_images(self, features: np.ndarray, ctx: FitContext) -> tuple[torch.Tensor, np.ndarray, str]:
+        cfg = self.config
+        s = cfg.image_size
+        source = ctx.extras.get("source")
+        if source is not None:
+            rows = ctx.extras.get("rows")
+            rows = np.arange(len(features)) if rows is None else np.asarray(rows, dtype=np.int64)
+            if len(rows) != len(features):
+                raise InputError(f"{self.name}: {len(rows)} source rows for {len(features)} feature rows")
+            imgs, ok = load_images(source, rows, s, ctx.progress)
+            if not ok.all():
+                raise InputError(f"{self.name}: {int((~ok).sum())} training images no longer decode")
+            ident = hashlib.sha256(f"{source.fingerprint()}|".encode() + rows.tobytes()).hexdigest()
+            return imgs, rows, ident
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != 3 * s * s:
+            raise InputError(f"{self.name} learns from the images: fit on an image source (e.g. with "
+                             f"--backbone pixels --image-size {s}), or pass pixel features of 3x{s}x{s}; "
+                             f"got features of shape {x.shape}")
+        imgs = torch.from_numpy(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).reshape(-1, 3, s, s)
+        return imgs, np.arange(len(x)), hashlib.sha256(imgs.numpy().tobytes()).hexdigest()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_path(self, ctx: FitContext, ident: str) -> Path | None:
+        if ctx.work_dir is None or not self.config.checkpoint:
+            return None
+        opts = {k: v for k, v in asdict(self.config).items() if not k.endswith("epochs") and k != "checkpoint"}
+        key = hashlib.sha256(json.dumps({"format": CKPT_FORMAT, "method": self.name, "k": self.n_clusters,
+                                         "seed": int(ctx.seed), "opts": opts, "data": ident},
+                                        sort_keys=True).encode()).hexdigest()[:24]
+        return Path(ctx.work_dir) / f"{self.name}-ckpt-{key}.pt"
+
+    def _save_ckpt(self, path: Path | None, net: nn.Module, opt: torch.optim.Optimizer, done: list[int],
+                   evaluated: list[bool]) -> None:
+        if path is None:
+            return
+        from imgclust.rundir import atomic_open
+
+        state = {"format": CKPT_FORMAT, "net": net.state_dict(), "opt": opt.state_dict(), "done": list(done),
+                 "evaluated": list(evaluated), "history": self.history_,
+                 "pseudo": {k: torch.from_numpy(v) for k, v in self._pseudo.items()},
+                 "stage_labels": {st: {k: torch.from_numpy(v) for k, v in d.items()}
+                                  for st, d in self.stage_labels_.items()}}
+        with atomic_open(path, "wb") as fh:
+            torch.save(state, fh)
+
+    def _load_ckpt(self, path: Path | None, net: nn.Module, opt: torch.optim.Optimizer,
+                   n_stages: int) -> tuple[list[int], list[bool]] | None:
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") != CKPT_FORMAT or len(state["done"]) != n_stages:
+                return None
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError):  # torn/foreign file: start over
+            return None
+        self.history_ = state["history"]
+        self._pseudo = {k: v.numpy() for k, v in state.get("pseudo", {}).items()}
+        self.stage_labels_ = {st: {k: v.numpy() for k, v in d.items()} for st, d in state["stage_labels"].items()}
+        return [int(v) for v in state["done"]], [bool(v) for v in state["evaluated"]]
+
+    # ------------------------------------------------------------------ training
+    def fit(self, features: np.ndarray, ctx: FitContext) -> _ImageContrastive:
+        from imgclust.features import resolve_device
+        from imgclust.methods.icbpl import _augment, build_augment
+
+        cfg = self.config
+        imgs, _, ident = self._training_images(features, ctx)
+        n = len(imgs)
+        if n < 2:
+            raise InputError(f"{self.name} needs at least 2 images")
+        device = resolve_device(ctx.device)
+        torch.manual_seed(_seed(int(ctx.seed), 0))  # parameter initialisation
+        net = _build_net(cfg, self.n_clusters).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        stages = self._stages()
+        self.history_ = {"stages": {name: {"epochs_run": 0} for name, _ in stages}, "n_images": n,
+                         "parameters": int(sum(p.numel() for p in net.parameters()))}
+        self.stage_labels_ = {}
+        self._pseudo = {}
+        path = self._ckpt_path(ctx, ident)
+        resumed = self._load_ckpt(path, net, opt, len(stages))
+        done, evaluated = resumed if resumed else ([0] * len(stages), [False] * len(stages))
+        self.history_["resumed_from"] = {"done": list(done)} if resumed else None
+        self.history_["checkpoint"] = None if path is None else str(path)
+        aug = build_augment(cfg.image_size, 3, cfg.crop_scale).to(device)
+        bs = min(cfg.batch_size, n)
+        steps = n // bs
+        y = ctx.extras.get("labels")
+        for si, (stage, epochs) in enumerate(stages):
+            hist = self.history_["stages"][stage]
+            bar = progress_bar(epochs, f"{self.name} {stage}", unit="epoch", enable=ctx.progress)
+            bar.update(min(done[si], epochs))
+            if stage == "boost" and epochs > done[si] and getattr(cfg, "cli_kmeans", "batch") == "dataset" \
+                    and not self._pseudo:
+                self._pseudo = self._dataset_pseudo_labels(net, imgs, aug, device, _seed(int(ctx.seed), si, -1))
+                self._save_ckpt(path, net, opt, done, evaluated)
+            # A later stage has started (a resumed run with a raised epoch count of an earlier
+            # stage): the stages keep their order, so this one stays as it was.
+            todo = range(done[si], epochs) if not any(done[si + 1:]) else range(0)
+            for epoch in todo:
+                net.train()
+                gen = torch.Generator().manual_seed(_seed(int(ctx.seed), si, epoch))
+                perm = torch.randperm(n, generator=gen)
+                sums: dict[str, float] = {}
+                t0 = time.perf_counter()
+                for it in range(steps):
+                    idx = perm[it * bs:(it + 1) * bs]
+                    x = imgs[idx].to(device).float().div_(255.0)
+                    xb = _augment(aug, x, _seed(int(ctx.seed), si, epoch, it))
+                    parts = self._step_losses(net, stage, _normalize(x), _normalize(xb), gen,
+                                              _seed(int(ctx.seed), si, epoch, it, 1), idx.numpy())
+                    loss = sum(parts.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                dt = time.perf_counter() - t0
+                for k, v in sums.items():
+                    hist.setdefault(k, []).append(round(v / max(steps, 1), 5))
+                hist.setdefault("images_per_s", []).append(round(steps * bs / max(dt, 1e-9), 2))
+                hist["epochs_run"] = int(hist["epochs_run"]) + 1
+                done[si] = epoch + 1
+                evaluated[si] = False
+                bar.set_postfix(loss=f"{sum(sums.values()) / max(steps, 1):.4f}")
+                bar.update(1)
+                self._save_ckpt(path, net, opt, done, evaluated)
+            bar.close()
+            if epochs > 0 and not evaluated[si]:
+                self._evaluate_stage(net, imgs, stage, y, device, int(ctx.seed))
+                evaluated[si] = True
+                self._save_ckpt(path, net, opt, done, evaluated)
+        self.net_ = net.cpu().eval()
+        self.fit_proba_ = self._proba(imgs)
+        self.labels_ = self.fit_proba_.argmax(axis=1)
+        self.history_["final_stage"] = next((s for (s, e) in reversed(stages) if e > 0), None)
+        return self
+
+    def _step_losses(self, net: ClusteringNet, stage: str, xa: torch.Tensor, xb: torch.Tensor,
+                     gen: torch.Generator, seed: int, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Loss terms of one step (each a scalar tensor; the step minimises their sum)."""
+        cfg = self.config
+        out: dict[str, torch.Tensor] = {}
+        if net.is_vit:
+            ratio = float(getattr(cfg, "mask_ratio", 0.0))
+            enc: MaskedAutoencoderViT = net.encoder  # type: ignore[assignment]
+            ta, ma, ra = enc.forward_encoder(xa, ratio, gen)
+            tb, mb, rb = enc.forward_encoder(xb, ratio, gen)
+            if stage in ("pretrain", "train") and ratio > 0:
+                npx = bool(getattr(cfg, "norm_pix_loss", False))
+                out["pisd"] = 0.5 * (pisd_loss(enc.forward_decoder(ta, ra), enc.patchify(xa), ma, npx)
+                                     + pisd_loss(enc.forward_decoder(tb, rb), enc.patchify(xb), mb, npx))
+            ha, hb = ta[:, 0], tb[:, 0]
+        else:
+            ha, hb = net.encoder(xa), net.encoder(xb)
+        if stage == "pretrain":
+            return out
+        za, zb = net.instance(ha), net.instance(hb)
+        ca, cb = net.cluster(ha), net.cluster(hb)
+        out["instance"] = instance_loss(za, zb, cfg.tau_i)
+        clu = cluster_loss(ca, cb, cfg.tau_c)
+        out["cluster"] = clu.contrast
+        out["neg_entropy"] = -clu.entropy
+        if stage == "boost":
+            pa, pb = (self._pseudo["a"][idx], self._pseudo["b"][idx]) if self._pseudo else (None, None)
+            out["cli"] = 0.5 * (cli_loss(ca, cli_targets(za, ca, seed, pa)) + cli_loss(cb, cli_targets(zb, cb, seed + 1, pb)))
+        return out
+
+    @torch.no_grad()
+    def _dataset_pseudo_labels(self, net: ClusteringNet, imgs: torch.Tensor, aug: nn.Module,
+                               device: torch.device | str, seed: int, batch: int = 256) -> dict[str, np.ndarray]:
+        """k-means (eqs. 12-13) of the instance features Z of every image, weak view (a) and one
+        strong view (b), fixed for the boosting stage (as PICI's reference code; it min-max scales
+        Z per batch, here Z is L2-normalised)."""
+        from sklearn.cluster import KMeans
+
+        from imgclust.methods.icbpl import _augment
+
+        net.eval()
+        za, zb = [], []
+        for s in range(0, len(imgs), batch):
+            x = imgs[s:s + batch].to(device).float().div_(255.0)
+            za.append(net.instance(net.encoder(_normalize(x))).float().cpu())
+            zb.append(net.instance(net.encoder(_normalize(_augment(aug, x, seed + s)))).float().cpu())
+        out = {}
+        for name, z in (("a", za), ("b", zb)):
+            zn = torch.nn.functional.normalize(torch.cat(z), dim=1).numpy()
+            out[name] = KMeans(self.n_clusters, n_init=10, random_state=seed % (2**31)).fit_predict(zn).astype(np.int64)
+        return out
+
+    @torch.no_grad()
+    def _encode(self, net: ClusteringNet, imgs: torch.Tensor, device: torch.device | str = "cpu",
+                batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Encoder features h and cluster probabilities of unmasked images."""
+        net.eval()
+        hs, ps = [], []
+        for s in range(0, len(imgs), batch):
+            x = _normalize(imgs[s:s + batch].to(device).float().div_(255.0))
+            h = net.encoder(x)
+            hs.append(h.float().cpu())
+            ps.append(net.cluster(h).float().cpu())
+        return torch.cat(hs).numpy(), torch.cat(ps).numpy()
+
+    def _evaluate_stage(self, net: ClusteringNet, imgs: torch.Tensor, stage: str, y: Any,
+                        device: torch.device | str, seed: int) -> None:
+        from sklearn.cluster import KMeans
+
+        h, p = self._encode(net, imgs, device)
+        labels = {"kmeans": KMeans(self.n_clusters, n_init=3, random_state=seed).fit_predict(h).astype(np.int64)}
+        if stage != "pretrain":
+            labels["head"] = p.argmax(axis=1).astype(np.int64)
+        self.stage_labels_[stage] = labels
+        hist = self.history_["stages"][stage]
+        if y is not None:
+            y = np.asarray(y)
+            hist["metrics"] = {k: _accuracy_report(y, v) for k, v in labels.items()}
+        if "head" in labels:
+            hist["head_clusters_used"] = int(len(np.unique(labels["head"])))
+
+    # ------------------------------------------------------------------ inference
+    def _check(self) -> ClusteringNet:
+        if self.net_ is None:
+            raise InputError(f"this {self.name} model is not fitted yet")
+        return self.net_
+
+    def _proba(self, imgs: torch.Tensor) -> np.ndarray:
+        return self._encode(self._check(), imgs)[1].astype(np.float32)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """G_C(F(x)) for pixel features of 3 x S x S values in [0, 1] (the ``pixels`` backbone at
+        ``image_size``); other features raise InputError (use :meth:`predict_proba_images`)."""
+        s = self.config.image_size
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != 3 * s * s:
+            raise InputError(f"{self.name} predicts from images; features of shape {x.shape} are not 3x{s}x{s} pixels")
+        imgs = torch.from_numpy(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).reshape(-1, 3, s, s)
+        return self._proba(imgs)
+
+    def predict_proba_images(self, source: Any, backbone: Any = None, batch_size: int = 256, device: str = "auto",
+                             workers: int | None = None, progress: bool = True) -> np.ndarray:
+        """(N, K) probabilities of every image of ``source``; unreadable images get all-zero rows.
+        ``backbone``/``workers`` are unused (the network is the model's own)."""
+        from imgclust.features import resolve_device
+
+        net = self._check()
+        dev = resolve_device(device)
+        imgs, ok = load_images(source, np.arange(len(source)), self.config.image_size, progress)
+        out = np.zeros((len(source), self.n_clusters), np.float32)
+        if ok.any():
+            _, p = self._encode(net.to(dev), imgs[torch.from_numpy(ok)], dev, batch_size)
+            out[ok] = p
+        self.net_ = net.cpu()
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's parameters and buffers as ``net.<name>``."""
+        return {f"net.{k}": v.detach().clone() for k, v in self._check().state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        net = _build_net(self.config, self.n_clusters)
+        own = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        if not own:
+            raise InputError(f"not a {self.name} state: no 'net.*' tensors")
+        try:
+            net.load_state_dict(own)
+        except RuntimeError as e:
+            raise InputError(f"saved {self.name} network does not match its options (K={self.n_clusters}): "
+                             f"{str(e).splitlines()[0]}") from e
+        if not all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point()):
+            raise InputError(f"saved {self.name} model has non-finite weights")
+        self.net_ = net.eval()
+
+
+@register_method
+class PICI(_ImageContrastive):
+    """PICI: MAE ViT, PISD + PICD + CLI in three stages (see the module docstring)."""
+
+    name = "pici"
+    Config = PICIConfig
+
+    def _stages(self) -> list[tuple[str, int]]:
+        c = self.config
+        return [("pretrain", c.pretrain_epochs), ("train", c.train_epochs), ("boost", c.boost_epochs)]
+
+
+@register_method
+class CC(_ImageContrastive):
+    """Contrastive Clustering: instance + cluster contrast on a CNN (PICI's PICD alone)."""
+
+    name = "cc"
+    Config = CCConfig
+
+    def _stages(self) -> list[tuple[str, int]]:
+        return [("train", self.config.epochs)]

@@ -1,0 +1,371 @@
+"""SPICE-Semi: reliable labels by local consistency, then FixMatch on them (SPICE paper, sec. 3.3).
+
+Local consistency, Eq. (5). For sample i with cluster label l_i and the set N(i) of its
+n_s nearest neighbours (cosine similarity of the frozen features, self excluded;
+n_s = 100)::
+
+    beta_i = (1 / n_s) sum_{j in N(i)} 1(l_j = l_i)
+
+and (x_i, l_i) is *reliable* when beta_i > tau_c (tau_c = 0.95). The reference code also
+demands a confident prediction (``score_th``, max p_i > 0.99, not in the paper) and then
+cuts every cluster down to the size of the smallest one (which crashes, or selects nothing,
+when a cluster has no reliable sample). Both are options here (``min_confidence``,
+``balance``), off in :func:`select_reliable` (the paper's rule); the ``spice`` recipe
+balances by default. Clusters without any reliable sample are reported and the others used.
+
+FixMatch, Eq. (6) (Sohn et al. 2020; mu = 7, tau = 0.95)::
+
+    L = (1 / B) sum_b H(l_b, p(alpha(x_b)))
+        + lambda_u (1 / (mu B)) sum_b 1(max q_b >= tau) H(argmax q_b, p(A(u_b)))
+
+with q_b = p(alpha(u_b)) (no gradient), x_b reliable samples with their labels, u_b any
+sample (the labelled ones included), alpha the weak and A the strong augmentation. The
+model used for prediction is the exponential moving average of the trained weights
+(momentum 0.999, warmed up as min(0.999, (1 + t) / (10 + t)) at step t, as TensorFlow's
+``ExponentialMovingAverage(num_updates=t)`` that FixMatch's code uses), as FixMatch evaluates.
+
+Two modes:
+
+* ``head`` (CPU default): the classifier is an MLP on frozen backbone features and the
+  views come from :mod:`imgclust.views` (bank, on the fly, or none).
+* ``end_to_end`` (GPU): a trainable copy of the backbone plus the MLP, on augmented images
+  (:class:`ImageViews`); afterwards a head on the *frozen* features is fitted to the
+  network's predictions (:func:`distill_head`), so that, as for every method, ``predict``
+  needs only the frozen backbone's features.
+
+:func:`train_fixmatch` is one loop for both: a model, a provider of (weak, strong) inputs by
+sample index, and the reliable labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgclust.data.augment import DEFAULT_SPEC, AugmentSpec, augment
+from imgclust.data.base import ImageSource
+from imgclust.errors import BadImageError, InputError
+from imgclust.heads.multihead import ema_update_
+from imgclust.neighbors import load_or_mine_neighbors
+from imgclust.progress import progress_bar
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- local consistency
+def local_consistency(labels: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """beta_i of Eq. (5) for neighbour sets in CSR form (set i = indices[indptr[i]:indptr[i+1]]).
+
+    A sample with an empty set gets beta = 0 (never reliable).
+    """
+    labels = np.asarray(labels)
+    sizes = np.diff(indptr)
+    owner = np.repeat(np.arange(len(labels)), sizes)
+    same = (labels[indices] == labels[owner]).astype(np.float64)
+    agree = np.bincount(owner, weights=same, minlength=len(labels))
+    return np.where(sizes > 0, agree / np.maximum(sizes, 1), 0.0)
+
+
+@dataclass
+class ReliableSet:
+    """Reliable samples: positions, their labels, and what was found per cluster."""
+
+    index: np.ndarray  # (R,) int64 positions of reliable samples
+    labels: np.ndarray  # (R,) int64 their cluster labels
+    beta: np.ndarray  # (N,) local consistency of every sample
+    counts: list[int]  # reliable samples per cluster (after balancing)
+    empty_clusters: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def select_reliable(
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_clusters: int,
+    *,
+    n_neighbors: int = 100,
+    threshold: float = 0.95,
+    probs: np.ndarray | None = None,
+    min_confidence: float = 0.0,
+    balance: bool = False,
+    work_dir: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> ReliableSet:
+    """Reliable samples by local consistency (beta_i > ``threshold``) over ``n_neighbors`` neighbours.
+
+    Neighbours come from :func:`imgclust.neighbors.load_or_mine_neighbors` (cached in
+    ``work_dir``). ``min_confidence`` > 0 also requires max_c p_ic > it (reference code:
+    0.99); ``balance`` keeps a random subset of the same size in every cluster that has
+    any (the reference code's balancing, without its failure on empty clusters).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    k = max(1, min(int(n_neighbors), n - 1))
+    nb = load_or_mine_neighbors(np.ascontiguousarray(features, dtype=np.float32), work_dir, mode="fixed", k=k,
+                                seed=seed, progress=progress)
+    beta = local_consistency(labels, nb.indptr, nb.indices)
+    ok = beta > threshold
+    if min_confidence > 0 and probs is not None:
+        ok &= np.asarray(probs).max(axis=1) > min_confidence
+    index = np.flatnonzero(ok)
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels[index], minlength=n_clusters)
+    if balance and (counts > 0).any():
+        m = int(counts[counts > 0].min())
+        keep = [rng.permutation(index[labels[index] == c])[:m] for c in range(n_clusters) if counts[c] > 0]
+        index = np.sort(np.concatenate(keep))
+        counts = np.bincount(labels[index], minlength=n_clusters)
+    empty = [int(c) for c in np.flatnonzero(counts == 0)]
+    info = {"n_neighbors": k, "threshold": threshold, "min_confidence": min_confidence, "balance": balance,
+            "neighbors_cache": nb.info.get("cache"), "mean_beta": float(beta.mean()) if n else 0.0}
+    return ReliableSet(index.astype(np.int64), labels[index], beta, [int(c) for c in counts], empty, info)
+
+
+# --------------------------------------------------------------------------- loss
+@dataclass
+class FixMatchLossOutput:
+    loss: torch.Tensor  # scalar (backpropagate this)
+    supervised: torch.Tensor  # scalar, detached
+    unsupervised: torch.Tensor  # scalar, detached
+    mask: torch.Tensor  # (mu B,) float, 1 where the weak prediction is confident enough
+    pseudo_labels: torch.Tensor  # (mu B,) argmax of the weak predictions
+
+
+def fixmatch_loss(
+    logits_x: torch.Tensor,
+    targets_x: torch.Tensor,
+    logits_u_weak: torch.Tensor,
+    logits_u_strong: torch.Tensor,
+    *,
+    threshold: float = 0.95,
+    unsup_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> FixMatchLossOutput:
+    """Eq. (6): CE on the labelled weak views + masked CE of strong views on weak pseudo-labels.
+
+    The pseudo-labels and mask come from ``logits_u_weak`` without gradient; the
+    unsupervised term is averaged over all mu B unlabelled samples (masked ones count as 0),
+    as in FixMatch.
+    """
+    sup = F.cross_entropy(logits_x.float(), targets_x.long())
+    with torch.no_grad():
+        q = torch.softmax(logits_u_weak.detach().float() / temperature, dim=-1)
+        conf, pseudo = q.max(dim=-1)
+        mask = (conf >= threshold).float()
+    unsup = (F.cross_entropy(logits_u_strong.float(), pseudo, reduction="none") * mask).mean()
+    return FixMatchLossOutput(sup + unsup_weight * unsup, sup.detach(), unsup.detach(), mask, pseudo)
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class FixMatchConfig:
+    """FixMatch's defaults (Sohn et al. 2020), except the number of steps (a CPU budget)."""
+
+    steps: int = 2000  # FixMatch: 2**20 on a GPU; a head on frozen features converges in far fewer
+    batch_size: int = 64  # B (labelled)
+    mu: int = 7  # unlabelled : labelled ratio
+    threshold: float = 0.95  # tau
+    unsup_weight: float = 1.0  # lambda_u
+    lr: float = 0.03
+    momentum: float = 0.9  # SGD, Nesterov
+    weight_decay: float = 5e-4
+    ema: float = 0.999
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "mu"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"fixmatch {name} must be a positive integer; got {v!r}")
+        if not 0.0 <= self.threshold <= 1.0 or not 0.0 <= self.ema < 1.0 or not 0.0 <= self.momentum < 1.0:
+            raise InputError("fixmatch threshold must be in [0, 1], ema and momentum in [0, 1)")
+        if not self.lr > 0 or self.weight_decay < 0 or self.unsup_weight < 0:
+            raise InputError("fixmatch lr must be > 0, weight_decay and unsup_weight >= 0")
+
+
+def train_fixmatch(
+    model: nn.Module,
+    views: Any,
+    labeled_index: np.ndarray,
+    labeled_targets: np.ndarray,
+    n_samples: int,
+    cfg: FixMatchConfig,
+    generator: torch.Generator,
+    *,
+    device: torch.device = CPU,
+    progress: bool = True,
+    desc: str = "fixmatch",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``model`` (inputs -> logits (B, K)) with FixMatch; returns (EMA model, history).
+
+    ``views.sample(kind, idx, generator)`` gives the model inputs of a weak or strong view of
+    samples ``idx`` (positions 0..n_samples-1). Labelled batches are drawn with replacement
+    from ``labeled_index``; unlabelled ones uniformly from all samples. SGD with Nesterov
+    momentum and FixMatch's cosine decay lr * cos(7 pi t / (16 T)); weight decay on weights,
+    not biases.
+    """
+    if len(labeled_index) == 0:
+        raise InputError("FixMatch needs at least one labelled (reliable) sample")
+    model = model.to(device).train()
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    named = [(nm, p) for nm, p in model.named_parameters() if p.requires_grad]
+    no_decay = {nm for nm, p in named if p.ndim == 1 or nm.rsplit(".", 1)[-1] in ("bias", "b1", "b2")}
+    decay = [p for nm, p in named if nm not in no_decay]
+    plain = [p for nm, p in named if nm in no_decay]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    lab = torch.from_numpy(np.asarray(labeled_index, dtype=np.int64))
+    tgt = torch.from_numpy(np.asarray(labeled_targets, dtype=np.int64))
+    b, ub = cfg.batch_size, cfg.batch_size * cfg.mu
+    hist: dict[str, list[float]] = {"loss": [], "supervised": [], "unsupervised": [], "mask_rate": []}
+    acc = np.zeros(4)
+    every = max(1, cfg.steps // 50)
+    bar = progress_bar(cfg.steps, desc, unit="step", enable=progress)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * math.cos(7.0 * math.pi * step / (16.0 * cfg.steps))
+        pick = torch.randint(0, len(lab), (b,), generator=generator)
+        xi, yi = lab[pick], tgt[pick].to(device)
+        ui = torch.randint(0, n_samples, (ub,), generator=generator)
+        xw = views.sample("weak", xi, generator)
+        uw = views.sample("weak", ui, generator)
+        us = views.sample("strong", ui, generator)
+        logits = model(torch.cat([xw, uw, us]).to(device))  # one pass, as FixMatch (BatchNorm sees all)
+        out = fixmatch_loss(logits[:b], yi, logits[b:b + ub], logits[b + ub:], threshold=cfg.threshold,
+                            unsup_weight=cfg.unsup_weight)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        # EMA momentum warmed up as TensorFlow's ExponentialMovingAverage(num_updates): with a CPU
+        # budget of a few thousand steps, 0.999 from step 0 would keep ~14% of the random init.
+        ema_update_(ema, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))
+        acc += [float(out.loss.detach()), float(out.supervised), float(out.unsupervised), float(out.mask.mean())]
+        if (step + 1) % every == 0 or step + 1 == cfg.steps:
+            n_acc = (step % every) + 1
+            for key, v in zip(hist, acc / n_acc, strict=True):
+                hist[key].append(round(float(v), 5))
+            acc[:] = 0
+            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", mask=f"{hist['mask_rate'][-1]:.2f}")
+        bar.update(1)
+    bar.close()
+    if not all(math.isfinite(v) for v in hist["loss"]):
+        raise InputError("FixMatch: the loss became non-finite; lower the learning rate")
+    _copy_buffers(ema, model)
+    info = {**hist, "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 3), "every": every}
+    return ema.eval(), info
+
+
+def _copy_buffers(dst: nn.Module, src: nn.Module) -> None:
+    """The EMA model takes the trained model's buffers (BatchNorm statistics, normalisation)."""
+    with torch.no_grad():
+        for bd, bs in zip(dst.buffers(), src.buffers(), strict=True):
+            bd.copy_(bs)
+
+
+# --------------------------------------------------------------------------- end-to-end mode
+class ImageViews:
+    """Weak / strong augmented *images* (normalised tensors) of the fitted images, for end-to-end training."""
+
+    mode = "images"
+
+    def __init__(self, source: ImageSource, rows: np.ndarray, preprocess: Any, spec: AugmentSpec = DEFAULT_SPEC,
+                 device: torch.device = CPU, cache: bool = True) -> None:
+        self.source, self.rows, self.pre, self.spec, self.device = source, np.asarray(rows), preprocess, spec, device
+        self._cache: np.ndarray | None = None
+        if cache and len(self.rows) * preprocess.size ** 2 * 3 <= 512 << 20:  # small sets stay in RAM
+            self._cache = np.stack([self._read(int(r)) for r in self.rows])
+
+    def _read(self, r: int) -> np.ndarray:
+        try:
+            return self.pre.resize_image(self.source.read(r))
+        except BadImageError:
+            return np.zeros((self.pre.size, self.pre.size, 1 if self.pre.grayscale else 3), np.uint8)
+
+    def images(self, idx: np.ndarray) -> torch.Tensor:
+        arr = self._cache[idx] if self._cache is not None else np.stack([self._read(int(r)) for r in self.rows[idx]])
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div(255.0)
+        c = x.shape[1]
+        mean = torch.tensor(self.pre.mean[:c], device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.pre.std[:c], device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def sample(self, kind: str, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.images(idx.cpu().numpy()).to(self.device)
+        if kind in ("weak", "strong"):
+            g = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            x = augment(x, kind, g, self.spec)
+        return self.normalize(x)
+
+
+class BackboneClassifier(nn.Module):
+    """A trainable backbone followed by a classifier head (images -> logits), for end-to-end FixMatch."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def trainable_copy(backbone: nn.Module) -> nn.Module:
+    """A deep copy of a frozen backbone with gradients switched on (the original stays frozen)."""
+    net = copy.deepcopy(backbone)
+    net.requires_grad_(True)
+    return net.train()
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, views: ImageViews, n: int, batch: int = 256) -> np.ndarray:
+    """Softmax predictions of ``model`` on the un-augmented images: (n, K)."""
+    model.eval()
+    out = []
+    for s in range(0, n, batch):
+        idx = torch.arange(s, min(s + batch, n))
+        out.append(torch.softmax(model(views.sample("none", idx, torch.Generator())).float(), -1).cpu())
+    return torch.cat(out).numpy()
+
+
+def distill_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor, *, epochs: int = 30,
+                 batch_size: int = 256, lr: float = 1e-3, generator: torch.Generator | None = None) -> nn.Module:
+    """Fit ``head`` (features -> logits) to hard labels ``targets`` with CE (Adam), e.g. the labels an
+    end-to-end network gave the training images, so the model predicts from frozen features."""
+    head.train()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    n = len(features)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        for s in range(0, n, batch_size):
+            i = perm[s:s + batch_size]
+            loss = F.cross_entropy(head(features[i]), targets[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+def warn_empty_clusters(empty: list[int], n_clusters: int) -> None:
+    if empty:
+        warnings.warn(f"SPICE-Semi: no reliable sample in cluster(s) {empty} of {n_clusters}; they get no labelled "
+                      "examples and continue only through the unlabelled term", stacklevel=3)
+
+
+__all__ = [
+    "BackboneClassifier", "FixMatchConfig", "FixMatchLossOutput", "ImageViews", "ReliableSet", "distill_head",
+    "fixmatch_loss", "local_consistency", "predict_images", "select_reliable", "train_fixmatch", "trainable_copy",
+    "warn_empty_clusters",
+]
