@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclust.config import parse_options
+
 STEPS = [
     ("TEMI baseline (temi)", "temi", {}),
     ("+ adaptive neighbours", "temi", {"neighbors": "adaptive"}),
@@ -33,17 +35,6 @@ STEPS = [
     ("+ Sinkhorn-Knopp", "temi", {"neighbors": "adaptive", "norm": "batchnorm", "sinkhorn": True}),
     ("+ CE term (icce-heads)", "icce-heads", {}),
 ]
-
-
-def parse_option(items: list[str]) -> dict:
-    out = {}
-    for it in items:
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     fs = extract_features(source, build_backbone(args.backbone), cache_dir=args.cache_dir, progress=True)
     x = np.ascontiguousarray(fs.features[fs.valid], dtype=np.float32)
     y = np.asarray(source.labels)[fs.valid]
-    extra = parse_option(args.option)
+    extra = parse_options(args.option)
     rows = []
 
     def record(name: str, results: list[dict], seconds: list[float], nb_info: dict | None) -> None:

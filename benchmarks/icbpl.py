@@ -22,7 +22,6 @@ neighbour refresh and the final assignment cost).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,22 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgclust.config import parse_options
+
 ABLATION = [  # Table 6 of the paper; weights (MMD, augmentation, kNN, min-cosine)
     ("Loss1 (MMD)", (9.0, 0.0, 0.0, 0.0)),
     ("Loss1 + Loss2", (9.0, 1.0, 0.0, 0.0)),
     ("all four (default)", (9.0, 1.0, 2.0, 2.0)),
 ]
-
-
-def parse_option(items: list[str]) -> dict:
-    out = {}
-    for it in items:
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def weights_opts(w: tuple[float, ...]) -> dict:
@@ -160,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print("give --source or --shared", file=sys.stderr)
         return 2
     source = open_source(src, split=args.split)
-    extra = parse_option(args.option)
+    extra = parse_options(args.option)
     (part_cluster if args.part == "cluster" else part_finetune)(args, source, extra)
     return 0
 

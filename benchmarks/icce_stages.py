@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from imgclust.backbones import build_backbone
+    from imgclust.config import parse_options
     from imgclust.data import open_source
     from imgclust.data.base import SubsetSource
     from imgclust.features import extract_features
@@ -60,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     y_tr = np.asarray(train.labels)[fs_tr.valid]
     x_te = np.ascontiguousarray(fs_te.features[fs_te.valid], dtype=np.float32)
     y_te = np.asarray(test.labels)[fs_te.valid]
-    opts = {}
-    for it in args.option:
-        key, val = it.split("=", 1)
-        try:
-            opts[key] = json.loads(val)
-        except json.JSONDecodeError:
-            opts[key] = val
+    opts = parse_options(args.option)
 
     rows: dict[str, dict[str, list]] = {}
 

@@ -17,7 +17,6 @@ weight 1 (``weighting=uniform``: the same self-training without the ranking).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,16 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def parse_options(items: list[str]) -> dict:
-    out: dict = {}
-    for it in items:
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from imgclust.config import parse_options
 
 
 def main(argv: list[str] | None = None) -> int:

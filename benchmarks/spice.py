@@ -28,16 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def parse_option(items: list[str]) -> dict:
-    out = {}
-    for it in items:
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from imgclust.config import parse_options
 
 
 def fmt(vals: list[float]) -> str:
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    opts = parse_option(args.option)
+    opts = parse_options(args.option)
     if args.timing:
         return timing(args.timing, opts, args.k)
 

@@ -8,7 +8,6 @@ rerunning resumes from the feature cache.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import warnings
@@ -17,6 +16,7 @@ from typing import Optional
 
 import typer
 
+from imgclust.config import parse_options
 from imgclust.errors import ImgclustError, InputError
 
 app = typer.Typer(
@@ -25,20 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="imgclust: cluster unlabeled images into K groups, report, and classify new images.",
 )
-
-
-def _parse_options(items: list[str] | None, what: str) -> dict:
-    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true/false, lists)."""
-    out: dict = {}
-    for it in items or []:
-        if "=" not in it:
-            raise InputError(f"{what} must look like key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -142,8 +128,8 @@ def cluster(
     ]:
         if given(name):
             setattr(obj, attr, value)
-    cfg.backbone.options.update(_parse_options(backbone_option, "--backbone-option"))
-    cfg.method_options.update(_parse_options(option, "--option"))
+    cfg.backbone.options.update(parse_options(backbone_option, "--backbone-option"))
+    cfg.method_options.update(parse_options(option, "--option"))
     from imgclust.report.embed import MAP_METHODS
 
     if cfg.report_map not in MAP_METHODS:
@@ -344,7 +330,7 @@ def refine(
         raise InputError(f"unknown refiner {method!r}; available: icsr")
     from imgclust.refine.icsr import refine_model
 
-    s = refine_model(model_dir, source, out, options=_parse_options(option, "--option"), split=split,
+    s = refine_model(model_dir, source, out, options=parse_options(option, "--option"), split=split,
                      cache_dir=cache_dir, seed=seed, progress=not quiet)
     m = s.get("metrics")
     typer.echo(f"refined {s['n_clustered']} images with icsr in {s['timings_s']['total']:.1f} s; "
@@ -385,7 +371,7 @@ def pretrain(
     from imgclust.pretrain import PretrainConfig
     from imgclust.pretrain import pretrain as run_pretrain
 
-    opts = _parse_options(option, "--option")
+    opts = parse_options(option, "--option")
     cfg = PretrainConfig(method=method, arch=arch, epochs=epochs, batch_size=batch_size, image_size=image_size,
                          base_lr=lr, precision=precision, seed=seed, **opts)
     src = open_source(source, split=split)

@@ -155,6 +155,25 @@ def check_types(cls: type | dict[str, Any], values: dict[str, Any], section: str
             raise InputError(f"config key {name!r}{where} must be {want}, got {type(v).__name__} {v!r}")
 
 
+def parse_options(items: list[str] | None, what: str = "--option") -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true/false, lists).
+
+    Used by the CLI's ``--option`` / ``--backbone-option`` and by the benchmark scripts.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise InputError(f"{what} must look like key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a TOML run configuration (parsed as data only)."""
     p = Path(path)

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,15 +149,24 @@ def extract_features(
         return _extract(source, backbone, None, **opts)
     key = cache_key(source, backbone) + ("-bf16" if precision == "bf16" else "")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = root / "features" / key
+    return extract_to_entry(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
+
+
+def extract_to_entry(source: ImageSource, backbone: Backbone, entry: Path, *, key: str,
+                     verify_cache: bool | None = None, **opts: Any) -> FeatureSet:
+    """Load the finished cache entry ``entry``, or compute / resume it (``opts``: see ``_extract``).
+
+    One process at a time per entry: a second run of the same extraction waits and then gets
+    the cache hit instead of writing the same memmap concurrently. An entry marked complete
+    that fails verification is wiped and recomputed. Other caches built from features (the
+    view bank of :mod:`imgclust.views`) store their entries through this too.
+    """
     entry.parent.mkdir(parents=True, exist_ok=True)
-    # One process at a time per entry: a second run of the same extraction waits and then
-    # gets the cache hit instead of writing the same memmap concurrently.
-    with _exclusive(entry.parent / f"{key}.lock"):
+    with _exclusive(entry.parent / f"{entry.name}.lock"):
         status = "fresh"
         if entry.is_dir():
             clean_stale_tmp(entry)
-            done = _load_complete(entry, n, backbone.dim, source.ids(), check="full" if verify_cache else
+            done = _load_complete(entry, len(source), backbone.dim, source.ids(), check="full" if verify_cache else
                                   ("sampled" if verify_cache is False else "auto"))
             if done is not None:
                 return done

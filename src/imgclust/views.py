@@ -55,14 +55,7 @@ from imgclust.backbones.base import Backbone
 from imgclust.data.augment import DEFAULT_SPEC, KINDS, AugmentSpec, augment
 from imgclust.data.base import ImageSource, as_rgb
 from imgclust.errors import BadImageError, InputError
-from imgclust.features import (
-    _exclusive,
-    _extract,
-    _load_complete,
-    _wipe,
-    resolve_device,
-)
-from imgclust.rundir import clean_stale_tmp
+from imgclust.features import _extract, extract_to_entry, resolve_device
 
 VIEWS_FORMAT = 1
 VIEW_MODES = ("auto", "bank", "online", "none")
@@ -222,21 +215,10 @@ def build_view_bank(
 
 
 def _view_entry(source: ViewSource, backbone: ViewBackbone, entry: Path | None, *, key: str, **opts: Any):
-    """One view as a feature-cache entry: the locking / verification / resume of ``extract_features``."""
+    """One view as a feature-cache entry, with the locking / verification / resume of ``extract_features``."""
     if entry is None:
         return _extract(source, backbone, None, **opts)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(entry.parent / f"{entry.name}.lock"):
-        status = "fresh"
-        if entry.is_dir():
-            clean_stale_tmp(entry)
-            done = _load_complete(entry, len(source), backbone.dim, source.ids())
-            if done is not None:
-                return done
-            if (entry / "meta.json").exists():
-                _wipe(entry)
-                status = "recomputed (view entry failed verification)"
-        return _extract(source, backbone, entry, status=status, key=key, **opts)
+    return extract_to_entry(source, backbone, entry, key=key, **opts)
 
 
 # --------------------------------------------------------------------------- providers
