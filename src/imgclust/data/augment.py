@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import kornia
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from imgclust.errors import InputError
 
@@ -273,3 +274,26 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator, spec: A
     if kind == "strong":
         return strong_augment(images, generator, spec)
     raise InputError(f"unknown augmentation {kind!r}; allowed: {', '.join(KINDS)}")
+
+
+# ------------------------------------------------------- kornia pipelines (ICBPL, PICI)
+def contrastive_augment(size: int, channels: int, crop_scale: float = 0.2) -> nn.Module:
+    """The contrastive-learning view of ICBPL (sec. 3.2) and PICI's strong view: random resized crop,
+    horizontal flip, colour jitter, random grayscale, Gaussian blur (kornia, on (B, C, H, W)
+    tensors in [0, 1]). Apply it with :func:`seeded_augment` for reproducible views."""
+    import kornia.augmentation as KA
+
+    ops: list[nn.Module] = [KA.RandomResizedCrop((size, size), scale=(crop_scale, 1.0)), KA.RandomHorizontalFlip()]
+    if channels == 3:
+        ops += [KA.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), KA.RandomGrayscale(p=0.2)]
+    if size >= 16:
+        ks = max(3, (size // 10) | 1)  # odd kernel, ~10% of the side (SimCLR's rule)
+        ops.append(KA.RandomGaussianBlur((ks, ks), (0.1, 2.0), p=0.5))
+    return nn.Sequential(*ops)
+
+
+def seeded_augment(aug: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """kornia draws from the global torch RNG: fork it and seed it, so a run is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return aug(x).clamp_(0.0, 1.0)

@@ -95,6 +95,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.errors import BadImageError, InputError
 from imgclust.heads.icbpl_losses import icbpl_loss
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
@@ -251,27 +252,6 @@ class _Images:
         mean = torch.tensor(self.pre.mean[:c] if c > 1 else self.pre.mean[:1], device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.pre.std[:c] if c > 1 else self.pre.std[:1], device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
-
-
-def build_augment(size: int, channels: int, crop_scale: float = 0.2) -> nn.Module:
-    """The paper's augmentations (sec. 3.2): random resized crop, horizontal flip, colour jitter,
-    random grayscale, Gaussian blur (kornia, on (B, C, H, W) tensors in [0, 1])."""
-    import kornia.augmentation as KA
-
-    ops: list[nn.Module] = [KA.RandomResizedCrop((size, size), scale=(crop_scale, 1.0)), KA.RandomHorizontalFlip()]
-    if channels == 3:
-        ops += [KA.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), KA.RandomGrayscale(p=0.2)]
-    if size >= 16:
-        ks = max(3, (size // 10) | 1)  # odd kernel, ~10% of the side (SimCLR's rule)
-        ops.append(KA.RandomGaussianBlur((ks, ks), (0.1, 2.0), p=0.5))
-    return nn.Sequential(*ops)
-
-
-def _augment(aug: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """kornia draws from the global torch RNG: fork it and seed it, so a run is reproducible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return aug(x).clamp_(0.0, 1.0)
 
 
 def _trainable_parameters(backbone: nn.Module, mode: str, n_blocks: int) -> list[tuple[str, nn.Parameter]]:
@@ -497,7 +477,7 @@ class ICBPL(ClusteringMethod):
         bb = copy.deepcopy(backbone).to(device).eval()
         images = _Images(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
         channels = 1 if images.pre.grayscale else 3
-        aug = build_augment(size, channels, cfg.crop_scale)
+        aug = contrastive_augment(size, channels, cfg.crop_scale)
         bank = np.zeros((cfg.views, len(x_np), x_np.shape[1]), np.float32)
         bs = int(ctx.extras.get("batch_size") or 64)
         t0 = time.perf_counter()
@@ -507,7 +487,7 @@ class ICBPL(ClusteringMethod):
                 idx = np.arange(s, min(s + bs, len(rows)))
                 img, ok = images.batch(idx, pool)
                 for v in range(cfg.views):
-                    xa = _augment(aug, img, int(ctx.seed) * 1_000_003 + v * 7919 + s)
+                    xa = seeded_augment(aug, img, int(ctx.seed) * 1_000_003 + v * 7919 + s)
                     with torch.inference_mode():
                         f = bb(images.normalize(xa).to(device)).float().cpu().numpy()
                     f[~ok] = x_np[idx[~ok]]  # an image that no longer decodes: its own features
@@ -542,7 +522,7 @@ class ICBPL(ClusteringMethod):
             p.requires_grad_(True)
         size = cfg.image_size or backbone.preprocess.size
         images = _Images(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
-        aug = build_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
+        aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
         opt = torch.optim.Adam([{"params": list(head.parameters()), "lr": cfg.lr},
                                 {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],
                                weight_decay=cfg.weight_decay)
@@ -567,7 +547,7 @@ class ICBPL(ClusteringMethod):
                     pair = self._draw_neighbors(nbrs, r, gen).reshape(-1)
                     img, _ = images.batch(torch.cat([r, pair]).numpy(), pool)
                     b = len(r)
-                    xa = _augment(aug, img[:b], int(ctx.seed) * 1_000_003 + epoch * 100_003 + it)
+                    xa = seeded_augment(aug, img[:b], int(ctx.seed) * 1_000_003 + epoch * 100_003 + it)
                     inp = images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device)
                     z = head(bb(inp))
                     out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,

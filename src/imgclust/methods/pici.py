@@ -7,7 +7,7 @@ ablation baseline CC (Contrastive Clustering, Li et al. 2021): clustering networ
 32 px -> patch 4), decoder D, instance MLP G_I (128-d) and cluster MLP G_C (softmax over K)
 (:mod:`imgclust.heads.pici`, where the losses and their formulas are). Every image gives two
 views: weak T_w = resize + normalise, strong T_s = random resized crop, flip, colour jitter,
-random grayscale, Gaussian blur (kornia, ``imgclust.methods.icbpl.build_augment``); both are
+random grayscale, Gaussian blur (kornia, ``imgclust.data.augment.contrastive_augment``); both are
 masked (ratio 0.5) in training. Three stages, each with its own epoch count:
 
 1. pre-training (``pretrain_epochs``, paper 200): L_PISD (masked-patch MSE), F and D;
@@ -74,6 +74,7 @@ from torch import nn
 
 from imgclust.backbones.base import Preprocess
 from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
+from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.errors import BadImageError, InputError
 from imgclust.heads.pici import ClusterMLP, InstanceMLP, cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
@@ -354,7 +355,6 @@ class _ImageContrastive(ClusteringMethod):
     # ------------------------------------------------------------------ training
     def fit(self, features: np.ndarray, ctx: FitContext) -> _ImageContrastive:
         from imgclust.features import resolve_device
-        from imgclust.methods.icbpl import _augment, build_augment
 
         cfg = self.config
         imgs, _, ident = self._training_images(features, ctx)
@@ -375,7 +375,7 @@ class _ImageContrastive(ClusteringMethod):
         done, evaluated = resumed if resumed else ([0] * len(stages), [False] * len(stages))
         self.history_["resumed_from"] = {"done": list(done)} if resumed else None
         self.history_["checkpoint"] = None if path is None else str(path)
-        aug = build_augment(cfg.image_size, 3, cfg.crop_scale).to(device)
+        aug = contrastive_augment(cfg.image_size, 3, cfg.crop_scale).to(device)
         bs = min(cfg.batch_size, n)
         steps = n // bs
         y = ctx.extras.get("labels")
@@ -399,7 +399,7 @@ class _ImageContrastive(ClusteringMethod):
                 for it in range(steps):
                     idx = perm[it * bs:(it + 1) * bs]
                     x = imgs[idx].to(device).float().div_(255.0)
-                    xb = _augment(aug, x, _seed(int(ctx.seed), si, epoch, it))
+                    xb = seeded_augment(aug, x, _seed(int(ctx.seed), si, epoch, it))
                     parts = self._step_losses(net, stage, _normalize(x), _normalize(xb), gen,
                                               _seed(int(ctx.seed), si, epoch, it, 1), idx.numpy())
                     loss = sum(parts.values())
@@ -467,14 +467,13 @@ class _ImageContrastive(ClusteringMethod):
         Z per batch, here Z is L2-normalised)."""
         from sklearn.cluster import KMeans
 
-        from imgclust.methods.icbpl import _augment
 
         net.eval()
         za, zb = [], []
         for s in range(0, len(imgs), batch):
             x = imgs[s:s + batch].to(device).float().div_(255.0)
             za.append(net.instance(net.encoder(_normalize(x))).float().cpu())
-            zb.append(net.instance(net.encoder(_normalize(_augment(aug, x, seed + s)))).float().cpu())
+            zb.append(net.instance(net.encoder(_normalize(seeded_augment(aug, x, seed + s)))).float().cpu())
         out = {}
         for name, z in (("a", za), ("b", zb)):
             zn = torch.nn.functional.normalize(torch.cat(z), dim=1).numpy()
