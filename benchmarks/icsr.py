@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""ICSR benchmark: base methods before / after ICSR, on a fit part and a held-out part of one split.
+"""ICSR benchmark: base methods before / after ICSR, on fit images and held-out images.
 
     OMP_NUM_THREADS=1 python benchmarks/icsr.py --shared ../shared --cache-dir /tmp/bench-cache \
-        --bases kmeans icce-heads --base-option icce-heads:epochs=30 --ablation
+        --split train --fit-size 10000 --test-split test --bases kmeans icce-heads spice-self --ablation
 
-The split (default CIFAR-10 ``test``, 10,000 images) is divided with a seeded permutation into
-``--fit-size`` images (default 8,000) that the base method and ICSR are fitted on, and the rest,
-held out (scored with ``predict`` only). Features come from the feature cache (efficientnet-lite0
+With ``--test-split`` the base method and ICSR are fitted on ``--fit-size`` random images of
+``--split`` (seeded; 10,000 train images = the subset ``benchmarks/icce_stages.py`` caches) and
+scored on ``--test-size`` images of the held-out ``--test-split`` (default all) with
+``predict``. Without it, one split (default CIFAR-10 ``test``, 10,000 images) is divided with a
+seeded permutation into ``--fit-size`` images (default 8,000) and the rest held out.
+``--e2e-option key=value`` adds a row for ICSR's end-to-end mode (``mode=end_to_end``: the
+backbone fine-tuned on images after the head stage; needs ``--test-split``), e.g.
+``--image-size 96 --e2e-option finetune=last_blocks --e2e-option e2e_epochs=5`` on a CPU. Features come from the feature cache (efficientnet-lite0
 at its default 224 px: extracted once when missing, ~25-50 images/s on 2 CPU cores). Each row:
 ACC / NMI / ARI on the fit part and the held-out part, the ranking success rate R_sr(p)
 (paper Eq. 15, averaged over clusters) of the first ranking (the base model's clusters) next to
@@ -20,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-option", action="append", default=[], help="METHOD:key=value")
     ap.add_argument("--option", action="append", default=[], help="ICSR option key=value")
     ap.add_argument("--ablation", action="store_true", help="also ICSR with uniform weights (no ranking)")
+    ap.add_argument("--test-split", default=None, help="score on this split (fit on --fit-size images of --split)")
+    ap.add_argument("--test-size", type=int, default=0, help="random images of --test-split to score (0 = all)")
+    ap.add_argument("--e2e-option", action="append", default=None,
+                    help="add an end-to-end ICSR row with these extra options key=value (needs --test-split)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -55,16 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     path = args.source or (str(Path(args.shared) / "data" / "cifar10-jpg.tar.gz") if args.shared else None)
     if path is None:
         ap.error("give --shared or --source")
+    from imgclust.data.base import SubsetSource
+
     src = open_source(path, split=args.split)
     fe = ImageClusterer(n_clusters=args.k, backbone=args.backbone, image_size=args.image_size,
                         cache_dir=args.cache_dir, progress=True)
-    feats, valid, fs, _ = fe._features(src)
-    x, y = np.asarray(feats, np.float32)[valid], np.asarray(src.labels)[valid]
-    perm = np.random.default_rng(args.seed).permutation(len(x))
-    fit, held = perm[:args.fit_size], perm[args.fit_size:]
-    print(f"{path} split={args.split}: {len(x)} images, {args.backbone} features ({x.shape[1]}-d, "
-          f"{'cache' if fs.from_cache else 'extracted'}); fit on {len(fit)}, held out {len(held)} (seed {args.seed})",
-          file=sys.stderr)
+    if args.test_split:  # fit on sources (features from the cache), so image-level rows can read the images
+        fit_src = SubsetSource.sample(src, args.fit_size, seed=0)
+        held_src = open_source(path, split=args.test_split)
+        if args.test_size:
+            held_src = SubsetSource.sample(held_src, args.test_size, seed=0)
+        y_fit, y_held = np.asarray(fit_src.labels), np.asarray(held_src.labels)
+        fit_in, held_in = fit_src, held_src
+        for s_ in (fit_src, held_src):
+            fe._features(s_)  # extract once (progress bar) before the timed rows
+        print(f"{path}: fit on {len(fit_src)} {args.split} images, held out {len(held_src)} {args.test_split} images, "
+              f"{args.backbone} @ {args.image_size or 'default'} px (seed {args.seed})", file=sys.stderr)
+    else:
+        if args.e2e_option is not None:
+            ap.error("--e2e-option needs --test-split (the end-to-end rows read the images)")
+        feats, valid, fs, _ = fe._features(src)
+        x, y = np.asarray(feats, np.float32)[valid], np.asarray(src.labels)[valid]
+        perm = np.random.default_rng(args.seed).permutation(len(x))
+        fit, held = perm[:args.fit_size], perm[args.fit_size:]
+        y_fit, y_held, fit_in, held_in = y[fit], y[held], x[fit], x[held]
+        print(f"{path} split={args.split}: {len(x)} images, {args.backbone} features ({x.shape[1]}-d, "
+              f"{'cache' if fs.from_cache else 'extracted'}); fit on {len(fit)}, held out {len(held)} (seed {args.seed})",
+              file=sys.stderr)
     base_opts: dict[str, dict] = {}
     for it in args.base_option:
         name, kv = it.split(":", 1)
@@ -72,28 +99,36 @@ def main(argv: list[str] | None = None) -> int:
     icsr_opts = parse_options(args.option)
     variants = [("icsr", icsr_opts)] + ([("icsr, uniform weights", {**icsr_opts, "weighting": "uniform"})]
                                         if args.ablation else [])
+    if args.e2e_option is not None:
+        variants.append(("icsr end-to-end", {**icsr_opts, "mode": "end_to_end", **parse_options(args.e2e_option)}))
 
     def scores(labels_fit: np.ndarray, labels_held: np.ndarray) -> str:
-        a, b = evaluate(y[fit], labels_fit), evaluate(y[held], labels_held)
+        a, b = evaluate(y_fit, labels_fit), evaluate(y_held, labels_held)
         return " | ".join(f"{m[k]:.3f}" for m in (a, b) for k in ("acc", "nmi", "ari"))
 
     print("| base | refiner | fit ACC | fit NMI | fit ARI | held-out ACC | held-out NMI | held-out ARI "
-          "| R_sr 20/40/60/80 % (base clusters) | purity | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| R_sr 20/40/60/80 % before | after | purity before | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for base in args.bases:
         t0 = time.perf_counter()
         est = ImageClusterer(n_clusters=args.k, method=base, method_options=base_opts.get(base), seed=args.seed,
-                             progress=False).fit(x[fit])
-        print(f"| {base} | - | {scores(est.labels_, est.predict(x[held]))} | | | {time.perf_counter() - t0:.0f} |",
+                             backbone=args.backbone, image_size=args.image_size, cache_dir=args.cache_dir,
+                             progress=False).fit(fit_in)
+        print(f"| {base} | - | {scores(est.labels_, est.predict(held_in))} | | | | {time.perf_counter() - t0:.0f} |",
               flush=True)
         for name, opts in variants:
             t0 = time.perf_counter()
-            new = refine_estimator(est, x[fit], opts, truth=y[fit], progress=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # end-to-end on a CPU warns that it is slow
+                new = refine_estimator(est, fit_in, opts, truth=y_fit, progress=False)
             h = new.model_.history_
-            sr = h.get("rsr_first") or {}
-            rsr = "/".join(f"{v:.3f}" for v in (sr.get("mean_rsr") or {}).values())
-            print(f"| {base} | {name} | {scores(new.labels_, new.predict(x[held]))} | {rsr} | "
-                  f"{sr.get('mean_purity', float('nan')):.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
+            before, after = h.get("rsr_first") or {}, h.get("rsr_last") or {}
+
+            def rsr(sr: dict) -> str:
+                return "/".join(f"{v:.3f}" for v in (sr.get("mean_rsr") or {}).values())
+
+            print(f"| {base} | {name} | {scores(new.labels_, new.predict(held_in))} | {rsr(before)} | {rsr(after)} | "
+                  f"{before.get('mean_purity', float('nan')):.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
     return 0
 
 

@@ -129,6 +129,12 @@ def test_config_validation() -> None:
         ICSRConfig(views="mixup")
     with pytest.raises(InputError, match="k_start"):
         ICSRConfig(k_start=0.8, k_stop=0.5)
+    with pytest.raises(InputError, match="mode"):
+        ICSRConfig(mode="gpu")
+    with pytest.raises(InputError, match="finetune"):
+        ICSRConfig(finetune="head")
+    with pytest.raises(InputError, match="e2e_epochs"):
+        ICSRConfig(e2e_epochs=0)
 
 
 def test_noise_views_weak_is_identity_strong_is_perturbed() -> None:
@@ -228,3 +234,152 @@ def test_icsr_with_the_view_bank(tmp_path) -> None:
     with pytest.raises(InputError, match="PCA"):
         ImageClusterer(n_clusters=10, method="icsr", backbone="pixels", image_size=8, method_options=opts, pca=16,
                        cache_dir=str(tmp_path), progress=False).fit("digits")
+
+
+# --------------------------------------------------------------------------- end-to-end mode
+E2E = {"mode": "end_to_end", "finetune": "last_blocks", "epochs": 15, "e2e_epochs": 2, "e2e_batch_size": 30,
+       "min_steps": 0, "k_step": 3}
+
+
+def _digit_images(n: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    d = load_digits()
+    return (d.images[:n] * 16).clip(0, 255).astype(np.uint8), d.target[:n]
+
+
+def test_end_to_end_tunes_the_backbone_and_predicts_images_after_save_and_load(tmp_path) -> None:
+    """EfficientNet-Lite0 at 32 px on 90 digits (CPU): the head stage, then the last two blocks and
+    the head train on augmented images; the saved model classifies images through the tuned copy."""
+    import warnings
+
+    from imgclust import ImageClusterer
+
+    imgs, _ = _digit_images()
+    est = ImageClusterer(n_clusters=5, method="icsr", image_size=32, progress=False, cache_dir=str(tmp_path / "c"),
+                         method_options=E2E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "slow on a CPU"
+        labels = est.fit_predict(imgs)
+    m = est.model_
+    h = m.history_
+    assert m.image_level and len(h["loss"]) == 2 and all(np.isfinite(h["loss"]))
+    assert h["finetune"] == "last_blocks" and h["image_size"] == 32 and h["finetune_params"] > 0
+    assert len(h["head_stage"]["loss"]) == 15  # the head stage ran first
+    assert [r["epoch"] for r in h["rankings"]] == [0, 1]  # ranked at the start and re-ranked after epoch 1
+    tuned = m.state_dict()
+    names = [k for k in tuned if k.startswith("backbone.")]
+    assert names and all("_blocks.14." in k or "_blocks.15." in k or "_conv_head" in k or "_bn1" in k for k in names)
+    pre = dict(est._backbone().named_parameters())
+    assert any(not torch.equal(tuned[k], pre[k[len("backbone."):]]) for k in names)  # the backbone really moved
+    assert not any(p.requires_grad for p in est._backbone().parameters())  # the estimator's stays frozen
+    np.testing.assert_array_equal(labels, m.fit_proba_.argmax(1))
+    np.testing.assert_array_equal(est.predict(imgs), labels)  # through the tuned network, not the frozen features
+    est.save(tmp_path / "model")
+    loaded = ImageClusterer.load(tmp_path / "model")
+    np.testing.assert_allclose(loaded.predict_proba(imgs), est.predict_proba(imgs), atol=1e-5)
+    with pytest.raises(InputError, match="needs images"):
+        loaded.predict(np.zeros((2, 1280), np.float32))
+    state = {k: v for k, v in tuned.items() if not k.startswith("backbone.")}
+    with pytest.raises(InputError, match="no backbone parameters"):
+        type(m)(5, m.config.to_dict()).load_state_dict(state)
+
+
+def test_end_to_end_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
+    """Killed after the first end-to-end epoch, a re-run resumes from the checkpoint and ends where
+    an uninterrupted run ends."""
+    import warnings
+
+    from imgclust import ImageClusterer
+    from imgclust.refine import icsr as icsr_mod
+
+    imgs, _ = _digit_images(60)
+    opts = {**E2E, "epochs": 5}
+
+    def run(cache: str) -> ImageClusterer:
+        est = ImageClusterer(n_clusters=3, method="icsr", image_size=32, progress=False, cache_dir=cache,
+                             method_options=opts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est.fit(imgs)
+        return est
+
+    whole = run(str(tmp_path / "a"))
+    save = icsr_mod._Checkpoint.save
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icsr_mod._Checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "b"))
+    monkeypatch.setattr(icsr_mod._Checkpoint, "save", save)
+    assert list((tmp_path / "b").rglob("icsr-e2e-ckpt-*.pt"))
+    resumed = run(str(tmp_path / "b"))
+    assert resumed.model_.history_["resumed_at"] == 1 and "resumed_at" not in whole.model_.history_
+    assert resumed.model_.history_["loss"] == whole.model_.history_["loss"]
+    for k, v in whole.model_.state_dict().items():
+        torch.testing.assert_close(resumed.model_.state_dict()[k], v)
+    np.testing.assert_array_equal(resumed.labels_, whole.labels_)
+
+
+def test_end_to_end_needs_images_and_trainable_backbone(tmp_path) -> None:
+    from imgclust import ImageClusterer
+    from imgclust.methods import FitContext, get_method
+
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    with pytest.raises(InputError, match="needs the images"):
+        get_method("icsr")(3, {**E2E, "epochs": 2}).fit(x, FitContext(progress=False))
+    imgs, _ = _digit_images(40)
+    with pytest.raises(InputError, match="no parameters to fine-tune"):
+        ImageClusterer(n_clusters=3, method="icsr", backbone="pixels", image_size=8, progress=False,
+                       cache_dir=str(tmp_path), method_options={**E2E, "epochs": 2}).fit(imgs)
+
+
+def test_refine_a_model_that_classifies_images(tmp_path) -> None:
+    """A from-scratch network (cc, image-level) is refined too: its own predictions of the images are
+    the base clusters; ICSR's head is trained on the estimator's features."""
+    from imgclust import ImageClusterer
+    from imgclust.refine.icsr import refine_estimator
+
+    imgs, y = _digit_images(120)
+    est = ImageClusterer(n_clusters=10, method="cc", backbone="pixels", image_size=16, progress=False,
+                         cache_dir=str(tmp_path), method_options={"image_size": 16, "epochs": 2, "batch_size": 40})
+    base = est.fit_predict(imgs)
+    new = refine_estimator(est, imgs, {"epochs": 5}, truth=y)
+    np.testing.assert_array_equal(new.base_labels_, base)
+    assert new.method == "icsr" and not new.model_.image_level
+    assert new.model_.history_["base"]["method"] == "cc" and "rsr_first" in new.model_.history_
+    np.testing.assert_array_equal(new.predict(imgs), new.labels_)
+    with pytest.raises(InputError, match="refine it on images"):
+        refine_estimator(est, np.zeros((5, 768), np.float32))
+
+
+def test_refine_cli_end_to_end_writes_a_model_that_predict_uses(tmp_path) -> None:
+    """`imgclust refine RUN --option mode=end_to_end` (CPU, 32 px, 90 digits): the run's assignments
+    are the tuned network's, and `imgclust predict` on the refined model reproduces them."""
+    from typer.testing import CliRunner
+
+    from imgclust.api import cluster
+    from imgclust.cli import app
+    from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
+
+    cfg = RunConfig(k=5, method="kmeans", source=SourceConfig(path="digits", limit=90),
+                    backbone=BackboneConfig(name="efficientnet-lite0", image_size=32),
+                    features=FeatureConfig(cache_dir=str(tmp_path / "cache")), report=False)
+    cluster(cfg, tmp_path / "base", progress=False)
+    opts = [f"{k}={v}" for k, v in {**E2E, "epochs": 5}.items()]
+    res = CliRunner().invoke(app, ["refine", str(tmp_path / "base"), "--out", str(tmp_path / "e2e"), "-q",
+                                   "--device", "cpu", *sum((["--option", o] for o in opts), [])])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "e2e" / "run.json").read_text())
+    assert run["config"]["method_options"]["mode"] == "end_to_end" and run["n_clustered"] == 90
+    diag = json.loads((tmp_path / "e2e" / "icsr.json").read_text())
+    assert diag["history"]["finetune_params"] > 0 and diag["rsr_after"] is not None
+    with open(tmp_path / "e2e" / "assignments.csv", newline="") as f:
+        rows = {r["id"]: int(r["cluster"]) for r in csv.DictReader(f)}
+    pred = CliRunner().invoke(app, ["predict", str(tmp_path / "e2e"), "digits", "-q",
+                                    "--out", str(tmp_path / "pred.csv")])
+    assert pred.exit_code == 0, pred.output
+    with open(tmp_path / "pred.csv", newline="") as f:
+        got = {r["id"]: int(r["cluster"]) for r in csv.DictReader(f)}
+    assert len(got) == 1797 and all(got[i] == c for i, c in rows.items())

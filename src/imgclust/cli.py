@@ -323,6 +323,7 @@ def refine(
     split: Optional[str] = typer.Option(None),
     cache_dir: Optional[str] = typer.Option(None),
     seed: Optional[int] = typer.Option(None, help="random seed (default: the base run's)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (mode=end_to_end trains on it)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Refine a fitted model (any method) and write a new run directory whose model/ `predict` uses."""
@@ -331,7 +332,7 @@ def refine(
     from imgclust.refine.icsr import refine_model
 
     s = refine_model(model_dir, source, out, options=parse_options(option, "--option"), split=split,
-                     cache_dir=cache_dir, seed=seed, progress=not quiet)
+                     cache_dir=cache_dir, seed=seed, device=device, progress=not quiet)
     m = s.get("metrics")
     typer.echo(f"refined {s['n_clustered']} images with icsr in {s['timings_s']['total']:.1f} s; "
                f"{s['changed_vs_base']} changed cluster")

@@ -87,7 +87,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclust.backbones.finetune import finetuned_copy, trainable_parameters
 from imgclust.data.augment import contrastive_augment, seeded_augment
-from imgclust.errors import BadImageError, InputError
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
 from imgclust.heads.icbpl_losses import icbpl_loss
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
 from imgclust.methods.base import (
@@ -212,72 +214,6 @@ def feature_view(x: torch.Tensor, dropout: float, noise: float, generator: torch
         out = out * keep.to(x.dtype).to(x.device) / (1.0 - dropout)
     if noise > 0:
         out = out + noise * torch.randn(x.shape, generator=generator).to(x.device)
-    return out
-
-
-# ---------------------------------------------------------------------------- images
-class _Images:
-    """Decoded, resized rows of an ImageSource as float tensors in [0, 1]; bad images flagged."""
-
-    def __init__(self, source: Any, rows: np.ndarray, size: int, preprocess: Any, workers: int | None) -> None:
-        import os
-
-        self.source = source
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.pre = replace(preprocess, size=int(size))
-        self.workers = workers or min(8, os.cpu_count() or 1)
-
-    def _load(self, i: int) -> np.ndarray | None:
-        try:
-            return self.pre.resize_image(self.source.read(int(i)))
-        except BadImageError:
-            return None
-        except Exception:  # noqa: BLE001 - a reader bug must not lose the run: unreadable, as in features.py
-            return None
-
-    def batch(self, idx: np.ndarray, pool: ThreadPoolExecutor) -> tuple[torch.Tensor, np.ndarray]:
-        """Images ``rows[idx]`` as (B, C, s, s) in [0, 1] and a mask of those that decoded."""
-        imgs = list(pool.map(self._load, self.rows[idx]))
-        ok = np.array([im is not None for im in imgs], dtype=bool)
-        s = self.pre.size
-        c = 1 if self.pre.grayscale else 3
-        arr = np.zeros((len(imgs), s, s, c), np.uint8)
-        for j, im in enumerate(imgs):
-            if im is not None:
-                arr[j] = im
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0), ok
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        mean = torch.tensor(self.pre.mean[:c] if c > 1 else self.pre.mean[:1], device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.pre.std[:c] if c > 1 else self.pre.std[:1], device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
-
-
-def _trainable_parameters(backbone: nn.Module, mode: str, n_blocks: int) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs the fine-tuning mode trains; InputError for unknown layouts."""
-    named = list(backbone.named_parameters())
-    if not named:
-        raise InputError(f"backbone {getattr(backbone, 'name', '?')!r} has no parameters to fine-tune; use finetune=head")
-    if mode == "all":
-        return named
-    prefixes: list[str]
-    net = getattr(backbone, "net", None)
-    if net is not None and hasattr(net, "_blocks"):  # EfficientNet(-Lite)
-        nb = len(net._blocks)
-        prefixes = [f"net._blocks.{i}." for i in range(max(0, nb - n_blocks), nb)] + ["net._conv_head.", "net._bn1."]
-    elif isinstance(getattr(backbone, "blocks", None), nn.ModuleList):  # ViT
-        nb = len(backbone.blocks)
-        prefixes = [f"blocks.{i}." for i in range(max(0, nb - n_blocks), nb)] + ["norm."]
-    elif hasattr(backbone, "layer4"):  # ResNet stages, last first
-        stages = ["layer4", "layer3", "layer2", "layer1"][:n_blocks]
-        prefixes = [f"{s}." for s in stages]
-    else:
-        raise InputError(f"finetune=last_blocks does not know the layer layout of backbone "
-                         f"{getattr(backbone, 'name', '?')!r}; use finetune=all or head")
-    out = [(n, p) for n, p in named if any(n.startswith(pf) for pf in prefixes)]
-    if not out:
-        raise InputError(f"no parameters found in the last {n_blocks} blocks of {getattr(backbone, 'name', '?')!r}")
     return out
 
 
@@ -475,7 +411,7 @@ class ICBPL(ClusteringMethod):
 
         device = resolve_device(ctx.device)
         bb = copy.deepcopy(backbone).to(device).eval()
-        images = _Images(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
+        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
         channels = 1 if images.pre.grayscale else 3
         aug = contrastive_augment(size, channels, cfg.crop_scale)
         bank = np.zeros((cfg.views, len(x_np), x_np.shape[1]), np.float32)
@@ -517,11 +453,11 @@ class ICBPL(ClusteringMethod):
                              f"(no pca); got {x_np.shape[1]}-d")
         bb = copy.deepcopy(backbone).to(device).eval()  # eval: BatchNorm statistics and drop-connect off
         bb.requires_grad_(False)
-        train_params = _trainable_parameters(bb, cfg.finetune, cfg.finetune_blocks)
+        train_params = trainable_parameters(bb, cfg.finetune, cfg.finetune_blocks)
         for _, p in train_params:
             p.requires_grad_(True)
         size = cfg.image_size or backbone.preprocess.size
-        images = _Images(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
+        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
         aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
         opt = torch.optim.Adam([{"params": list(head.parameters()), "lr": cfg.lr},
                                 {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],
@@ -568,7 +504,7 @@ class ICBPL(ClusteringMethod):
         return z_all, nbrs
 
     @torch.no_grad()
-    def _encode_images(self, bb: nn.Module, head: Projection, images: _Images, pool: ThreadPoolExecutor,
+    def _encode_images(self, bb: nn.Module, head: Projection, images: ImageBatches, pool: ThreadPoolExecutor,
                        fallback: np.ndarray | None, device: torch.device, batch: int = 64) -> np.ndarray:
         """Latent features of every image (no augmentation); unreadable images use ``fallback`` rows."""
         head.eval()
@@ -625,32 +561,15 @@ class ICBPL(ClusteringMethod):
 
         head, c = self._check()
         dev = resolve_device(device)
-        bb = copy.deepcopy(backbone).to(dev).eval()
-        own = dict(bb.named_parameters())
-        missing = sorted(set(self.backbone_state_) - set(own))
-        if missing:
-            raise InputError(f"the fine-tuned parameters do not fit backbone {getattr(backbone, 'name', '?')!r} "
-                             f"(e.g. {missing[0]})")
-        with torch.no_grad():
-            for nm, t in self.backbone_state_.items():
-                if own[nm].shape != t.shape:
-                    raise InputError(f"fine-tuned parameter {nm} has shape {tuple(t.shape)}, backbone has "
-                                     f"{tuple(own[nm].shape)}")
-                own[nm].copy_(t)
+        bb = finetuned_copy(backbone, self.backbone_state_, dev)
         head = head.to(dev)
         size = self.config.image_size or backbone.preprocess.size
-        images = _Images(source, np.arange(len(source)), size, backbone.preprocess, workers)
+        images = ImageBatches(source, np.arange(len(source)), size, backbone.preprocess, workers)
+        z = images.apply(lambda x: head.eval()(bb(x)), c.shape[1], batch_size=batch_size, device=dev,
+                         progress=progress, desc="icbpl predict")
+        ok = z.any(axis=1)  # latents are unit vectors: all-zero rows are the images that did not decode
         out = np.zeros((len(source), self.n_clusters), np.float32)
-        bar = progress_bar(len(source), "icbpl predict", unit="img", enable=progress)
-        with ThreadPoolExecutor(max_workers=images.workers) as pool, torch.no_grad():
-            for s in range(0, len(source), batch_size):
-                idx = np.arange(s, min(s + batch_size, len(source)))
-                img, ok = images.batch(idx, pool)
-                if ok.any():
-                    z = head.eval()(bb(images.normalize(img[torch.from_numpy(ok)]).to(dev))).cpu().numpy()
-                    out[idx[ok]] = self._softmax(z @ c.numpy().T)
-                bar.update(len(idx))
-        bar.close()
+        out[ok] = self._softmax(z[ok] @ c.numpy().T)
         self.head_ = head.cpu()
         return out
 

@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,9 +284,16 @@ class ImageViews:
     def __init__(self, source: ImageSource, rows: np.ndarray, preprocess: Any, spec: AugmentSpec = DEFAULT_SPEC,
                  device: torch.device = CPU, cache: bool = True) -> None:
         self.source, self.rows, self.pre, self.spec, self.device = source, np.asarray(rows), preprocess, spec, device
+        self.workers = min(8, os.cpu_count() or 1)  # decoding + resizing in threads (Pillow releases the GIL)
         self._cache: np.ndarray | None = None
         if cache and len(self.rows) * preprocess.size ** 2 * 3 <= 512 << 20:  # small sets stay in RAM
-            self._cache = np.stack([self._read(int(r)) for r in self.rows])
+            self._cache = self._read_rows(self.rows)
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.workers <= 1 or len(rows) < 16:
+            return np.stack([self._read(int(r)) for r in rows])
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return np.stack(list(pool.map(self._read, (int(r) for r in rows))))
 
     def _read(self, r: int) -> np.ndarray:
         try:
@@ -293,7 +302,7 @@ class ImageViews:
             return np.zeros((self.pre.size, self.pre.size, 1 if self.pre.grayscale else 3), np.uint8)
 
     def images(self, idx: np.ndarray) -> torch.Tensor:
-        arr = self._cache[idx] if self._cache is not None else np.stack([self._read(int(r)) for r in self.rows[idx]])
+        arr = self._cache[idx] if self._cache is not None else self._read_rows(self.rows[idx])
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,23 @@ epochs (a head after one epoch would relabel the data with an untrained model; a
 fitted to *all* base labels memorises them and ICSR then changes nothing, as measured), and
 from then on the head relabels and re-ranks. The weight schedule is stretched so that a run of
 ``epochs`` ends where the paper's 240 epochs end (``schedule_epochs``). An epoch is one pass
-over the data but at least ``min_steps`` SGD steps. The end-to-end mode (training the backbone
-on augmented images, GPU) is not implemented.
+over the data but at least ``min_steps`` SGD steps. Features are standardised with a floored
+std (:func:`robust_std`).
+
+End-to-end mode (``mode=end_to_end``, for a GPU; :func:`train_icsr_end_to_end`): after the head
+stage, a trainable copy of the backbone followed by that head (so the network starts from the
+head's clusters, as the paper's network starts from its base model) trains on weak / strong
+augmented *images* (:mod:`imgclust.data.augment`: flip + shift, RandAugment + Cutout) for
+``e2e_epochs`` with the same Eqs. (7)-(11), relabelling from its own predictions of weak views
+and re-ranking every ``rank_every`` epochs (on the frozen features by default; on its own
+embeddings, the paper's "final layer", with ``rank_on=embedding``); SGD (lr 0.005, momentum 0.9, batch 128:
+the paper's), gradient norm clipped to ``clip_grad``, the whole backbone (``finetune=all``, the
+paper) or its last blocks. The model then classifies images through the tuned backbone
+(``image_level``); its state holds the tuned parameters. Each epoch is checkpointed in the
+cache entry (``icsr-e2e-ckpt-<key>.pt``; the key hashes the images, backbone, options, seed and
+the head stage's result) and an interrupted run resumes from it; the file is kept afterwards,
+so the same command again returns at once (delete it to free the space). On a CPU it runs,
+slowly: use ``finetune=last_blocks`` and a small ``image_size``.
 
 Views (``views``): ``noise`` (default) is a feature-space stand-in for image augmentations —
 the weak view is the feature itself, the strong view the standardised feature with dropout
@@ -50,6 +65,9 @@ ranking keep the per-cluster values. :func:`refine_model` writes them to ``icsr.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,7 +77,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_parameters
+from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
 from imgclust.progress import progress_bar
 from imgclust.refine.ranking import (
@@ -75,7 +96,8 @@ from imgclust.refine.selftrain import LinearClassifier
 from imgclust.views import VIEW_MODES, FeatureViews, make_feature_views
 
 ICSR_VIEWS = ("noise",) + VIEW_MODES
-RANK_ON = ("proba", "features")
+RANK_ON = ("proba", "features", "embedding")
+MODES = ("head", "end_to_end")
 WEIGHTING = ("icsr", "uniform")
 
 
@@ -102,6 +124,7 @@ class ICSRConfig:
     k_step: int = 5  # k^
     metric: str = "euclidean"  # euclidean | cosine | kl
     rank_on: str = "features"  # features (frozen, see rank_normalize) | proba (the model's output, as the paper)
+    # | embedding (end_to_end: the tuned backbone's features of weak views; head mode: = features)
     rank_normalize: bool = True  # rank_on=features: L2-normalise the features first
     rank_every: int = 1  # epochs between two rankings (and pseudo-label refreshes)
     weighting: str = "icsr"  # icsr (Eq. 11) | uniform (every sample weight 1: plain self-training, an ablation)
@@ -113,6 +136,16 @@ class ICSRConfig:
     noise_std: float = 0.5  # views=noise: Gaussian noise, in units of each feature's std
     feature_dropout: float = 0.2  # views=noise: share of (standardised) features zeroed
     block_rows: int = 1024  # rows per block of the within-cluster distance matrix
+    # end-to-end mode: after the head stage, fine-tune a copy of the backbone + the head on images
+    mode: str = "head"  # head (linear head on frozen features, CPU) | end_to_end (then backbone + head, GPU)
+    finetune: str = "all"  # end_to_end: all (the paper: the whole network) | last_blocks
+    finetune_blocks: int = 2  # finetune=last_blocks: trailing blocks / stages that train
+    e2e_epochs: int = 30  # end_to_end: epochs of the image stage (paper: 240 on a GPU)
+    e2e_lr: float = 0.005  # end_to_end: SGD lr of backbone and head (paper: 0.005, momentum 0.9)
+    e2e_batch_size: int = 128  # end_to_end: images per step (paper: 128)
+    clip_grad: float = 1.0  # end_to_end: gradient-norm clip (0 = off; without it the network collapsed on digits)
+    image_size: int | None = None  # end_to_end: image side (default: the backbone's, as the features)
+    checkpoint: bool = True  # end_to_end: save after every epoch in the cache entry; a re-run resumes
 
     def __post_init__(self) -> None:
         for name in ("epochs", "schedule_epochs", "percent_every", "k_step", "rank_every", "batch_size", "n_views", "block_rows"):
@@ -138,6 +171,18 @@ class ICSRConfig:
             raise InputError("icsr beta0 and lr must be > 0, weight_decay and percent_growth >= 0")
         if self.noise_std < 0 or not 0 <= self.feature_dropout < 1:
             raise InputError("icsr noise_std must be >= 0 and feature_dropout in [0, 1)")
+        if self.mode not in MODES:
+            raise InputError(f"icsr mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.finetune not in FINETUNE_SCOPES:
+            raise InputError(f"icsr finetune must be one of {', '.join(FINETUNE_SCOPES)}; got {self.finetune!r}")
+        for name in ("finetune_blocks", "e2e_epochs", "e2e_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"icsr {name} must be a positive integer; got {v!r}")
+        if not self.e2e_lr > 0:
+            raise InputError(f"icsr e2e_lr must be > 0; got {self.e2e_lr}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            raise InputError(f"icsr image_size must be an integer >= 8 (or unset); got {self.image_size!r}")
         if not isinstance(self.base, str) or not isinstance(self.base_options, dict):
             raise InputError("icsr base must be a method name and base_options a table of its options")
 
@@ -187,25 +232,233 @@ class ICSRResult:
     ranking: Ranking  # the last ranking
     pseudo_labels: np.ndarray  # the last pseudo-labels
     history: dict[str, Any] = field(default_factory=dict)
+    backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)  # end_to_end: the tuned parameters
+    fit_proba: np.ndarray | None = None  # end_to_end: the network's probabilities of the fit images
 
 
-def schedule_t(cfg: ICSRConfig, t: int) -> int:
+def schedule_t(cfg: ICSRConfig, t: int, epochs: int | None = None) -> int:
     """The paper's epoch index for our epoch t: t' = floor(t * schedule_epochs / epochs).
 
     The run then ends where the paper's schedule ends (beta = (1 + 240) * 0.02 = 4.8 in Eq. 11)
     whatever the number of epochs; schedule_epochs = epochs gives Eq. (11) literally.
     """
-    return (t * cfg.schedule_epochs) // cfg.epochs
+    return (t * cfg.schedule_epochs) // (epochs or cfg.epochs)
 
 
-def percents_at(cfg: ICSRConfig, t: int) -> list[float]:
+def percents_at(cfg: ICSRConfig, t: int, epochs: int | None = None) -> list[float]:
     """p_j(t) = min(100, p_j + growth * floor(t' / percent_every)), t' = :func:`schedule_t`."""
-    grow = cfg.percent_growth * (schedule_t(cfg, t) // cfg.percent_every)
+    grow = cfg.percent_growth * (schedule_t(cfg, t, epochs) // cfg.percent_every)
     return [min(100.0, float(p) + grow) for p in cfg.percents]
 
 
-def _batched_proba(clf_w: torch.Tensor, clf_b: torch.Tensor, xs: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    return torch.cat([torch.softmax(xs[s:s + chunk] @ clf_w + clf_b, 1) for s in range(0, len(xs), chunk)])
+def robust_std(x: torch.Tensor) -> torch.Tensor:
+    """Per-feature std with a floor of 10 % of the median non-zero std, for standardising.
+
+    Features that (almost) never vary on the fit images, e.g. ReLU units that never fire at a
+    small image size (1045 of EfficientNet-Lite0's 1280 on digits at 32 px), would otherwise be
+    divided by ~0: once an augmented view or a training backbone moves them, the classifier's
+    input explodes (seen: loss 1e12 after one end-to-end epoch; strong views 30x the norm of
+    the fit features). With the floor they stay small, and the others are untouched.
+    """
+    std = x.std(0) if len(x) > 1 else torch.ones(x.shape[1])
+    live = std[std > 1e-6]
+    floor = 0.1 * float(live.median()) if len(live) else 1.0
+    return std.clamp(min=max(floor, 1e-6))
+
+
+class LinearHead(nn.Module):
+    """softmax(((x - mean) / std) @ weight + bias) as a trainable module (the ICSR classifier).
+
+    ``weight`` starts uniform in +-1/sqrt(D) from ``generator``, ``bias`` at 0; ``mean`` / ``std``
+    (buffers) standardise the inputs with the statistics of the frozen features.
+    """
+
+    def __init__(self, d: int, k: int, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(d)
+        self.weight = nn.Parameter((torch.rand(d, k, generator=generator) * 2 - 1) * bound)
+        self.bias = nn.Parameter(torch.zeros(k))
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the ranking space of head mode is the frozen features themselves
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self(z)
+
+    def to_classifier(self) -> LinearClassifier:
+        return LinearClassifier(*(t.detach().cpu().clone() for t in (self.weight, self.bias, self.mean, self.std)))
+
+    @classmethod
+    def from_classifier(cls, clf: LinearClassifier) -> LinearHead:
+        head = cls(clf.weight.shape[0], clf.weight.shape[1], clf.mean, clf.std, torch.Generator())
+        with torch.no_grad():
+            head.weight.copy_(clf.weight)
+            head.bias.copy_(clf.bias)
+        return head
+
+
+class ImageClassifier(nn.Module):
+    """A trainable copy of the backbone followed by the ICSR head: images -> logits (end-to-end mode)."""
+
+    def __init__(self, backbone: nn.Module, head: LinearHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x).float()
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+@dataclass
+class _Loop:
+    """What one weighted self-training run needs (:func:`_weighted_selftrain`)."""
+
+    net: nn.Module  # forward(view) -> logits; embed(view) -> ranking features
+    opt: torch.optim.Optimizer
+    views: Any  # sample(kind, rows, generator) -> model input
+    epochs: int
+    first_refresh: int  # epochs on the initial pseudo-labels / ranking before the model relabels
+    batch_size: int
+    lrs: list[float]  # base learning rate of each optimiser group
+    rank_frozen: torch.Tensor | None  # fixed ranking space (head mode) or None (the model's embeddings)
+    device: torch.device = torch.device("cpu")
+    desc: str = "icsr"
+    chunk: int = 8192  # rows per forward pass when relabelling
+    train_mode: Any = None  # callable(net) putting the net in its training mode (default net.train())
+    clip_grad: float = 0.0  # > 0: clip the gradient norm to this (end-to-end)
+
+
+def _weighted_selftrain(loop: _Loop, cfg: ICSRConfig, p0: np.ndarray, rank0: torch.Tensor, gen: torch.Generator, *,
+                        truth: np.ndarray | None, progress: bool, ckpt: _Checkpoint | None = None,
+                        ) -> tuple[Ranking, np.ndarray, dict[str, Any]]:
+    """Eqs. (7)-(11): rank, weight, train on strong views; relabel and re-rank every ``rank_every`` epochs.
+
+    ``p0`` (N, K): the starting predictions (pseudo-labels and the ranking of epoch 0, on
+    ``rank0``). From ``first_refresh`` on, the model's predictions on weak views replace them
+    (and, without ``rank_frozen``, its embeddings of those views become the ranking space).
+    """
+    n, n_clusters = p0.shape
+    net, opt, views = loop.net, loop.opt, loop.views
+    bs = min(loop.batch_size, n)
+    steps = max(math.ceil(n / bs), cfg.min_steps)
+    m = len(cfg.percents)
+    described = views.describe() if hasattr(views, "describe") else {"mode": getattr(views, "mode", "?")}
+    hist: dict[str, Any] = {"loss": [], "weights": [], "rankings": [], "views": described, "steps_per_epoch": steps,
+                            "epoch_s": []}
+    have_truth = truth is not None and (np.asarray(truth) >= 0).any()
+    pseudo = p0.argmax(1).astype(np.int64)
+    ranking: Ranking | None = None
+    sample_group = torch.zeros(n, dtype=torch.int64)
+    start = 0
+    if ckpt is not None and (state := ckpt.load(net, opt, gen)) is not None:
+        start, pseudo, hist = state["epoch"], state["pseudo"], state["history"]
+        ranking = state["ranking"]
+        sample_group = torch.from_numpy(ranking.group)
+        hist["resumed_at"] = start
+
+    def to_norm(z: torch.Tensor) -> torch.Tensor:
+        return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12) if cfg.rank_normalize else z
+
+    @torch.no_grad()
+    def relabel() -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's probabilities and embeddings of weak views of every sample (eval mode)."""
+        net.eval()
+        probs, embs = [], []
+        for s0 in range(0, n, loop.chunk):
+            rows = torch.arange(s0, min(s0 + loop.chunk, n))
+            v = views.sample("weak", rows, gen).to(loop.device)
+            z = net.embed(v)
+            probs.append(torch.softmax(net.classify(z), 1).float().cpu())
+            if loop.rank_frozen is None:
+                embs.append(z.float().cpu())
+        return torch.cat(probs), (torch.cat(embs) if embs else torch.empty(0))
+
+    def one_epoch(targets: torch.Tensor, w_sample: torch.Tensor, scale: float) -> float:
+        for g, lr in zip(opt.param_groups, loop.lrs):
+            g["lr"] = lr * scale
+        (loop.train_mode or (lambda mod: mod.train()))(net)
+        perm = torch.randperm(n, generator=gen)
+        tot = 0.0
+        for it in range(steps):
+            first = (it * bs) % n
+            if first + bs > n and it > 0:  # more steps than one pass (small data): a fresh permutation
+                perm = torch.randperm(n, generator=gen)
+                first = 0
+            rows = perm[first:first + bs]
+            logits = net(views.sample("strong", rows, gen).to(loop.device))
+            ce = F.cross_entropy(logits.float(), targets[rows].to(loop.device), reduction="none")
+            loss = (ce * w_sample[rows].to(loop.device)).mean()  # Eq. (9): low weights count less, not renormalised
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if loop.clip_grad:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], loop.clip_grad)
+            opt.step()
+            tot += float(loss.detach())
+        return tot / steps
+
+    bar = progress_bar(loop.epochs, loop.desc, unit="epoch", enable=progress, initial=start)
+    for t in range(start, loop.epochs):
+        t_epoch = time.perf_counter()
+        # Rank at t = 0 with the starting outputs; from ``first_refresh`` on, every ``rank_every``
+        # epochs with the model's own predictions on weak views.
+        refresh = t >= loop.first_refresh and (t - loop.first_refresh) % cfg.rank_every == 0
+        if t == 0 or refresh:
+            if refresh and t > 0:
+                proba, emb = relabel()
+            else:
+                proba, emb = torch.from_numpy(p0), torch.empty(0)
+            new = proba.argmax(1).numpy()
+            changed = int((new != pseudo).sum())
+            pseudo = new
+            if cfg.rank_on == "proba":
+                space = proba
+            elif loop.rank_frozen is not None:
+                space = loop.rank_frozen
+            else:
+                space = to_norm(emb) if len(emb) else rank0
+            pct = percents_at(cfg, t, loop.epochs)
+            ranking = rank_samples(space, pseudo, n_clusters, percents=pct, k_start=cfg.k_start, k_stop=cfg.k_stop,
+                                   k_step=cfg.k_step, metric=cfg.metric, block_rows=cfg.block_rows)
+            sample_group = torch.from_numpy(ranking.group)
+            rec: dict[str, Any] = {"epoch": t, "percents": pct, "changed": changed,
+                                   "group_sizes": np.bincount(ranking.group, minlength=m + 1).tolist(),
+                                   "cluster_sizes": np.bincount(pseudo, minlength=n_clusters).tolist()}
+            if have_truth:
+                sr = success_rate(ranking, pseudo, np.asarray(truth), n_clusters)
+                rec["mean_rsr"], rec["mean_purity"] = sr["mean_rsr"], sr["mean_purity"]
+                if t == 0:
+                    hist["rsr_first"] = sr
+                rec["acc_pseudo"] = _acc(np.asarray(truth), pseudo)
+            hist["rankings"].append(rec)
+        ts = schedule_t(cfg, t, loop.epochs)
+        w_group = group_weights(m, ts, cfg.beta0) if cfg.weighting == "icsr" else np.append(np.ones(m), 0.0)
+        w_sample = torch.from_numpy(w_group.astype(np.float32))[sample_group]
+        scale = 0.1 if t >= int(0.75 * loop.epochs) else 1.0
+        hist["loss"].append(round(one_epoch(torch.from_numpy(pseudo), w_sample, scale), 5))
+        hist["weights"].append([round(float(v), 5) for v in w_group[:m]])
+        hist["epoch_s"].append(round(time.perf_counter() - t_epoch, 3))
+        if not math.isfinite(hist["loss"][-1]):
+            raise InputError(f"ICSR training diverged at lr={loop.lrs[0]}; give a smaller lr")
+        if ckpt is not None and ranking is not None:
+            ckpt.save(net, opt, gen, epoch=t + 1, pseudo=pseudo, ranking=ranking, history=hist)
+        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
+        bar.update(1)
+    bar.close()
+    if ranking is None:  # epochs >= 1 always ranks at t = 0
+        raise AssertionError("no ranking")
+    if have_truth:
+        hist["rsr_last"] = success_rate(ranking, pseudo, np.asarray(truth), n_clusters)
+    return ranking, pseudo, hist
 
 
 def train_icsr(
@@ -219,7 +472,8 @@ def train_icsr(
     seed: int = 0,
     progress: bool = False,
 ) -> ICSRResult:
-    """ICSR on ``features`` (N, D) starting from the base model's ``base_proba`` (N, K); see the module doc.
+    """ICSR on ``features`` (N, D) starting from the base model's ``base_proba`` (N, K): a linear
+    head on the frozen features (head mode; see the module doc).
 
     ``truth`` (true labels, -1 = unknown) feeds the R_sr diagnostics only.
     """
@@ -237,91 +491,171 @@ def train_icsr(
         views = make_views(x, cfg, None)
     gen = torch.Generator().manual_seed(int(seed))
     x_rank = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12) if cfg.rank_normalize else x
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    bound = 1.0 / math.sqrt(d)
-    weight = ((torch.rand(d, n_clusters, generator=gen) * 2 - 1) * bound).requires_grad_(True)
-    bias = torch.zeros(n_clusters, requires_grad=True)
-    opt = torch.optim.SGD([{"params": [weight], "weight_decay": cfg.weight_decay},
-                           {"params": [bias], "weight_decay": 0.0}], lr=cfg.lr, momentum=0.9, nesterov=True)
-    bs = min(cfg.batch_size, n)
-    steps = max(math.ceil(n / bs), cfg.min_steps)
-    m = len(cfg.percents)
-
-    def one_epoch(targets: torch.Tensor, w_sample: torch.Tensor, lr: float) -> float:
-        for g in opt.param_groups:
-            g["lr"] = lr
-        perm = torch.randperm(n, generator=gen)
-        tot = 0.0
-        for it in range(steps):
-            start = (it * bs) % n
-            if start + bs > n and it > 0:  # more steps than one pass (small data): a fresh permutation
-                perm = torch.randperm(n, generator=gen)
-                start = 0
-            rows = perm[start:start + bs]
-            xb = (views.sample("strong", rows, gen).float() - mean) / std
-            ce = F.cross_entropy(xb @ weight + bias, targets[rows], reduction="none")
-            loss = (ce * w_sample[rows]).mean()  # Eq. (9): low-weight groups contribute less, not renormalised
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach())
-        return tot / steps
-
-    @torch.no_grad()
-    def weak_proba() -> torch.Tensor:
-        out = []
-        for s in range(0, n, 8192):
-            rows = torch.arange(s, min(s + 8192, n))
-            out.append(_batched_proba(weight, bias, (views.sample("weak", rows, gen).float() - mean) / std))
-        return torch.cat(out)
-
-    hist: dict[str, Any] = {"loss": [], "weights": [], "rankings": [], "views": views.describe(), "steps_per_epoch": steps}
-    bar = progress_bar(cfg.epochs, "icsr", unit="epoch", enable=progress)
-    have_truth = truth is not None and (np.asarray(truth) >= 0).any()
-    pseudo = p0.argmax(1).astype(np.int64)
-    ranking: Ranking | None = None
-    sample_group = torch.zeros(n, dtype=torch.int64)
-    for t in range(cfg.epochs):
-        # Rank at t = 0 with the base model's outputs; from ``first_refresh`` on, every
-        # ``rank_every`` epochs with the head's own predictions on weak views.
-        refresh = t >= cfg.first_refresh and (t - cfg.first_refresh) % cfg.rank_every == 0
-        if t == 0 or refresh:
-            proba = weak_proba() if refresh and t > 0 else torch.from_numpy(p0)
-            new = proba.argmax(1).numpy()
-            changed = int((new != pseudo).sum())
-            pseudo = new
-            space = proba if cfg.rank_on == "proba" else x_rank
-            pct = percents_at(cfg, t)
-            ranking = rank_samples(space, pseudo, n_clusters, percents=pct, k_start=cfg.k_start, k_stop=cfg.k_stop,
-                                   k_step=cfg.k_step, metric=cfg.metric, block_rows=cfg.block_rows)
-            sample_group = torch.from_numpy(ranking.group)
-            rec: dict[str, Any] = {"epoch": t, "percents": pct, "changed": changed,
-                                   "group_sizes": np.bincount(ranking.group, minlength=m + 1).tolist(),
-                                   "cluster_sizes": np.bincount(pseudo, minlength=n_clusters).tolist()}
-            if have_truth:
-                sr = success_rate(ranking, pseudo, np.asarray(truth), n_clusters)
-                rec["mean_rsr"], rec["mean_purity"] = sr["mean_rsr"], sr["mean_purity"]
-                if t == 0:
-                    hist["rsr_first"] = sr
-                rec["acc_pseudo"] = _acc(np.asarray(truth), pseudo)
-            hist["rankings"].append(rec)
-        w_group = group_weights(m, schedule_t(cfg, t), cfg.beta0) if cfg.weighting == "icsr" else np.append(np.ones(m), 0.0)
-        w_sample = torch.from_numpy(w_group.astype(np.float32))[sample_group]
-        lr = cfg.lr * (0.1 if t >= int(0.75 * cfg.epochs) else 1.0)
-        hist["loss"].append(round(one_epoch(torch.from_numpy(pseudo), w_sample, lr), 5))
-        hist["weights"].append([round(float(v), 5) for v in w_group[:m]])
-        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
-        bar.update(1)
-    bar.close()
-    if not torch.isfinite(weight).all() or not all(math.isfinite(v) for v in hist["loss"]):
+    head = LinearHead(d, n_clusters, x.mean(0), robust_std(x), gen)
+    opt = torch.optim.SGD([{"params": [head.weight], "weight_decay": cfg.weight_decay},
+                           {"params": [head.bias], "weight_decay": 0.0}], lr=cfg.lr, momentum=0.9, nesterov=True)
+    loop = _Loop(net=head, opt=opt, views=views, epochs=cfg.epochs, first_refresh=cfg.first_refresh,
+                 batch_size=cfg.batch_size, lrs=[cfg.lr, cfg.lr], rank_frozen=x_rank, desc="icsr")
+    ranking, pseudo, hist = _weighted_selftrain(loop, cfg, p0, x_rank, gen, truth=truth, progress=progress)
+    if not all(torch.isfinite(t).all() for t in (head.weight, head.bias)):
         raise InputError(f"ICSR training diverged at lr={cfg.lr}; give a smaller lr")
-    if ranking is None:  # epochs >= 1 always ranks at t = 0
-        raise AssertionError("no ranking")
-    if have_truth:
-        hist["rsr_last"] = success_rate(ranking, pseudo, np.asarray(truth), n_clusters)
     hist["seconds"] = round(time.perf_counter() - t_start, 3)
-    clf = LinearClassifier(weight.detach().clone(), bias.detach().clone(), mean, std)
-    return ICSRResult(clf, ranking, pseudo, hist)
+    return ICSRResult(head.to_classifier(), ranking, pseudo, hist)
+
+
+CKPT_FORMAT = 1
+
+
+class _Checkpoint:
+    """The end-to-end stage after every epoch: tuned parameters, head, optimiser, generator, pseudo-labels,
+    ranking and history, written atomically to ``path``; a re-run with the same inputs resumes from it
+    (loaded with ``weights_only=True``; a torn or foreign file is ignored and training starts over)."""
+
+    def __init__(self, path: Path, trainable: list[str]) -> None:
+        self.path, self.trainable = Path(path), list(trainable)
+
+    def save(self, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, *, epoch: int,
+             pseudo: np.ndarray, ranking: Ranking, history: dict[str, Any]) -> None:
+        from imgclust.rundir import atomic_open
+
+        own = dict(net.named_parameters())
+        state = {"format": CKPT_FORMAT, "epoch": int(epoch), "trainable": self.trainable,
+                 "params": {nm: own[nm].detach().cpu().clone() for nm in self.trainable},
+                 "opt": opt.state_dict(), "gen": gen.get_state(), "pseudo": torch.from_numpy(pseudo),
+                 "group": torch.from_numpy(ranking.group), "order": torch.from_numpy(ranking.order),
+                 "n_groups": int(ranking.n_groups), "n_lists": {int(c): int(v) for c, v in ranking.n_lists.items()},
+                 "history": json.dumps(history, default=float)}  # plain text: nothing for the unpickler to trust
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(self.path, "wb") as fh:
+            torch.save(state, fh)
+
+    def load(self, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("format") != CKPT_FORMAT or list(state["trainable"]) != self.trainable:
+                return None
+            own = dict(net.named_parameters())
+            with torch.no_grad():
+                for nm in self.trainable:
+                    own[nm].copy_(state["params"][nm])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            ranking = Ranking(group=state["group"].numpy(), order=state["order"].numpy(),
+                              n_groups=int(state["n_groups"]), n_lists=dict(state["n_lists"]))
+            return {"epoch": int(state["epoch"]), "pseudo": state["pseudo"].numpy(), "ranking": ranking,
+                    "history": json.loads(state["history"])}
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, TypeError):
+            return None
+
+
+def _e2e_key(cfg: ICSRConfig, n_clusters: int, seed: int, source: Any, rows: np.ndarray, backbone: Any,
+             head: LinearClassifier) -> str:
+    from dataclasses import asdict
+
+    # every option counts (e2e_epochs too: the weight and lr schedules depend on it), but not `checkpoint`
+    opts = {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}
+    h = hashlib.sha256(json.dumps({"format": CKPT_FORMAT, "k": int(n_clusters), "seed": int(seed), "opts": opts,
+                                   "source": source.fingerprint(), "backbone": backbone.cache_key()},
+                                  sort_keys=True, default=str).encode())
+    h.update(np.asarray(rows, dtype=np.int64).tobytes())
+    for t in (head.weight, head.bias):  # the head stage's result: the starting network
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def train_icsr_end_to_end(
+    head: LinearClassifier,
+    features: np.ndarray,
+    n_clusters: int,
+    cfg: ICSRConfig,
+    *,
+    source: Any,
+    backbone: Any,
+    rows: np.ndarray,
+    device: torch.device | str = "cpu",
+    work_dir: str | Path | None = None,
+    truth: np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> ICSRResult:
+    """ICSR's image stage: a trainable copy of ``backbone`` followed by ``head`` (the head stage's
+    classifier, trained on ``features`` = the frozen backbone's features of ``source[rows]``)
+    trained on weak / strong augmented images for ``e2e_epochs`` with Eqs. (7)-(11).
+
+    The network starts where the head stage ended (its predictions are the head's on the frozen
+    features), relabels its weak views and re-ranks every ``rank_every`` epochs on its own
+    L2-normalised embeddings (``rank_on=embedding``, the paper's "final layer"), the frozen features
+    (``rank_on=features``, the default, as in the head stage) or its
+    probabilities. The backbone stays in eval mode (BatchNorm statistics and stochastic depth of
+    the pretrained model; the paper trains its network's BatchNorm) and only the layers of
+    ``finetune`` train. With ``work_dir`` the state after every epoch is checkpointed there and a
+    re-run resumes. Returns the tuned head, the tuned backbone parameters (``backbone_state``) and
+    the network's probabilities of the images (``fit_proba``).
+    """
+    import dataclasses
+    import warnings
+
+    from imgclust.features import resolve_device
+    from imgclust.refine.fixmatch import ImageViews, predict_images
+
+    t_start = time.perf_counter()
+    dev = resolve_device(device) if isinstance(device, str) else device
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    n = len(x)
+    rows = np.asarray(rows, dtype=np.int64)
+    if source is None or backbone is None or len(rows) != n:
+        raise InputError("icsr mode=end_to_end needs the images: refine or fit on an image source, not on "
+                         "precomputed features")
+    if int(getattr(backbone, "dim", -1)) != x.shape[1]:
+        raise InputError(f"icsr mode=end_to_end needs the backbone's own {getattr(backbone, 'dim', '?')}-d "
+                         f"features (no pca); got {x.shape[1]}-d")
+    pre = backbone.preprocess if not cfg.image_size else dataclasses.replace(backbone.preprocess, size=cfg.image_size)
+    bb = copy.deepcopy(backbone).to(dev).eval()
+    bb.requires_grad_(False)
+    tuned = trainable_parameters(bb, cfg.finetune, cfg.finetune_blocks)
+    for _, prm in tuned:
+        prm.requires_grad_(True)
+    if dev.type != "cuda":
+        warnings.warn("icsr mode=end_to_end on a CPU trains the backbone: expect it to be slow (a GPU is the "
+                      "intended device; finetune=last_blocks and a small image_size help)", stacklevel=2)
+    start = LinearHead.from_classifier(head)
+    net = ImageClassifier(bb, start).to(dev)
+    opt = torch.optim.SGD([{"params": [prm for _, prm in tuned], "weight_decay": cfg.weight_decay},
+                           {"params": [net.head.weight], "weight_decay": cfg.weight_decay},
+                           {"params": [net.head.bias], "weight_decay": 0.0}],
+                          lr=cfg.e2e_lr, momentum=0.9, nesterov=True)
+    views = ImageViews(source, rows, pre, DEFAULT_SPEC, dev)
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    p0 = head.predict_proba(x).astype(np.float32)
+    xt = torch.from_numpy(x)
+    rank0 = xt / xt.norm(dim=1, keepdim=True).clamp(min=1e-12) if cfg.rank_normalize else xt
+
+    def train_mode(mod: nn.Module) -> None:
+        mod.train()
+        mod.backbone.eval()
+
+    loop = _Loop(net=net, opt=opt, views=views, epochs=cfg.e2e_epochs, first_refresh=0, batch_size=cfg.e2e_batch_size,
+                 lrs=[cfg.e2e_lr] * 3, rank_frozen=None if cfg.rank_on == "embedding" else rank0, device=dev, desc=f"icsr end-to-end ({cfg.finetune})",
+                 chunk=max(64, 2 * cfg.e2e_batch_size), train_mode=train_mode, clip_grad=cfg.clip_grad)
+    names = ["backbone." + nm for nm, _ in tuned] + ["head.weight", "head.bias"]
+    ckpt = None
+    if cfg.checkpoint and work_dir is not None:
+        key = _e2e_key(cfg, n_clusters, seed, source, rows, backbone, head)
+        ckpt = _Checkpoint(Path(work_dir) / f"icsr-e2e-ckpt-{key}.pt", names)
+    ranking, pseudo, hist = _weighted_selftrain(loop, cfg, p0, rank0, gen, truth=truth, progress=progress, ckpt=ckpt)
+    probs = predict_images(net, views, n, batch=loop.chunk)
+    if not np.isfinite(probs).all():
+        raise InputError(f"ICSR end-to-end training diverged at e2e_lr={cfg.e2e_lr}; give a smaller e2e_lr")
+    steps = hist["steps_per_epoch"]
+    hist.update(finetune=cfg.finetune, finetune_params=int(sum(prm.numel() for _, prm in tuned)),
+                image_size=int(pre.size), device=str(dev), checkpoint=None if ckpt is None else str(ckpt.path),
+                train_images_per_s=[round(steps * min(cfg.e2e_batch_size, n) / max(s, 1e-9), 2)
+                                    for s in hist["epoch_s"]],
+                seconds=round(time.perf_counter() - t_start, 3))
+    state = {nm: prm.detach().cpu().clone() for nm, prm in tuned}
+    return ICSRResult(net.head.cpu().to_classifier(), ranking, pseudo, hist, backbone_state=state, fit_proba=probs)
 
 
 def _acc(truth: np.ndarray, labels: np.ndarray) -> float:
@@ -348,8 +682,6 @@ def refine_estimator(est: Any, X: Any, options: dict | None = None, *, truth: np
     from imgclust.methods.icsr import ICSR
 
     est._check_fitted()
-    if getattr(est.model_, "image_level", False):
-        raise InputError("this model fine-tuned its backbone; ICSR refines models on frozen features only")
     if est.method == ICSR.name:
         base_opts = dict(est.model_.config.base_options)
         base_name = est.model_.config.base
@@ -365,7 +697,12 @@ def refine_estimator(est: Any, X: Any, options: dict | None = None, *, truth: np
     if not valid.any():
         raise InputError("no readable image to refine on")
     x = new._reduce(feats[valid], fit=False)
-    base_proba = est.model_.predict_proba(x)
+    if getattr(est.model_, "image_level", False):  # a fine-tuned / from-scratch network: its view of the images
+        if source is None:
+            raise InputError(f"this {est.method} model classifies images: refine it on images, not on features")
+        base_proba = np.asarray(est.predict_proba(source), dtype=np.float32)[valid]
+    else:
+        base_proba = est.model_.predict_proba(x)
     if truth is None and source is not None and source.labels is not None:
         truth = np.asarray(source.labels)
     extras = new._fit_extras(source, valid) if source is not None else {"source": None, "backbone": None,
@@ -376,7 +713,7 @@ def refine_estimator(est: Any, X: Any, options: dict | None = None, *, truth: np
                      work_dir=None if fs is None or fs.path is None else fs.path, extras=extras)
     t0 = time.perf_counter()
     model.fit(x, ctx)
-    proba = model.predict_proba(x)
+    proba = model.fit_proba_ if model.image_level else model.predict_proba(x)
     new.method, new.method_options, new.seed = ICSR.name, model.config.to_dict(), seed
     new.model_ = model
     new.labels_ = np.full(len(feats), -1, dtype=np.int64)
@@ -405,7 +742,7 @@ def _resolve_model_dir(model_dir: str | Path) -> tuple[Path, Path | None]:
 
 def refine_model(model_dir: str | Path, source: Any = None, out_dir: str | Path = "runs/refined", *,
                  options: dict | None = None, split: str | None = None, cache_dir: str | None = None,
-                 seed: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 seed: int | None = None, device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Refine a saved model with ICSR and write a new run directory; returns its summary (run.json).
 
     ``model_dir``: a run directory or its ``model/``. ``source``: the images to refine on
@@ -429,7 +766,10 @@ def refine_model(model_dir: str | Path, source: Any = None, out_dir: str | Path 
         raise InputError(f"output path {out} exists and is not a directory")
     if out.resolve() in (mdir.resolve(), *(() if run_dir is None else (run_dir.resolve(),))):
         raise InputError("the refined run needs its own output directory (not the base run's)")
-    est = ImageClusterer.load(mdir, progress=progress, **({"cache_dir": cache_dir} if cache_dir else {}))
+    over: dict[str, Any] = {"cache_dir": cache_dir} if cache_dir else {}
+    if device:
+        over["device"] = device
+    est = ImageClusterer.load(mdir, progress=progress, **over)
     base_run = read_json(run_dir / "run.json") if run_dir is not None else None
     if source is None:
         s = ((base_run or {}).get("config") or {}).get("source")
