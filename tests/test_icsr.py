@@ -135,6 +135,8 @@ def test_config_validation() -> None:
         ICSRConfig(finetune="head")
     with pytest.raises(InputError, match="e2e_epochs"):
         ICSRConfig(e2e_epochs=0)
+    with pytest.raises(InputError, match="clip_grad"):
+        ICSRConfig(clip_grad=-1.0)
 
 
 def test_noise_views_weak_is_identity_strong_is_perturbed() -> None:

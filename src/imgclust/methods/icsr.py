@@ -32,7 +32,7 @@ class ICSRMethodConfig(ICSRConfig, MethodConfig):
 
 @register_method
 class ICSR(ClusteringMethod):
-    """ICSR: rank samples inside clusters, then weighted self-training of a linear head (refines a base method)."""
+    """ICSR: rank samples inside clusters, then weighted self-training of a linear head, optionally end to end (refines a base method)."""
 
     name = "icsr"
     Config = ICSRMethodConfig

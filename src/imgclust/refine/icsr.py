@@ -179,8 +179,8 @@ class ICSRConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"icsr {name} must be a positive integer; got {v!r}")
-        if not self.e2e_lr > 0:
-            raise InputError(f"icsr e2e_lr must be > 0; got {self.e2e_lr}")
+        if not self.e2e_lr > 0 or not self.clip_grad >= 0:
+            raise InputError(f"icsr needs e2e_lr > 0 and clip_grad >= 0; got {self.e2e_lr}, {self.clip_grad}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
             raise InputError(f"icsr image_size must be an integer >= 8 (or unset); got {self.image_size!r}")
         if not isinstance(self.base, str) or not isinstance(self.base_options, dict):
