@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +30,12 @@ def shared_dir() -> Path:
         if c.is_dir():
             return c.resolve()
     pytest.skip(f"IMGCLUST_SHARED={value} is not a folder")
+
+
+@pytest.fixture(scope="session")
+def digits_xy():
+    """scikit-learn's 1,797 8x8 digits as (float32 features, labels)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return x.astype(np.float32), y

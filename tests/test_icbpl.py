@@ -38,14 +38,6 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits_xy():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-@pytest.fixture(scope="module")
 def fitted(digits_xy):
     x, _ = digits_xy
     return get_method("icbpl")(10, FAST).fit(x, FitContext(seed=0, progress=False))

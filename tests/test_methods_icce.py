@@ -20,14 +20,6 @@ FAST = {"heads": 10, "epochs": 25, "batch_size": 128, "k": 10, "warmup_epochs": 
 
 
 @pytest.fixture(scope="module")
-def digits_xy():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-@pytest.fixture(scope="module")
 def fitted(digits_xy):
     x, _ = digits_xy
     return get_method("icce")(10, FAST).fit(x, FitContext(seed=0, progress=False))

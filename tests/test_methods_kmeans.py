@@ -7,14 +7,6 @@ from imgclust.methods import FitContext, available_methods, get_method
 from imgclust.metrics import cluster_acc
 
 
-@pytest.fixture(scope="module")
-def digits_xy():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
 def test_registry_lists_kmeans_and_rejects_unknown_names():
     assert "kmeans" in available_methods()
     with pytest.raises(InputError, match="unknown method 'nope'; available: .*kmeans"):

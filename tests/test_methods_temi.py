@@ -22,14 +22,6 @@ FAST = {"heads": 8, "epochs": 30, "batch_size": 128, "k": 10, "warmup_epochs": 1
 
 
 @pytest.fixture(scope="module")
-def digits_xy():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-@pytest.fixture(scope="module")
 def fitted(digits_xy):
     x, _ = digits_xy
     return {name: get_method(name)(10, FAST).fit(x, FitContext(seed=0, progress=False))

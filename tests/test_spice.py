@@ -177,13 +177,6 @@ def test_fixmatch_masks_low_confidence_pseudo_labels():
 FAST = {"epochs": 8, "heads": 4, "hidden": 64, "views": "none", "pool_size": 600}
 
 
-@pytest.fixture(scope="module")
-def digits_xy():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
 
 def test_spice_self_on_digits_beats_chance_by_far_and_selects_by_loss(digits_xy):
     x, y = digits_xy

@@ -301,6 +301,18 @@ class ICBPL(ClusteringMethod):
                              mean_epoch_s=round(float(np.mean(self.history_["epoch_s"])), 4))
         return self
 
+    def _step(self, z: torch.Tensor, b: int, centroids: torch.Tensor, weights: tuple[float, float, float, float],
+              opt: torch.optim.Optimizer, sums: dict[str, float]) -> None:
+        """One optimiser step on latents ``z`` = [b images; b augmented views; b x m neighbours]; adds the
+        loss terms to ``sums``."""
+        out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
+                         self.config.kernel_mul, self.config.kernel_num)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        for key in ("loss", "mmd", "aug", "knn", "pedcc"):
+            sums[key] += float(getattr(out, key).detach())
+
     def _weights(self) -> tuple[float, float, float, float]:
         c = self.config
         return (float(c.mmd_weight), float(c.aug_weight), float(c.knn_weight), float(c.pedcc_weight))
@@ -357,14 +369,7 @@ class ICBPL(ClusteringMethod):
                     xa = head.standardize(xa)
                 xn = x[self._draw_neighbors(nbrs, rows, gen).reshape(-1).to(device)]
                 z = head(torch.cat([xb, xa, xn]), standardized=True)
-                b = len(rows)
-                out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
-                                 cfg.kernel_mul, cfg.kernel_num)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                opt.step()
-                for key in ("loss", "mmd", "aug", "knn", "pedcc"):
-                    sums[key] += float(getattr(out, key).detach())
+                self._step(z, len(rows), centroids, weights, opt, sums)
             self._record(sums, steps, t_epoch)
             bar.set_postfix(loss=f"{self.history_['loss'][-1]:.4f}")
             bar.update(1)
@@ -485,14 +490,7 @@ class ICBPL(ClusteringMethod):
                     b = len(r)
                     xa = seeded_augment(aug, img[:b], int(ctx.seed) * 1_000_003 + epoch * 100_003 + it)
                     inp = images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device)
-                    z = head(bb(inp))
-                    out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
-                                     cfg.kernel_mul, cfg.kernel_num)
-                    opt.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    opt.step()
-                    for key in ("loss", "mmd", "aug", "knn", "pedcc"):
-                        sums[key] += float(getattr(out, key).detach())
+                    self._step(head(bb(inp)), b, centroids, weights, opt, sums)
                 self._record(sums, steps, t_epoch)
                 img_s.append(3 * steps * bs / max(self.history_["epoch_s"][-1], 1e-9))
                 bar.set_postfix(loss=f"{self.history_['loss'][-1]:.4f}")
