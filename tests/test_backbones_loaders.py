@@ -407,7 +407,7 @@ def test_download_path_uses_official_url(monkeypatch, resnet50):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsError, match="dinov2_vits14_pretrain.pth.*weights=PATH"):
+    with pytest.raises(WeightsError, match="dinov2_vits14_pretrain.pth.*--weights PATH"):
         build_backbone("dinov2_vits14")
 
 

@@ -18,6 +18,7 @@ import json
 import platform
 import resource
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         seed: int = 0,
         progress: bool = True,
         chunk_rows: int = 1024,
+        threads: int | str | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.method = method
@@ -91,6 +93,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.seed = seed
         self.progress = progress
         self.chunk_rows = chunk_rows
+        self.threads = threads  # None/"auto": imgclust.threads picks a safe count (CPUs, quota, load)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -114,6 +117,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             seed=cfg.seed,
             progress=progress,
             chunk_rows=f.chunk_rows,
+            threads=cfg.threads,
         )
 
     def _backbone(self) -> Backbone:
@@ -180,6 +184,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         if int(self.n_clusters) < 2:
             raise InputError(f"K must be at least 2, got {self.n_clusters}")
         t0 = time.perf_counter()
+        from imgclust.threads import apply_threads
+
+        apply_threads(self.threads)  # one limit for torch, faiss, BLAS, numba (issue 24)
         _seed_everything(self.seed)
         feats, valid, fs, source = self._features(X)
         t1 = time.perf_counter()
@@ -220,6 +227,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """(N, K) probabilities; rows of unreadable images are all zero."""
         self._check_fitted()
+        from imgclust.threads import apply_threads
+
+        apply_threads(getattr(self, "threads", None))
         if getattr(self.model_, "image_level", False):  # fine-tuned backbone: the method reads the images
             if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
                 raise InputError("this model fine-tuned its backbone: predict needs images, not precomputed features")
@@ -445,6 +455,13 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
 
     log = RunLog(out / LOG_NAME)  # JSON lines, one per event: a machine-readable record of this run
     log.event("run_start", out_dir=str(out), config=cfg.to_dict())
+    from imgclust.progress import record_progress
+
+    with record_progress(log):  # every progress bar of the run also writes "progress" events to log.jsonl
+        return _cluster_run(cfg, out, progress, log, t0)
+
+
+def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float) -> dict[str, Any]:
     s = cfg.source
     if s.max_pixels is not None and s.max_pixels < 1:
         raise InputError(f"max pixels must be >= 1, got {s.max_pixels}")
@@ -456,21 +473,40 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
     if cfg.k != "auto" and cfg.k > len(source):
         raise InputError(f"K={cfg.k} is larger than the number of images ({len(source)})")
     t_open = time.perf_counter() - t0
-    cfg_requested, k_choice = cfg, None
+    from imgclust.config import portable
+    from imgclust.data.notices import mixed_splits_note
+
+    notes = [n for n in (mixed_splits_note(source, s.split),) if n]
+    for n in notes:  # said at once (before the long steps), logged, and kept in run.json
+        warnings.warn(n, stacklevel=2)
+        log.event("note", message=n)
+
+    fp = source.fingerprint()
+    if s.fingerprint is not None and s.fingerprint != fp:  # re-run of a recorded config on other images
+        msg = (f"the images at {s.path} changed since the config was written (fingerprint {fp[:12]}, "
+               f"recorded {s.fingerprint[:12]}); results will differ from that run")
+        warnings.warn(msg, stacklevel=2)
+        log.event("warning", message=msg)
+    cfg = portable(cfg, fp)  # absolute paths + fingerprint: config.toml re-runs from any folder (issue 24)
+    cfg_requested, k_choice, t_choose_k = cfg, None, None
     if cfg.k == "auto":  # score cfg.k_range without labels and run with the pick (imgclust.choosek)
         import dataclasses
 
         from imgclust.choosek import choose_k_for_run
 
+        t_ck = time.perf_counter()
         with log.stage("choose_k") as info:
             k_choice = choose_k_for_run(cfg, source, progress)
             info["k"] = k_choice["k"]
+        t_choose_k = time.perf_counter() - t_ck
         cfg = dataclasses.replace(cfg, k=k_choice["k"])
     est = ImageClusterer.from_config(cfg, progress=progress)
     with log.stage("fit") as info:
         est.fit(source)
         info.update(est.timings_)
     log.history("method", est.model_.history_)
+    for fb in (est.model_.history_ or {}).get("fallbacks") or []:
+        log.event("warning", stage=fb.get("stage"), message=f"{fb.get('message')}; kept {fb.get('kept')}")
     t_write = time.perf_counter()
     ids = source.ids()
     paths = [source.path(i) or "" for i in range(len(source))]
@@ -530,6 +566,7 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         },
         "timings_s": {
             "open_source": round(t_open, 3),
+            **({} if t_choose_k is None else {"choose_k": round(t_choose_k, 3)}),
             "features": round(est.timings_["features_s"], 3),
             "method": round(est.timings_["method_s"], 3),
             "write": round(time.perf_counter() - t_write, 3),
@@ -537,8 +574,11 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         },
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "versions": _versions(),
-        "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads()},
+        "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads(), **_thread_limit()},
         "method_history": est.model_.history_,
+        # stages that failed and were replaced by an earlier good result (e.g. SPICE-Semi -> SPICE-Self)
+        "fallbacks": list((est.model_.history_ or {}).get("fallbacks") or []),
+        "notes": notes,
         "out_dir": str(out.resolve()),
     }
     from imgclust.config import save_config
@@ -547,13 +587,20 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
     write_json(out / "run.json", summary)  # last of the run's outputs; report.html is a view written after it
     log.event("stage_end", stage="write", seconds=round(time.perf_counter() - t_write, 3))
     if cfg.report:
-        summary["report"] = _write_report(out, source, est, cfg, log)
+        t_rep = time.perf_counter()
+        summary["report"] = _write_report(out, source, est, cfg, log, t0, progress)
+        # The total covers every step, the report too (issue 24: "in 1011 s" for a 25 min run);
+        # run.json is rewritten (atomically) with it.
+        summary["timings_s"]["report"] = round(time.perf_counter() - t_rep, 3)
+        summary["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+        write_json(out / "run.json", {k: v for k, v in summary.items() if k != "report"})
     log.event("run_end", seconds=round(time.perf_counter() - t0, 3))
     log.close()
     return summary
 
 
-def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunConfig, log: Any) -> dict[str, Any]:
+def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunConfig, log: Any,
+                  t0: float | None = None, progress: bool = True) -> dict[str, Any]:
     """report.html from what is in memory; a failure is logged and reported, never fatal to the run."""
     from imgclust.report import build_report
 
@@ -564,7 +611,8 @@ def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunC
 
             map_method = os.environ.get("IMGCLUST_REPORT_MAP") or cfg.report_map  # e.g. "pca" in test suites
             rep = build_report(out, source=source, features=None if fs is None else fs.features,
-                               rows=np.flatnonzero(est.valid_), map_method=map_method, seed=cfg.seed)
+                               rows=np.flatnonzero(est.valid_), map_method=map_method, seed=cfg.seed, run_t0=t0,
+                               progress=progress)
             info.update(bytes=rep["bytes"], map_method=rep["map_method"])
         return rep
     except Exception as e:  # noqa: BLE001 - the clustering is done and saved; the report is a view of it
@@ -576,6 +624,12 @@ def _n_distinct_rows(x: np.ndarray) -> int:
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     return len({hashlib.sha1(memoryview(r)).digest() for r in x})
+
+
+def _thread_limit() -> dict[str, Any]:
+    from imgclust.threads import current_threads
+
+    return current_threads()
 
 
 def _faiss_threads() -> int | None:

@@ -19,6 +19,14 @@ import typer
 from imgclust.config import parse_options
 from imgclust.errors import ImgclustError, InputError
 
+#: the one description of --map (cluster and report; README says the same): keep it in step with
+#: imgclust.report.embed.resolve_method
+MAP_HELP = ("the report's 2-D map: auto | umap | tsne | pca; auto = PCA below 2,000 points, else UMAP if umap-learn "
+            "is installed, else t-SNE up to 5,000 points, else PCA")
+
+THREADS_HELP = ("threads for torch, faiss, BLAS and numba: a count, or auto (default: the CPUs this process may use, "
+                "minus the current load; $OMP_NUM_THREADS when set)")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -48,6 +56,8 @@ def _print_summary(summary: dict, out: Path) -> None:
             + (f" (only {distinct} distinct images)" if distinct is not None else "")
             + "; see empty_clusters in run.json"
         )
+    for fb in summary.get("fallbacks") or []:
+        typer.echo(f"warning: {fb['message']}; the run kept the {fb['kept']} result (fallbacks in run.json)", err=True)
     if m:
         typer.echo(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (on {m['n_evaluated']} labelled images)")
     ks = summary.get("k_selection")
@@ -94,8 +104,9 @@ def cluster(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     chunk_rows: int = typer.Option(1024, hidden=True, help="feature rows between two cache flushes"),
     report: bool = typer.Option(True, "--report/--no-report", help="write report.html at the end"),
-    report_map: str = typer.Option("auto", "--map", help="the report's 2-D map: auto (UMAP if installed) | umap | tsne | pca"),
+    report_map: str = typer.Option("auto", "--map", help=MAP_HELP),
     save_config: Optional[Path] = typer.Option(None, help="also write the effective config to this TOML file (the run dir always gets config.toml)"),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Cluster SOURCE into K groups and write a run directory (with report.html, log.jsonl and config.toml)."""
     from imgclust.config import RunConfig, load_config
@@ -125,11 +136,15 @@ def cluster(
         ("precision", precision, ft, "precision"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
         ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
         ("k_range", k_range, cfg, "k_range"), ("report", report, cfg, "report"), ("report_map", report_map, cfg, "report_map"),
+        ("threads", _parse_threads(threads), cfg, "threads"),
     ]:
         if given(name):
             setattr(obj, attr, value)
     cfg.backbone.options.update(parse_options(backbone_option, "--backbone-option"))
     cfg.method_options.update(parse_options(option, "--option"))
+    from imgclust.threads import apply_threads
+
+    apply_threads(cfg.threads)  # before any parallel work (also re-applied by fit)
     from imgclust.report.embed import MAP_METHODS
 
     if cfg.report_map not in MAP_METHODS:
@@ -139,13 +154,25 @@ def cluster(
 
         parse_k_range(cfg.k_range)
     if save_config is not None:
+        from imgclust.config import portable
         from imgclust.config import save_config as write_config
 
-        write_config(cfg, save_config)
+        write_config(portable(cfg), save_config)
     from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
 
     summary = run_cluster(cfg, out, progress=not quiet)
     _print_summary(summary, out)
+
+
+def _parse_threads(value: str | None) -> int | str | None:
+    """``--threads``: a count or 'auto' (None: auto too), checked here so a typo fails fast."""
+    if value is None:
+        return None
+    from imgclust.threads import resolve_threads
+
+    v = value.strip().lower()
+    resolve_threads(v)  # raises InputError for anything but a count >= 1 or 'auto'
+    return "auto" if v == "auto" else int(v)
 
 
 def _parse_k(value: str | int) -> int | str:
@@ -161,14 +188,18 @@ def _parse_k(value: str | int) -> int | str:
 def report(
     run_dir: Path = typer.Argument(..., help="a run directory written by `imgclust cluster`"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html)"),
-    map_method: str = typer.Option("auto", "--map", help="2-D map: auto (UMAP if installed, else t-SNE) | umap | tsne | pca"),
+    map_method: str = typer.Option("auto", "--map", help=MAP_HELP),
     per_cluster: int = typer.Option(24, help="thumbnails per cluster (most confident, then the least confident)"),
     max_thumbs: int = typer.Option(2400, help="cap on gallery thumbnails over all clusters"),
     map_points: int = typer.Option(3000, help="cap on points on the map (a stratified sample)"),
     thumb_size: int = typer.Option(64, help="thumbnail size in pixels"),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Write the self-contained HTML report of a run (opens offline; no external resources)."""
     from imgclust.report import build_report
+    from imgclust.threads import apply_threads
+
+    apply_threads(threads)
 
     for name, v in (("per cluster", per_cluster), ("max thumbs", max_thumbs), ("map points", map_points), ("thumb size", thumb_size)):
         if v < 1:
@@ -202,8 +233,12 @@ def choose_k_cmd(
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the scores as JSON here (a run dir gets choose_k.json)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Score a range of K without labels (silhouette, stability, eigengap) and print the curve and the pick."""
+    from imgclust.threads import apply_threads
+
+    apply_threads(threads)
     from imgclust.api import ImageClusterer
     from imgclust.choosek import choose_k, format_curve, parse_k_range
     from imgclust.data import open_source
@@ -287,6 +322,7 @@ def predict(
     cache_dir: Optional[str] = typer.Option(None),
     max_pixels: Optional[int] = typer.Option(None, help="skip images with more pixels than this"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Classify new images with a fitted model."""
     from imgclust.api import ImageClusterer
@@ -295,7 +331,8 @@ def predict(
 
     if (model_dir / "model").is_dir() and not (model_dir / "model.json").exists():
         model_dir = model_dir / "model"
-    est = ImageClusterer.load(model_dir, progress=not quiet, **({"cache_dir": cache_dir} if cache_dir else {}))
+    est = ImageClusterer.load(model_dir, progress=not quiet, threads=threads,
+                              **({"cache_dir": cache_dir} if cache_dir else {}))
     if max_pixels is not None and max_pixels < 1:
         raise InputError(f"max pixels must be >= 1, got {max_pixels}")
     src = open_source(source, split=split, max_pixels=max_pixels)
@@ -449,6 +486,11 @@ def _interrupted_exit() -> None:
     sys.exit(143 if term else 130)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
     try:
         signal.signal(signal.SIGTERM, _on_signal)
@@ -459,6 +501,7 @@ def main() -> None:
     # fails or recovers; the outcome is reported per file in skipped.csv, so the warnings
     # would only be noise on the terminal.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\..*)?$")
+    warnings.showwarning = _show_warning  # one line each, "warning: ...", not a file:line and source line
     try:
         rv = app(standalone_mode=False)
     except ImgclustError as e:

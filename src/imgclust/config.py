@@ -35,6 +35,7 @@ class SourceConfig:
     coarse: bool = False  # CIFAR-100: the 20 super-classes
     limit: int | None = None  # use a random subset of this many images (seeded by the run's seed)
     max_pixels: int | None = None  # refuse images with more pixels (default ~179 Mpx; decompression bombs)
+    fingerprint: str | None = None  # recorded by a run; a re-run whose images differ warns (imgclust.config.portable)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class RunConfig:
     report_map: str = "auto"  # the report's 2-D map: auto | umap | tsne | pca
     method: str = "kmeans"
     seed: int = 0
+    threads: int | str | None = None  # torch/faiss/BLAS/numba threads: a count, or "auto"/None (imgclust.threads)
     source: SourceConfig = field(default_factory=SourceConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -87,6 +89,10 @@ class RunConfig:
         check_types(cls, d, "")
         if isinstance(d.get("k"), str) and d["k"] != "auto":
             raise InputError(f"config key 'k' must be int, got str {d['k']!r} (the only string allowed is \"auto\")")
+        if "threads" in d and d["threads"] is not None:  # a count >= 1, or "auto" (imgclust.threads)
+            from imgclust.threads import resolve_threads
+
+            resolve_threads(d["threads"])
         kw.update(d)
         return cls(**kw)
 
@@ -183,7 +189,46 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: not valid TOML ({e})") from e
-    return RunConfig.from_dict(data)
+    return resolve_relative(RunConfig.from_dict(data), p.resolve().parent)
+
+
+# --------------------------------------------------------------------- portable paths
+def _path_fields(cfg: RunConfig) -> list[tuple[Any, str]]:
+    """(object, attribute) of every config value that may be a filesystem path."""
+    return [(cfg.source, "path"), (cfg.backbone, "weights"), (cfg.backbone, "name"), (cfg.features, "cache_dir")]
+
+
+def resolve_relative(cfg: RunConfig, base: str | Path) -> RunConfig:
+    """Relative paths in a config file name files next to the config file, not in the current folder.
+
+    A relative value is replaced by ``base / value`` when that exists; otherwise it is kept
+    (a source name such as ``digits``, a registered backbone, or a path meant relative to
+    the working directory, as before). ``cache_dir`` is always taken relative to ``base``.
+    """
+    base = Path(base)
+    for obj, attr in _path_fields(cfg):
+        v = getattr(obj, attr)
+        if not isinstance(v, str) or not v or Path(v).expanduser().is_absolute():
+            continue
+        cand = base / v
+        if attr == "cache_dir" or cand.exists():
+            setattr(obj, attr, str(cand))
+    return cfg
+
+
+def portable(cfg: RunConfig, fingerprint: str | None = None) -> RunConfig:
+    """A copy of ``cfg`` that re-runs from any folder: paths that exist made absolute, and
+    the source's fingerprint recorded (a later run on changed images warns)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for obj, attr in _path_fields(out):
+        v = getattr(obj, attr)
+        if isinstance(v, str) and v and (attr == "cache_dir" or Path(v).expanduser().exists()):
+            setattr(obj, attr, str(Path(v).expanduser().resolve()))
+    if fingerprint is not None:
+        out.source.fingerprint = fingerprint
+    return out
 
 
 # --------------------------------------------------------------------- writing TOML

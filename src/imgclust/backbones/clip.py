@@ -200,14 +200,14 @@ def _official_state_dict(key: str) -> dict[str, torch.Tensor]:
             f"{key}: OpenAI publishes CLIP only as TorchScript archives ({cfg.url}), which imgclust does not "
             "execute. Install open_clip to download them (pip install 'imgclust[clip]', needs torchvision), or "
             f"save a state dict once where the clip package is installed -- torch.save(clip.load('{cfg.arch}', "
-            "device='cpu', jit=False)[0].state_dict(), 'clip.pth') -- and pass weights='clip.pth'"
+            "device='cpu', jit=False)[0].state_dict(), 'clip.pth') -- and pass --weights clip.pth"
         ) from e
     try:
         model = open_clip.create_model_and_transforms(cfg.open_clip_name, pretrained="openai")[0]
     except Exception as e:
         raise WeightsError(
             f"{key}: open_clip could not load the OpenAI weights ({type(e).__name__}: {str(e)[:200]}); "
-            "pass weights=PATH (a CLIP state dict) instead"
+            "pass --weights PATH (a CLIP state dict) instead"
         ) from e
     return {"visual." + k: v.detach().float() for k, v in model.visual.state_dict().items()}
 
@@ -230,7 +230,7 @@ def build_clip(
             raise WeightsError(
                 f"{p.name} is a TorchScript archive (what clip.load downloads); imgclust only reads state dicts. "
                 f"Convert it once where the clip package is installed: torch.save(clip.load('{cfg.arch}', "
-                "device='cpu', jit=False)[0].state_dict(), 'clip.pth'), then pass weights='clip.pth'"
+                "device='cpu', jit=False)[0].state_dict(), 'clip.pth'), then pass --weights clip.pth"
             )
         sd, weights_id, source = load_state_dict(p), file_digest(p), p.name
     elif pretrained:

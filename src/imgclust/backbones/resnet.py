@@ -203,7 +203,7 @@ def build_registered_resnet(
     if small_images and weights is None and pretrained:
         raise InputError(
             f"{key}: small_images=True changes the stem, so the official ImageNet weights do not fit; "
-            "pass weights=PATH (a small-image checkpoint) or pretrained=False"
+            "pass --weights PATH (a small-image checkpoint) or --backbone-option pretrained=false"
         )
     size = (32 if small_images else 224) if image_size is None else int(image_size)
     if size < 1:

@@ -99,7 +99,7 @@ def resolve_weights(
     if not pretrained:
         return None, "random", "random"
     if not url:
-        raise WeightsError(f"backbone {label!r} has no official download; pass weights=PATH (a state dict)")
+        raise WeightsError(f"backbone {label!r} has no official download; pass --weights PATH (a state dict; backbone_weights= in Python)")
     try:
         obj = torch.hub.load_state_dict_from_url(
             url, map_location="cpu", progress=True, check_hash=True, weights_only=True
@@ -108,7 +108,7 @@ def resolve_weights(
         msg = str(e).splitlines()[0][:200] if str(e) else ""
         raise WeightsError(
             f"could not get the {label} weights from {url} ({type(e).__name__}: {msg}); "
-            "download the file yourself and pass it as weights=PATH"
+            "download the file yourself and pass it with --weights PATH (backbone_weights= in Python)"
         ) from e
     return unwrap_state_dict(obj, url), url, url.rsplit("/", 1)[-1]
 

@@ -129,6 +129,10 @@ def open_source(
     if coarse and kind != "cifar100":
         _no_coarse(coarse, kind)
 
+    if kind == "image":
+        from imgclust.data.single import ImageFileSource
+
+        return ImageFileSource(p, max_pixels=cap)
     if kind == "folder":
         if not p.is_dir():
             raise InputError(f"{p} is not a folder")
@@ -182,7 +186,7 @@ def _detect(p: Path) -> tuple[str, Path]:
     if is_archive_name(low):
         return "archive", p
     if is_image_name(low):
-        raise InputError(f"{p} is a single image file; give the folder that contains it")
+        return "image", p  # one image: predict on it (a K >= 2 clustering of it fails on K)
     raise InputError(f"{p} is a file of another type; {_ANOTHER_TYPE}")
 
 

@@ -22,6 +22,7 @@ from imgclust.methods.base import (
     register_method,
     softmax,
 )
+from imgclust.progress import progress_bar
 
 
 @dataclass
@@ -64,20 +65,32 @@ class KMeans(ClusteringMethod):
         n, d = x.shape
         if n < self.n_clusters:
             raise InputError(f"K={self.n_clusters} is larger than the number of images ({n})")
-        km = faiss.Kmeans(
-            d,
-            self.n_clusters,
-            niter=self.config.max_iter,
-            nredo=self.config.n_init,
-            seed=int(ctx.seed) + 1,  # faiss treats seed 0 specially on some versions
-            spherical=self.config.normalize,
-            max_points_per_centroid=max(256, n),  # use every point (faiss subsamples by default)
-            min_points_per_centroid=1,
-            verbose=False,
-        )
-        km.train(x)
-        self.centroids_ = np.asarray(km.centroids, dtype=np.float32).copy()
-        self.history_ = {"objective": [float(v) for v in km.obj[-self.config.max_iter:]]}
+        # One faiss run per restart (rather than faiss's own nredo) so that a bar can show the
+        # restarts going by (issue 24: k-means was silent); the best objective wins, as with nredo.
+        best = None
+        bar = progress_bar(self.config.n_init, "k-means restarts", unit="run", enable=ctx.progress)
+        for r in range(self.config.n_init):
+            km = faiss.Kmeans(
+                d,
+                self.n_clusters,
+                niter=self.config.max_iter,
+                nredo=1,
+                seed=int(ctx.seed) + 1 + r * 1000,  # faiss treats seed 0 specially on some versions
+                spherical=self.config.normalize,
+                max_points_per_centroid=max(256, n),  # use every point (faiss subsamples by default)
+                min_points_per_centroid=1,
+                verbose=False,
+            )
+            km.train(x)
+            # spherical: the objective is the summed similarity (higher is better); else the summed distance
+            better = best is None or (km.obj[-1] > best[0] if self.config.normalize else km.obj[-1] < best[0])
+            if better:
+                best = (float(km.obj[-1]), np.asarray(km.centroids, dtype=np.float32).copy(), list(km.obj))
+            bar.update(1)
+        bar.close()
+        assert best is not None
+        self.centroids_ = best[1]
+        self.history_ = {"objective": [float(v) for v in best[2][-self.config.max_iter:]]}
         self.labels_ = self.predict(features)
         # With fewer distinct points than K (duplicates, constant images) faiss keeps
         # coincident centroids and some clusters get no point: reported, not an error.

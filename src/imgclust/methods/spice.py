@@ -445,12 +445,22 @@ class SPICE(SPICESelf):
             mlp.set_standardization(x.mean(0), x.std(0) if len(x) > 1 else torch.ones(d))
             return SingleHead(mlp)
 
-        if cfg.semi_mode == "head":
-            model, info = train_fixmatch(new_head(), views, rel.index, rel.labels, len(x), cfg.fixmatch(), gen,
-                                         device=device, progress=ctx.progress, desc="spice-semi fixmatch")
-            semi = model.cpu()
-        else:
-            semi, info = self._end_to_end(x, rel, ctx, device, gen, new_head)
+        from imgclust.nonfinite import NonFiniteLoss
+
+        try:
+            if cfg.semi_mode == "head":
+                model, info = train_fixmatch(new_head(), views, rel.index, rel.labels, len(x), cfg.fixmatch(), gen,
+                                             device=device, progress=ctx.progress, desc="spice-semi fixmatch",
+                                             lr_option="semi_lr")
+                semi = model.cpu()
+            else:
+                semi, info = self._end_to_end(x, rel, ctx, device, gen, new_head)
+        except NonFiniteLoss as e:  # issue 24: keep the last good stage (SPICE-Self) rather than lose the run
+            warnings.warn(f"SPICE-Semi stopped: {e}; keeping the SPICE-Self result", stacklevel=2)
+            self.history_["semi"] = f"failed: {e}"
+            self.history_["fallbacks"] = [e.as_record(kept="spice-self")]
+            self.history_["semi_s"] = round(time.perf_counter() - t0, 3)
+            return self
         semi.requires_grad_(False)
         self.semi_ = semi.eval()
         self.history_["semi"] = {k2: v for k2, v in info.items()}
@@ -491,7 +501,8 @@ class SPICE(SPICESelf):
         net_head = SingleHead(MultiHeadMLP(backbone.dim, self.n_clusters, 1, cfg.hidden, "none", generator=gen))
         net = BackboneClassifier(trainable_copy(backbone), net_head)
         ema, info = train_fixmatch(net, img_views, rel.index, rel.labels, len(x), cfg.fixmatch(), gen,
-                                   device=device, progress=ctx.progress, desc="spice-semi end-to-end")
+                                   device=device, progress=ctx.progress, desc="spice-semi end-to-end",
+                                   lr_option="semi_lr")
         probs = predict_images(ema, img_views, len(x))
         targets = torch.from_numpy(probs.argmax(1)).long()
         head = distill_head(new_head(), x, targets, epochs=cfg.distill_epochs, generator=gen)

@@ -58,6 +58,7 @@ from imgclust.data.base import ImageSource
 from imgclust.errors import BadImageError, InputError
 from imgclust.heads.multihead import ema_update_
 from imgclust.neighbors import load_or_mine_neighbors
+from imgclust.nonfinite import NonFiniteLoss, check_finite
 from imgclust.progress import progress_bar
 
 CPU = torch.device("cpu")
@@ -206,6 +207,7 @@ def train_fixmatch(
     device: torch.device = CPU,
     progress: bool = True,
     desc: str = "fixmatch",
+    lr_option: str = "lr",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` (inputs -> logits (B, K)) with FixMatch; returns (EMA model, history).
 
@@ -213,7 +215,8 @@ def train_fixmatch(
     samples ``idx`` (positions 0..n_samples-1). Labelled batches are drawn with replacement
     from ``labeled_index``; unlabelled ones uniformly from all samples. SGD with Nesterov
     momentum and FixMatch's cosine decay lr * cos(7 pi t / (16 T)); weight decay on weights,
-    not biases.
+    not biases. A non-finite loss stops training at once with
+    :class:`~imgclust.nonfinite.NonFiniteLoss` naming ``lr_option`` (the caller's name for ``cfg.lr``).
     """
     if len(labeled_index) == 0:
         raise InputError("FixMatch needs at least one labelled (reliable) sample")
@@ -246,13 +249,18 @@ def train_fixmatch(
         logits = model(torch.cat([xw, uw, us]).to(device))  # one pass, as FixMatch (BatchNorm sees all)
         out = fixmatch_loss(logits[:b], yi, logits[b:b + ub], logits[b + ub:], threshold=cfg.threshold,
                             unsup_weight=cfg.unsup_weight)
+        try:
+            loss_v = check_finite(out.loss, stage=desc, step=step + 1, option=lr_option, option_value=cfg.lr)
+        except NonFiniteLoss:
+            bar.close()
+            raise
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         # EMA momentum warmed up as TensorFlow's ExponentialMovingAverage(num_updates): with a CPU
         # budget of a few thousand steps, 0.999 from step 0 would keep ~14% of the random init.
         ema_update_(ema, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))
-        acc += [float(out.loss.detach()), float(out.supervised), float(out.unsupervised), float(out.mask.mean())]
+        acc += [loss_v, float(out.supervised), float(out.unsupervised), float(out.mask.mean())]
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
             n_acc = (step % every) + 1
             for key, v in zip(hist, acc / n_acc, strict=True):
@@ -261,8 +269,6 @@ def train_fixmatch(
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", mask=f"{hist['mask_rate'][-1]:.2f}")
         bar.update(1)
     bar.close()
-    if not all(math.isfinite(v) for v in hist["loss"]):
-        raise InputError("FixMatch: the loss became non-finite; lower the learning rate")
     _copy_buffers(ema, model)
     info = {**hist, "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 3), "every": every}
     return ema.eval(), info

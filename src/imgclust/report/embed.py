@@ -40,8 +40,8 @@ def resolve_method(method: str, n: int) -> str:
     return method
 
 
-def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """(n, 2) coordinates scaled to [0, 1] and the method actually used."""
+def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0, progress: bool = False) -> tuple[np.ndarray, str]:
+    """(n, 2) coordinates scaled to [0, 1] and the method actually used; ``progress``: UMAP's epoch bar."""
     from sklearn.decomposition import PCA
 
     x = np.asarray(features, dtype=np.float32)
@@ -56,14 +56,18 @@ def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0) -> tuple
     else:
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if used == "umap":
+            import sys
             import warnings
 
             import umap
 
+            from imgclust.progress import progress_enabled
+
+            bar = {"disable": not progress_enabled(progress), "file": sys.stderr, "desc": "report map: UMAP epochs"}
             with warnings.catch_warnings():  # "n_jobs overridden by random_state": determinism wins
                 warnings.simplefilter("ignore")
                 y = umap.UMAP(n_neighbors=min(15, n - 1), min_dist=0.1, metric="euclidean", random_state=seed,
-                              n_jobs=1).fit_transform(x)
+                              n_jobs=1, tqdm_kwds=bar).fit_transform(x)
         else:
             from sklearn.manifold import TSNE
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from imgclust.data import ImageSource
 from imgclust.errors import InputError
-from imgclust.report.embed import embed_2d
+from imgclust.report.embed import embed_2d, resolve_method
 from imgclust.report.rundata import (
     RunData,
     load_run,
@@ -178,6 +178,8 @@ def build_report(
     thumb_size: int = 64,
     map_thumb_size: int = 40,
     seed: int = 0,
+    run_t0: float | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write ``report.html`` for the run in ``run_dir`` (or to ``out``); returns a summary.
 
@@ -185,8 +187,13 @@ def build_report(
     ``cluster`` already holds in memory; when absent the source is re-opened from run.json
     and the features read from the run's feature-cache entry. Missing pieces (a moved
     source, a deleted cache) leave their section out with a note, never fail the report.
+    ``run_t0`` (``time.perf_counter()`` at the start of the run writing this report) makes the
+    shown total include the report's own time.
     """
+    from imgclust.progress import log_progress, progress_bar
+
     t0 = time.perf_counter()
+    bar = progress_bar(4, "report", unit="step", enable=progress)  # sources/features, thumbnails, map, page (also in log.jsonl)
     data = load_run(run_dir)
     notes: list[str] = []
     k = data.k
@@ -206,18 +213,29 @@ def build_report(
         if features is None:
             notes.append("No map: the run's feature-cache entry is gone or does not match run.json.")
 
+    bar.update(1)
     gallery = select_gallery(data.clusters, data.confidence, k, per_cluster, boundary, max_thumbs)
     thumbs: dict[int, str] = {}
     if source is not None and rows is not None:
         want = [int(rows[r]) for top, low in gallery.values() for r in top + low]
         thumbs = make_thumbnails(source, want, size=thumb_size)
+    bar.update(1)
 
     map_html, map_used = "", None
     if features is not None and rows is not None and len(data.ids) >= 3:
         sel = select_map_rows(data.clusters, k, map_points, seed)
-        xy, map_used = embed_2d(np.asarray(features[rows[sel]], dtype=np.float32), map_method, seed)
+        what = f"map of {len(sel):,} points ({resolve_method(map_method, len(sel))})"
+        bar.set_postfix_str(what)
+        log_progress("report", step=what)
+        xy, map_used = embed_2d(np.asarray(features[rows[sel]], dtype=np.float32), map_method, seed, progress=progress)
         mthumbs = make_thumbnails(source, [int(rows[r]) for r in sel], size=map_thumb_size) if source is not None else {}
         map_html = _map_section(data, sel, xy, mthumbs, rows, map_used, k)
+    bar.update(1)
+    if run_t0 is not None:  # the total shown covers the report too (the page is written right after)
+        timings = dict(data.run.get("timings_s") or {})
+        timings["report"] = round(time.perf_counter() - t0, 3)
+        timings["total"] = round(time.perf_counter() - run_t0, 3)
+        data.run["timings_s"] = timings
 
     ct = contingency(data.clusters, data.label_names, k) if data.label_names is not None and len(data.ids) else None
     body = [
@@ -235,6 +253,8 @@ def build_report(
     path = Path(out) if out is not None else data.run_dir / REPORT_NAME
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(doc)
+    bar.update(1)
+    bar.close()
     return {"path": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t0, 3),
             "map_method": map_used, "n_thumbnails": len(thumbs), "notes": notes}
 
@@ -270,6 +290,8 @@ def _summary_section(data: RunData, ct: dict | None, notes: list[str]) -> str:
         chips.append(f'<a class="chip" href="#cluster-{c}" data-c="{c}"><span class="sw" style="background:var(--c{c})"></span>'
                      f'{c}<small> {sizes[c]:,} · conf {mc}{pur}</small></a>')
     note = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+    note += "".join(f'<p class="note warning">Warning: {_e(fb.get("message"))}; this run kept the '
+                    f'{_e(fb.get("kept"))} result instead.</p>' for fb in run.get("fallbacks") or [])
     return (f'<section id="summary"><h2>Summary</h2><dl class="kv">{dl}</dl>{note}'
             f'<h3>Clusters (size · mean confidence{" · purity" if ct else ""})</h3><div class="chips">{"".join(chips)}</div></section>')
 
