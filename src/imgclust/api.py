@@ -501,6 +501,11 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float)
         t_choose_k = time.perf_counter() - t_ck
         cfg = dataclasses.replace(cfg, k=k_choice["k"])
     est = ImageClusterer.from_config(cfg, progress=progress)
+    small = _small_images_note(cfg, source, est)
+    if small:
+        warnings.warn(small, stacklevel=2)
+        log.event("note", message=small)
+        notes.append(small)
     with log.stage("fit") as info:
         est.fit(source)
         info.update(est.timings_)
@@ -617,6 +622,18 @@ def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunC
         return rep
     except Exception as e:  # noqa: BLE001 - the clustering is done and saved; the report is a view of it
         return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _small_images_note(cfg: RunConfig, source: ImageSource, est: ImageClusterer) -> str | None:
+    from imgclust.data.notices import small_images_note
+
+    if cfg.backbone.image_size is not None or cfg.backbone.name.startswith("pixels"):
+        return None
+    try:
+        size = int(est._backbone().preprocess.size)  # built once; fit reuses it
+    except Exception:  # noqa: BLE001 - the fit reports a bad backbone with its own message
+        return None
+    return small_images_note(source, cfg.backbone.name, size, False)
 
 
 def _n_distinct_rows(x: np.ndarray) -> int:

@@ -223,7 +223,9 @@ class TEMI(ClusteringMethod):
             epoch_ce.append(ce_sum / steps_per_epoch)
             best_per_epoch.append(int(head_mean.argmin()))
             epoch_times.append(time.perf_counter() - t_epoch)
-            bar.set_postfix(loss=f"{epoch_loss[-1]:.4f}", best=f"{head_mean.min():.4f}")
+            # the components: the total moves with the CE weight's ramp (issue 24: "loss" climbed -0.01 -> 1.6)
+            bar.set_postfix(pmi=f"{epoch_pmi[-1]:.3f}", ce=f"{epoch_ce[-1]:.3f}",
+                            ce_w=f"{cosine_ramp(step, total, cfg.ce_weight):.2f}", loss=f"{epoch_loss[-1]:.3f}")
             bar.update(1)
         bar.close()
 
