@@ -106,10 +106,13 @@ def test_threads_option_on_the_cli_and_in_config(tmp_path):
                               "--no-report"], capture_output=True, text=True, env=_env(OMP_NUM_THREADS="2"), timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "again" / "run.json").read_text())["threads"]["why"] == "requested"
-    r = subprocess.run(CLI + ["predict", str(out), "digits", "--out", str(tmp_path / "p.csv")],
+    from imgclust.api import ImageClusterer
+
+    assert ImageClusterer.load(out / "model").threads is None  # a saved model does not pin the thread count
+    assert ImageClusterer.load(out / "model", threads=1).threads == 1
+    r = subprocess.run(CLI + ["predict", str(out), "digits", "--threads", "1", "--out", str(tmp_path / "p.csv")],
                        capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "run.json").read_text())["threads"]["why"] == "requested"
+    assert r.returncode == 0 and "predicted 1797 of 1797" in r.stdout, r.stderr
     r = subprocess.run(CLI + ["cluster", "digits", "--k", "3", "--threads", "lots", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: threads must be a positive integer or 'auto', got 'lots'"

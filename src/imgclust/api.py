@@ -324,6 +324,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             raise InputError(f"{d} is not an imgclust model directory (model.json and model.pt expected)")
         meta = _read_model_json(d / "model.json")
         params = dict(meta["params"])
+        params["threads"] = None  # the machine's, not the model's: "auto" unless overridden
         params.update(overrides)
         try:
             state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
