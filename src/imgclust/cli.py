@@ -71,7 +71,8 @@ def cluster(
     k_range: str = typer.Option("2:20", help="candidates for --k auto: lo:hi, lo:hi:step or a list 5,10,20"),
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="feature extractor (see `imgclust backbones`)"),
     method: str = typer.Option("kmeans", "--method", "-m", help="clustering method (see `imgclust methods`)"),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory to write"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to write (default: a fresh runs/<timestamp>, then linked as runs/latest)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the finished run already in --out (a folder that is not a run is never replaced)"),
     split: Optional[str] = typer.Option(None, help="train | test | all | unlabeled, or a sub-folder name"),
     kind: str = typer.Option("auto", help="force a reader: folder, archive, npz, cifar10, cifar100, mnist, fashion-mnist, stl10, digits"),
     labels: str = typer.Option("auto", help="labels from sub-folders: auto | folder | none"),
@@ -144,7 +145,13 @@ def cluster(
         write_config(cfg, save_config)
     from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
 
-    summary = run_cluster(cfg, out, progress=not quiet)
+    from imgclust.outdir import fresh_run_dir, point_latest
+
+    fresh = out is None
+    out = fresh_run_dir() if out is None else out  # never replace a previous run by default
+    summary = run_cluster(cfg, out, progress=not quiet, overwrite=overwrite)
+    if fresh:
+        point_latest(out)
     _print_summary(summary, out)
 
 
@@ -268,7 +275,7 @@ def demo(
         f"demo: digits (1,797 8x8 images) -> efficientnet-lite0 @ {DEMO_IMAGE_SIZE} px -> "
         f"PCA-whitened to {DEMO_PCA} dims -> k-means, K=10"
     )
-    summary = run_cluster(cfg, out, progress=not quiet)
+    summary = run_cluster(cfg, out, progress=not quiet, overwrite=True)  # the demo's own folder: replaced on purpose
     _print_summary(summary, out)
 
 
@@ -459,9 +466,13 @@ def main() -> None:
     # fails or recovers; the outcome is reported per file in skipped.csv, so the warnings
     # would only be noise on the terminal.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\..*)?$")
+    from imgclust.runlog import report_warnings, route_warnings
+
+    route_warnings()  # library warnings go to the run's log.jsonl; one summary line at exit
     try:
         rv = app(standalone_mode=False)
     except ImgclustError as e:
+        report_warnings()
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -483,6 +494,7 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    report_warnings()
     if _signal_seen:  # typer caught the KeyboardInterrupt and returned 130
         _interrupted_exit()
     sys.exit(rv if isinstance(rv, int) else 0)
