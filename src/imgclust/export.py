@@ -169,7 +169,7 @@ def _export_tree(data: RunData, dest: Path, mode: str, to: str, progress: bool) 
     if work.is_dir() and not work.is_symlink():  # left by a killed export: ours by its name
         shutil.rmtree(work)
     if mode == "copy":  # fail before the first byte when the copies cannot fit
-        check_free(dest / "x", sum(os.path.getsize(p) for p in data.paths if p and os.path.isfile(p)))
+        check_free(dest, sum(os.path.getsize(p) for p in data.paths if p and os.path.isfile(p)))
     work.mkdir()
     current: list[Path] = [dest]
     try:
