@@ -54,6 +54,9 @@ def load_run(run_dir: str | Path) -> RunData:
             raise ValueError("run.json is not a JSON object")
         with open(d / "assignments.csv", encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
+            missing = {"id", "cluster", "confidence"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"assignments.csv lacks column(s) {sorted(missing)}")
             have_label = "label" in (reader.fieldnames or [])
             for r in reader:
                 ids.append(r["id"])
