@@ -144,7 +144,6 @@ def cluster(
 
         write_config(cfg, save_config)
     from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
-
     from imgclust.outdir import fresh_run_dir, point_latest
 
     fresh = out is None

@@ -91,8 +91,8 @@ def test_run_directory_on_a_full_disk_is_one_line_naming_the_file(cli, full, tmp
 def test_export_onto_a_full_disk_names_the_destination_and_leaves_nothing(cli, full, tmp_path, monkeypatch):
     fs, how = full
     src = tmp_path / "src"
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
