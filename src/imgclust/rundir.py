@@ -41,7 +41,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         from imgclust.diskspace import disk_full, is_no_space
 
         if is_no_space(e):  # ENOSPC/EDQUOT, also wrapped (torch's serializer): one line naming the file
-            raise disk_full(path, written, at_least=True) from None
+            raise disk_full(path, written or None, at_least=True) from None
         raise
 
 
