@@ -121,7 +121,6 @@ def build_cases(ws: Path) -> tuple[list[Case], Path | None]:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    cache = ws / "cache"
     photos = ws / "photos"
     for c in ("cat", "dog"):
         (photos / c).mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,13 @@ def choose_k_cmd(
     from imgclust.data import open_source
     from imgclust.data.base import SubsetSource
     from imgclust.rundir import write_json
+    from imgclust.validate import check_seed, check_sizes
 
+    check_seed(seed)
+    check_sizes(image_size, batch_size)
+    for name, v in (("sample", sample), ("pca dim", pca_dim), ("runs", runs)):
+        if v < 1:
+            raise InputError(f"{name} must be >= 1, got {v}")
     ks = parse_k_range(k_range)
     src = open_source(source, split=split, kind=kind, labels=labels)
     if limit is not None:
