@@ -1,7 +1,8 @@
 """Command line: thin commands over :mod:`imgclust.api`.
 
 Every predictable problem ends in one line on stderr (``error: ...``) and exit status 2
-(an operating-system error such as a full disk: status 1); Ctrl-C ends with status 130 and
+(a full disk too, naming the destination and the space needed; any other operating-system
+error: status 1); Ctrl-C ends with status 130 and
 SIGTERM with 143, each after keeping the finished feature batches, with a one-line hint that
 rerunning resumes from the feature cache.
 """

@@ -89,6 +89,8 @@ def check_run_config(cfg: Any) -> Any:
     """Validate a :class:`~imgclust.config.RunConfig` before any work; returns the built backbone."""
     k = cfg.k
     if k != "auto":
+        if isinstance(k, int) and not isinstance(k, bool) and k < 2:
+            raise InputError(f"K must be at least 2 (or 'auto'), got {k!r}")
         _int("K", k, 2, K_MAX)
     else:
         from imgclust.choosek import parse_k_range

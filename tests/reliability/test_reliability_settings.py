@@ -126,7 +126,7 @@ BAD_ARGS = [
     (["--image-size", "2"], "image size must be >= 8"),
     (["--limit", "0"], "limit must be >= 1"),
     (["--max-pixels", "-1"], "max pixels must be >= 1"),
-    (["--k", "1"], "K must be >= 2"),
+    (["--k", "1"], "K must be at least 2"),
     (["--k", "auto", "--k-range", "2:100000000"], "more than 1000 candidates"),
     (["--device", "tpu:9"], "device"),
     (["--labels", "maybe"], "labels must be auto, folder or none"),
