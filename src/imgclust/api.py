@@ -39,6 +39,7 @@ from imgclust.metrics import evaluate
 from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json, write_csv, write_json
 
 MODEL_FORMAT = 1
+MODEL_JSON_MAX_BYTES = 64 << 20  # a model.json is a few KB; cluster metadata grows with K only
 
 
 class ImageClusterer(ClusterMixin, BaseEstimator):
@@ -277,7 +278,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             {
                 "format": MODEL_FORMAT,
                 "imgclust_version": imgclust.__version__,
-                "params": self.get_params(),
+                "params": {**self.get_params(), "cache_dir": None},  # a local path; ignored on load
                 "method_config": self.model_.config.to_dict(),
                 "backbone": None if bb is None else bb.describe(),
                 "n_features_in": int(self.n_features_in_),
@@ -325,6 +326,10 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         meta = _read_model_json(d / "model.json")
         params = dict(meta["params"])
         params["threads"] = None  # the machine's, not the model's: "auto" unless overridden
+        from imgclust.validate import MODEL_PARAMS_IGNORED
+
+        for key in MODEL_PARAMS_IGNORED:  # a model is data from elsewhere: it never chooses where we write
+            params.pop(key, None)
         params.update(overrides)
         try:
             state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
@@ -369,10 +374,15 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
 def _read_model_json(path: Path) -> dict[str, Any]:
     """model.json as a checked dict: JSON only, known keys, right types, sane values."""
+    if path.stat().st_size > MODEL_JSON_MAX_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size} bytes is too large for a model.json "
+                         f"(at most {MODEL_JSON_MAX_BYTES})")
     try:
         meta = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply") from None
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != MODEL_FORMAT:
@@ -387,6 +397,12 @@ def _read_model_json(path: Path) -> dict[str, Any]:
     _check_param_types(params, path)
     if isinstance(params.get("n_clusters"), int) and params["n_clusters"] < 2:
         raise InputError(f"{path}: n_clusters must be at least 2, got {params['n_clusters']}")
+    from imgclust.validate import check_model_params
+
+    try:
+        check_model_params(params)  # ranges: sizes bounded before anything is allocated
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
     n_in = meta.get("n_features_in")
     if not isinstance(n_in, int) or isinstance(n_in, bool) or n_in < 1:
         raise InputError(f"{path}: 'n_features_in' must be a positive integer, got {n_in!r}")
@@ -432,7 +448,7 @@ def _seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------- one-call run
-def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrite: bool = True) -> dict[str, Any]:
     """Run a whole clustering job and write its directory; returns the run summary.
 
     Writes ``assignments.csv`` (id, path, cluster, confidence[, label]), ``skipped.csv``
@@ -443,9 +459,18 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
     Every file is written atomically. ``run.json`` is written last and the previous one is
     removed just before the first output is replaced, so a directory holding ``run.json``
     is a complete run; temporary files a killed run left behind are removed on the next run.
+
+    Everything is validated before any image is read or any file written
+    (:func:`imgclust.validate.check_run_config`), and ``out_dir`` must follow the
+    output-directory policy of :mod:`imgclust.outdir` (``overwrite``: replace a finished run).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
+    from imgclust.outdir import check_out_dir
+    from imgclust.validate import check_run_config
+
+    check_out_dir(out, overwrite, cfg.source.path if isinstance(cfg.source.path, str) else None)
+    backbone = check_run_config(cfg)  # method, options, backbone (+ options), K, seed, ranges: before any work
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory")
     clean_stale_tmp(out)
@@ -454,7 +479,7 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         raise InputError(f"K must be at least 2 (or 'auto'), got {cfg.k!r}")
     from imgclust.runlog import LOG_NAME, RunLog
 
-    log = RunLog(out / LOG_NAME)  # JSON lines, one per event: a machine-readable record of this run
+    log = RunLog(out / LOG_NAME, fresh=False)  # JSON lines, one per event; appended: a re-run keeps the old record
     log.event("run_start", out_dir=str(out), config=cfg.to_dict())
     from imgclust.progress import record_progress
 
@@ -502,6 +527,7 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float)
         t_choose_k = time.perf_counter() - t_ck
         cfg = dataclasses.replace(cfg, k=k_choice["k"])
     est = ImageClusterer.from_config(cfg, progress=progress)
+    est.backbone_ = backbone  # built (and checked) above
     small = _small_images_note(cfg, source, est)
     if small:
         warnings.warn(small, stacklevel=2)

@@ -1,7 +1,8 @@
 """Command line: thin commands over :mod:`imgclust.api`.
 
 Every predictable problem ends in one line on stderr (``error: ...``) and exit status 2
-(an operating-system error such as a full disk: status 1); Ctrl-C ends with status 130 and
+(a full disk too, naming the destination and the space needed; any other operating-system
+error: status 1); Ctrl-C ends with status 130 and
 SIGTERM with 143, each after keeping the finished feature batches, with a one-line hint that
 rerunning resumes from the feature cache.
 """
@@ -81,7 +82,8 @@ def cluster(
     k_range: str = typer.Option("2:20", help="candidates for --k auto: lo:hi, lo:hi:step or a list 5,10,20"),
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="feature extractor (see `imgclust backbones`)"),
     method: str = typer.Option("kmeans", "--method", "-m", help="clustering method (see `imgclust methods`)"),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory to write"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to write (default: a fresh runs/<timestamp>, then linked as runs/latest)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the finished run already in --out (a folder that is not a run is never replaced)"),
     split: Optional[str] = typer.Option(None, help="train | test | all | unlabeled, or a sub-folder name"),
     kind: str = typer.Option("auto", help="force a reader: folder, archive, npz, cifar10, cifar100, mnist, fashion-mnist, stl10, digits"),
     labels: str = typer.Option("auto", help="labels from sub-folders: auto | folder | none"),
@@ -159,8 +161,13 @@ def cluster(
 
         write_config(portable(cfg), save_config)
     from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
+    from imgclust.outdir import fresh_run_dir, point_latest
 
-    summary = run_cluster(cfg, out, progress=not quiet)
+    fresh = out is None
+    out = fresh_run_dir() if out is None else out  # never replace a previous run by default
+    summary = run_cluster(cfg, out, progress=not quiet, overwrite=overwrite)
+    if fresh:
+        point_latest(out)
     _print_summary(summary, out)
 
 
@@ -244,7 +251,13 @@ def choose_k_cmd(
     from imgclust.data import open_source
     from imgclust.data.base import SubsetSource
     from imgclust.rundir import write_json
+    from imgclust.validate import check_seed, check_sizes
 
+    check_seed(seed)
+    check_sizes(image_size, batch_size)
+    for name, v in (("sample", sample), ("pca dim", pca_dim), ("runs", runs)):
+        if v < 1:
+            raise InputError(f"{name} must be >= 1, got {v}")
     ks = parse_k_range(k_range)
     src = open_source(source, split=split, kind=kind, labels=labels)
     if limit is not None:
@@ -303,7 +316,7 @@ def demo(
         f"demo: digits (1,797 8x8 images) -> efficientnet-lite0 @ {DEMO_IMAGE_SIZE} px -> "
         f"PCA-whitened to {DEMO_PCA} dims -> k-means, K=10"
     )
-    summary = run_cluster(cfg, out, progress=not quiet)
+    summary = run_cluster(cfg, out, progress=not quiet, overwrite=True)  # the demo's own folder: replaced on purpose
     _print_summary(summary, out)
 
 
@@ -486,11 +499,6 @@ def _interrupted_exit() -> None:
     sys.exit(143 if term else 130)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: object = None, line: str | None = None) -> None:
-    typer.echo(f"warning: {message}", err=True)
-
-
 def main() -> None:
     try:
         signal.signal(signal.SIGTERM, _on_signal)
@@ -501,10 +509,15 @@ def main() -> None:
     # fails or recovers; the outcome is reported per file in skipped.csv, so the warnings
     # would only be noise on the terminal.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\..*)?$")
-    warnings.showwarning = _show_warning  # one line each, "warning: ...", not a file:line and source line
+    from imgclust.runlog import report_warnings, route_warnings
+
+    # imgclust's own warnings: one line each ("warning: ..."); library warnings go to the
+    # run's log.jsonl, with one summary line at exit
+    route_warnings()
     try:
         rv = app(standalone_mode=False)
     except ImgclustError as e:
+        report_warnings()
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -526,6 +539,7 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    report_warnings()
     if _signal_seen:  # typer caught the KeyboardInterrupt and returned 130
         _interrupted_exit()
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -189,6 +189,8 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: not valid TOML ({e})") from e
+    except RecursionError:
+        raise InputError(f"{p}: TOML nested too deeply") from None
     return resolve_relative(RunConfig.from_dict(data), p.resolve().parent)
 
 

@@ -22,3 +22,11 @@ class BadImageError(ImgclustError):
 
 class WeightsError(ImgclustError):
     """Backbone weights missing, unreadable, unsafe, or in an unexpected key layout."""
+
+
+class DiskFullError(ImgclustError, OSError):
+    """No space (or quota) left where imgclust writes; the message names the destination and
+    the space needed. Also an OSError (``errno`` ENOSPC or EDQUOT) for callers that catch those."""
+
+    def __str__(self) -> str:  # OSError's own str() would prefix "[Errno 28]"
+        return self.strerror or super().__str__()

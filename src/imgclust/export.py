@@ -16,7 +16,12 @@ their sha256 and mtime). Images with no file of their own (inside an archive, or
 as the bundled digits) cannot be linked: archive members are written out byte for byte,
 arrays as PNG. A hard link shares the original's data: editing the exported file edits the
 original, which is why links are opt-in for ``imagefolder``. ``DEST`` must not exist or be
-empty, and must not lie inside the source folder (that would change the source).
+empty, and must not lie inside the source folder (that would change the source) nor inside
+the run directory (that would replace the run's own files). A tree is built in a hidden
+sibling folder ``.<DEST>.imgclust-export.tmp`` and renamed onto ``DEST`` when complete, so a
+failed export (full disk, Ctrl-C) leaves nothing and can simply be re-run; a table file is
+written atomically and an existing file is never replaced. Flattened names longer than 200
+bytes are shortened with a stable hash suffix.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def export_run(
         raise InputError(f"--mode applies to folders and imagefolder exports, not to {to}")
     data = load_run(run_dir)
     dest = Path(dest)
+    _check_outside(dest, data)
     if to in ("csv", "json", "parquet"):
         return _export_table(data, to, dest)
     return _export_tree(data, dest, mode or ("symlink" if to == "folders" else "copy"), to, progress)
@@ -79,9 +85,25 @@ def _records(data: RunData) -> list[dict[str, Any]]:
     return out
 
 
+def _check_outside(dest: Path, data: RunData) -> None:
+    """Export never writes inside the run directory (it would replace the run's own files)
+    nor inside the source folder (the source must not change)."""
+    from imgclust.outdir import inside
+
+    if inside(dest, data.run_dir):
+        raise InputError(f"{dest} lies inside the run directory {data.run_dir}; export outside it "
+                         "(the run's own files must not change)")
+    src_path = ((data.run.get("config") or {}).get("source") or {}).get("path")
+    if isinstance(src_path, str) and src_path and Path(src_path).is_dir() and inside(dest, src_path):
+        raise InputError(f"{dest} lies inside the source folder {Path(src_path).resolve()}; export outside it "
+                         "(the source must not change)")
+
+
 def _export_table(data: RunData, to: str, dest: Path) -> dict[str, Any]:
     if dest.is_dir():
         raise InputError(f"{dest} is a folder; give a file name for a {to} export")
+    if dest.exists() or dest.is_symlink():
+        raise InputError(f"{dest} already exists; choose a new file name (existing files are never replaced)")
     recs = _records(data)
     if to == "csv":
         cols = list(recs[0]) if recs else ["id", "path", "cluster", "confidence"]
@@ -101,11 +123,27 @@ def _export_table(data: RunData, to: str, dest: Path) -> dict[str, Any]:
     return {"format": to, "dest": str(dest), "n_images": len(recs), "n_clusters": data.k}
 
 
+#: Longest exported file name in bytes (file systems allow 255; room is left for ``~N`` and ``.png``).
+NAME_MAX_BYTES = 200
+
+
 def _safe_name(image_id: str) -> str:
-    """A flat, portable file name from an image id (``cat/001.jpg`` -> ``cat__001.jpg``)."""
+    """A flat, portable file name from an image id (``cat/001.jpg`` -> ``cat__001.jpg``).
+
+    Names longer than :data:`NAME_MAX_BYTES` keep their start and extension and get a stable
+    hash of the full id (``<start>-<12 hex>.jpg``), so a re-run gives the same name.
+    """
     name = image_id.replace("\\", "/").strip("/").replace("/", "__")
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
-    return name or "image"
+    name = name or "image"
+    if len(name.encode()) > NAME_MAX_BYTES:
+        import hashlib
+
+        stem, ext = os.path.splitext(name)
+        ext = ext if len(ext) <= 16 else ""
+        digest = hashlib.sha256(image_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        name = f"{stem[:NAME_MAX_BYTES - len(ext) - 13]}-{digest}{ext}"
+    return name
 
 
 def _check_dest(dest: Path, data: RunData) -> None:
@@ -120,9 +158,35 @@ def _check_dest(dest: Path, data: RunData) -> None:
 
 
 def _export_tree(data: RunData, dest: Path, mode: str, to: str, progress: bool) -> dict[str, Any]:
-    from imgclust.progress import progress_bar
+    """Build the tree in a hidden sibling folder and rename it onto ``dest`` at the end, so an
+    export that fails (full disk, a missing source file, Ctrl-C) leaves nothing behind and
+    the same command can simply be run again."""
+    from imgclust.diskspace import check_free, disk_full, is_no_space
 
     _check_dest(dest, data)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.parent / f".{dest.name}.imgclust-export.tmp"
+    if work.is_dir() and not work.is_symlink():  # left by a killed export: ours by its name
+        shutil.rmtree(work)
+    if mode == "copy":  # fail before the first byte when the copies cannot fit
+        check_free(dest, sum(os.path.getsize(p) for p in data.paths if p and os.path.isfile(p)))
+    work.mkdir()
+    current: list[Path] = [dest]
+    try:
+        summary = _write_tree(data, work, dest, mode, to, progress, current)
+        os.replace(work, dest)  # rename(2) replaces an empty directory atomically
+    except BaseException as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if is_no_space(e):
+            raise disk_full(current[0]) from None
+        raise
+    return summary
+
+
+def _write_tree(data: RunData, work: Path, dest: Path, mode: str, to: str, progress: bool,
+                current: list[Path]) -> dict[str, Any]:
+    from imgclust.progress import progress_bar
+
     k = data.k
     width = max(2, len(str(k - 1)))
     folder = [f"cluster_{c:0{width}d}" for c in range(k)]
@@ -131,15 +195,16 @@ def _export_tree(data: RunData, dest: Path, mode: str, to: str, progress: bool) 
     if needs_source:
         source = open_run_source(data.run)
         index = {sid: j for j, sid in enumerate(source.ids())}
-    dest.mkdir(parents=True, exist_ok=True)
     for c in range(k):
-        (dest / folder[c]).mkdir(exist_ok=True)
+        (work / folder[c]).mkdir(exist_ok=True)
     used: set[str] = set()
     manifest = []
     counts = {"linked": 0, "copied": 0, "written": 0}
     bar = progress_bar(len(data.ids), f"export {to}", unit="img", enable=progress)
     for i, image_id in enumerate(data.ids):
         c = int(data.clusters[i])
+        if not 0 <= c < k:
+            raise InputError(f"{data.run_dir}: assignments.csv has cluster {c} outside 0..{k - 1}")
         name = _safe_name(image_id)
         if not is_image_name(name):
             name += ".png"
@@ -150,7 +215,8 @@ def _export_tree(data: RunData, dest: Path, mode: str, to: str, progress: bool) 
             rel = f"{folder[c]}/{stem}~{n_dup}{ext}"
             n_dup += 1
         used.add(rel)
-        target = dest / rel
+        target = work / rel
+        current[0] = dest / rel
         src_file = data.paths[i]
         if src_file:
             src = Path(src_file)
@@ -184,13 +250,14 @@ def _export_tree(data: RunData, dest: Path, mode: str, to: str, progress: bool) 
                         + ([data.label_names[i]] if data.label_names is not None else []))
         bar.update(1)
     bar.close()
+    current[0] = dest
     if to == "imagefolder":
-        with atomic_open(dest / "classes.txt", "w", encoding="utf-8") as f:
+        with atomic_open(work / "classes.txt", "w", encoding="utf-8") as f:
             f.write("\n".join(folder) + "\n")
-        write_csv(dest / "manifest.csv", ["file", "cluster", "confidence", "id", "source_path"]
+        write_csv(work / "manifest.csv", ["file", "cluster", "confidence", "id", "source_path"]
                   + (["label"] if data.label_names is not None else []), manifest)
     summary = {"format": to, "dest": str(dest), "mode": mode, "n_images": len(data.ids), "n_clusters": k, **counts}
     if to == "imagefolder":
-        with atomic_open(dest / "export.json", "w", encoding="utf-8") as f:
+        with atomic_open(work / "export.json", "w", encoding="utf-8") as f:
             json.dump({**summary, "run": str(data.run_dir.resolve())}, f, indent=2)
     return summary

@@ -46,7 +46,8 @@ from numpy.lib.format import open_memmap
 
 from imgclust.backbones.base import Backbone
 from imgclust.data.base import ImageSource
-from imgclust.errors import BadImageError, InputError
+from imgclust.diskspace import reserve_path, writing
+from imgclust.errors import BadImageError, DiskFullError, InputError
 from imgclust.progress import progress_bar
 from imgclust.rundir import clean_stale_tmp, file_sha256, read_json, write_json
 
@@ -364,6 +365,7 @@ def _open_partial(entry: Path, n: int, dim: int) -> tuple[np.ndarray, int, dict[
             prog = read_json(ppath)
             feats = open_memmap(fpath, mode="r+")
             if feats.shape == (n, dim) and feats.dtype == np.float32 and 0 <= int(prog["done"]) <= n:
+                _reserve_memmap(fpath, keep=True)  # an entry from an older version may still be sparse
                 # Keep the leading run of chunks whose rows still match their digest.
                 start, chunks = 0, []
                 for a, b, digest in prog["chunks"]:
@@ -375,14 +377,29 @@ def _open_partial(entry: Path, n: int, dim: int) -> tuple[np.ndarray, int, dict[
                 skipped = {int(i): str(r) for i, r in prog["skipped"] if int(i) < start}
                 return feats, start, skipped, chunks
             del feats
+        except DiskFullError:
+            raise
         except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError):
             pass
     # Nothing trustworthy: start over.
     _wipe(entry)
-    feats = open_memmap(fpath, mode="w+", dtype=np.float32, shape=(n, dim))
+    with writing(fpath, n * dim * 4):
+        feats = open_memmap(fpath, mode="w+", dtype=np.float32, shape=(n, dim))
+    _reserve_memmap(fpath)
     chunks = []
     _flush(entry, feats, 0, 0, {}, chunks)
     return feats, 0, {}, chunks
+
+
+def _reserve_memmap(fpath: Path, keep: bool = False) -> None:
+    """Allocate every block of the memmap file before rows are written through it.
+
+    ``open_memmap`` leaves a sparse file; on a full file system a write through the map then
+    kills the process with SIGBUS ("Bus error", no message). ``posix_fallocate`` turns that
+    into an ENOSPC now, reported as one line (destination and size), and the empty file is
+    removed so nothing half-made remains (``keep``: a resumable partial file stays).
+    """
+    reserve_path(fpath, fpath.stat().st_size, remove_on_failure=not keep)
 
 
 #: Finished entries up to this size get a full sha256 check on every load (about 0.65 s

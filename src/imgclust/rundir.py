@@ -35,9 +35,14 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        from imgclust.diskspace import disk_full, is_no_space
+
+        if is_no_space(e):  # ENOSPC/EDQUOT, also wrapped (torch's serializer): one line naming the file
+            raise disk_full(path, written or None, at_least=True) from None
         raise
 
 
@@ -109,7 +114,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except RecursionError:  # hostile nesting: one line, not a traceback
+            from imgclust.errors import InputError
+
+            raise InputError(f"{path}: JSON nested too deeply") from None
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

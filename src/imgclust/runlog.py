@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,7 @@ class RunLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "w" if fresh else "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            _ACTIVE[:] = [self]  # warnings raised from here on are recorded in this log
 
     def event(self, event: str, **fields: Any) -> None:
         if self._f is None:
@@ -78,6 +81,8 @@ class RunLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def __enter__(self) -> RunLog:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
@@ -107,3 +112,54 @@ def _default(o: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return str(o)
+
+
+# --------------------------------------------------------------------- warning capture
+# Issue 22: identical images made scikit-learn print 194 ConvergenceWarning lines with
+# --k auto. The CLI routes warnings here: each is recorded as a "warning" event in the
+# active run's log.jsonl (or, without one, kept in memory) and one summary line is printed
+# at exit. Library use (no route_warnings call) keeps Python's default behaviour.
+_ACTIVE: list[RunLog] = []
+_SEEN: dict[tuple[str, str], int] = {}
+_LOGS_USED: list[str] = []
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    log = _ACTIVE[0] if _ACTIVE else None
+    if os.path.abspath(filename).startswith(_OWN_DIR):  # imgclust's own: a message for the user, one line
+        print(f"warning: {message}", file=sys.stderr)
+        if log is not None and log._f is not None:
+            with contextlib.suppress(Exception):
+                log.event("warning", category=category.__name__, message=str(message)[:2000])
+        return
+    key = (category.__name__, str(message).strip().splitlines()[0][:300] if str(message).strip() else "")
+    _SEEN[key] = _SEEN.get(key, 0) + 1
+    if log is not None and log._f is not None:
+        with contextlib.suppress(Exception):
+            log.event("warning", category=key[0], message=str(message)[:2000], where=f"{filename}:{lineno}")
+        if str(log.path) not in _LOGS_USED:
+            _LOGS_USED.append(str(log.path))
+
+
+def route_warnings() -> None:
+    """Record warnings instead of printing them (see above); idempotent."""
+    import warnings
+
+    warnings.showwarning = _showwarning
+
+
+def report_warnings(stream: Any = None) -> int:
+    """Print one line summarising the captured warnings (if any) to stderr; returns their count."""
+    import sys
+
+    n = sum(_SEEN.values())
+    if n:
+        (cat, msg), _ = max(_SEEN.items(), key=lambda kv: kv[1])
+        where = f"recorded in {', '.join(_LOGS_USED)}" if _LOGS_USED else "not shown"
+        print(f"note: {n} warning(s) from libraries ({len(_SEEN)} distinct; most frequent: {cat}: {msg[:160]}) "
+              f"{where}", file=stream or sys.stderr)
+        _SEEN.clear()
+        _LOGS_USED.clear()
+    return n

@@ -14,8 +14,10 @@ from imgclust.errors import InputError
 
 
 class Pixels(Backbone):
-    def __init__(self, weights: str | None = None, image_size: int | None = None, grayscale: bool = False, **_: object):
+    def __init__(self, weights: str | None = None, image_size: int | None = None, grayscale: bool = False, **extra: object):
         super().__init__()
+        if extra:  # an unknown option must not be silently ignored (issue 22)
+            raise InputError(f"unknown backbone option(s) {sorted(extra)} for 'pixels'; allowed: grayscale, image_size")
         if weights is not None:
             raise InputError("the 'pixels' backbone has no weights")
         size = image_size or 32

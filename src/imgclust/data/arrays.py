@@ -56,8 +56,11 @@ class NpzSource(ArraySource):
                         f"{p} has no image array: expected a key named {', '.join(IMAGE_KEYS)} "
                         f"(found: {', '.join(keys) or 'nothing'})"
                     )
-                images = z[key]
                 lkey = next((k for k in LABEL_KEYS if k in keys), None)
+                for k in (key, lkey, "class_names" if "class_names" in keys else None):
+                    if k is not None:
+                        _check_member_header(z, k, p)  # before numpy allocates what the header claims
+                images = z[key]
                 raw_labels = z[lkey] if lkey is not None else None
                 names = z["class_names"] if "class_names" in keys else None
         except InputError:
@@ -72,6 +75,8 @@ class NpzSource(ArraySource):
             raise InputError(f"cannot read {p} as a .npz array file: {e}") from e
         except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
             raise InputError(f"cannot read {p} as a .npz array file: {e}") from e
+        except MemoryError:
+            raise InputError(f"{p}: not enough memory to load its arrays") from None
 
         if images.dtype.kind not in "uifb":
             raise InputError(f"{p}: images must be numeric, got dtype {images.dtype}")
@@ -94,6 +99,34 @@ class NpzSource(ArraySource):
         d = super().describe()
         d.update(kind="npz", file=str(self.file))
         return d
+
+
+def _check_member_header(z: np.lib.npyio.NpzFile, key: str, p: Path) -> None:
+    """Refuse an array whose header claims more bytes than its zip member holds.
+
+    A 200-byte ``.npz`` can declare shape (10**12,): numpy would try to allocate that before
+    reading a byte (MemoryError, or the OOM killer). The member's uncompressed size is known
+    from the zip directory, so the claim is checked against it first.
+    """
+    from numpy.lib import format as npformat
+
+    info = z.zip.getinfo(f"{key}.npy")
+    with z.zip.open(info) as f:
+        try:
+            version = npformat.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npformat.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = npformat.read_array_header_2_0(f)
+        except ValueError as e:
+            raise InputError(f"{p}: array {key!r} has a bad header ({e})") from None
+        header_len = f.tell()
+    if dtype.hasobject:
+        return  # refused later with the pickle message
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed > info.file_size - header_len:
+        raise InputError(f"{p}: array {key!r} claims shape {tuple(shape)} ({claimed} bytes) but holds "
+                         f"{max(info.file_size - header_len, 0)} bytes; the file is damaged or forged")
 
 
 def _labels(

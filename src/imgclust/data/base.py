@@ -95,6 +95,14 @@ class ArraySource(ImageSource):
             raise InputError(
                 f"{name}: expected images of shape (N, H, W) or (N, H, W, C) with N > 0, got {images.shape}"
             )
+        self.nonfinite: dict[int, str] = {}
+        if np.issubdtype(images.dtype, np.floating):
+            bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+            if bad.any():  # skipped like an unreadable image; the scale ignores those values
+                self.nonfinite = {int(i): "non-finite pixel values (NaN or inf)" for i in np.flatnonzero(bad)}
+                images = np.where(np.isfinite(images), images, np.nan)
+                if np.isnan(images).all():
+                    raise InputError(f"{name}: every pixel value is NaN or inf")
         if images.dtype != np.uint8:
             images = _to_uint8(images)
         self.images = images
@@ -112,6 +120,9 @@ class ArraySource(ImageSource):
         return len(self.images)
 
     def read(self, i: int) -> np.ndarray:
+        bad = getattr(self, "nonfinite", None)
+        if bad and i in bad:
+            raise BadImageError(bad[i])
         return as_rgb(self.images[i])
 
     def ids(self) -> list[str]:

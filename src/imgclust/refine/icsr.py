@@ -766,6 +766,12 @@ def refine_model(model_dir: str | Path, source: Any = None, out_dir: str | Path 
         raise InputError(f"output path {out} exists and is not a directory")
     if out.resolve() in (mdir.resolve(), *(() if run_dir is None else (run_dir.resolve(),))):
         raise InputError("the refined run needs its own output directory (not the base run's)")
+    from imgclust.outdir import check_out_dir
+    from imgclust.validate import check_seed
+
+    check_out_dir(out, overwrite=True)  # a non-empty folder that is not a run is never written into
+    if seed is not None:
+        check_seed(seed)
     over: dict[str, Any] = {"cache_dir": cache_dir} if cache_dir else {}
     if device:
         over["device"] = device

@@ -47,20 +47,28 @@ def load_run(run_dir: str | Path) -> RunData:
         raise InputError(f"{d} is not a complete run directory (no run.json); run `imgclust cluster` first")
     if not (d / "assignments.csv").is_file():
         raise InputError(f"{d}: assignments.csv is missing")
-    run = read_json(d / "run.json")
     ids, paths, clusters, conf, labels = [], [], [], [], []
-    with open(d / "assignments.csv", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        have_label = "label" in (reader.fieldnames or [])
-        for r in reader:
-            ids.append(r["id"])
-            paths.append(r.get("path") or "")
-            clusters.append(int(r["cluster"]))
-            conf.append(float(r["confidence"]))
-            if have_label:
-                labels.append(r["label"])
-    metrics = read_json(d / "metrics.json") if (d / "metrics.json").is_file() else None
-    ck = read_json(d / "choose_k.json") if (d / "choose_k.json").is_file() else None
+    try:  # files of a run are still files from disk: a damaged one is one line, not a KeyError
+        run = read_json(d / "run.json")
+        if not isinstance(run, dict):
+            raise ValueError("run.json is not a JSON object")
+        with open(d / "assignments.csv", encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"id", "cluster", "confidence"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"assignments.csv lacks column(s) {sorted(missing)}")
+            have_label = "label" in (reader.fieldnames or [])
+            for r in reader:
+                ids.append(r["id"])
+                paths.append(r.get("path") or "")
+                clusters.append(int(r["cluster"]))
+                conf.append(float(r["confidence"]))
+                if have_label:
+                    labels.append(r["label"])
+        metrics = read_json(d / "metrics.json") if (d / "metrics.json").is_file() else None
+        ck = read_json(d / "choose_k.json") if (d / "choose_k.json").is_file() else None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{d}: damaged run files ({type(e).__name__}: {e}); re-run `imgclust cluster`") from None
     return RunData(d, run, ids, paths, np.asarray(clusters, dtype=np.int64), np.asarray(conf, dtype=np.float64),
                    labels if have_label else None, metrics, ck)
 
