@@ -484,10 +484,10 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrit
     from imgclust.progress import record_progress
 
     with record_progress(log):  # every progress bar of the run also writes "progress" events to log.jsonl
-        return _cluster_run(cfg, out, progress, log, t0)
+        return _cluster_run(cfg, out, progress, log, t0, backbone)
 
 
-def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float) -> dict[str, Any]:
+def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float, backbone: Backbone) -> dict[str, Any]:
     s = cfg.source
     if s.max_pixels is not None and s.max_pixels < 1:
         raise InputError(f"max pixels must be >= 1, got {s.max_pixels}")
