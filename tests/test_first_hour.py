@@ -311,3 +311,15 @@ def test_one_map_text_for_both_commands():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "below 2,000 points, else UMAP if umap-learn is installed, else t-SNE up to 5,000 points" in " ".join(
         readme.split())
+
+
+def test_small_images_with_a_large_default_input_size_are_noticed():
+    from imgclust.data import open_source
+    from imgclust.data.notices import small_images_note
+
+    digits = open_source("digits")  # 8x8
+    note = small_images_note(digits, "efficientnet-lite0", 224, image_size_given=False)
+    assert note is not None and "8x8 px" in note and "--image-size 96" in note and "784x the pixels" in note
+    assert small_images_note(digits, "efficientnet-lite0", 224, image_size_given=True) is None  # the user chose
+    assert small_images_note(digits, "pixels", 224, image_size_given=False) is None
+    assert small_images_note(digits, "efficientnet-lite0", 24, image_size_given=False) is None  # not 4x smaller
