@@ -73,6 +73,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         seed: int = 0,
         progress: bool = True,
         chunk_rows: int = 1024,
+        engine: str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.method = method
@@ -91,6 +92,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.seed = seed
         self.progress = progress
         self.chunk_rows = chunk_rows
+        self.engine = engine
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -114,6 +116,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             seed=cfg.seed,
             progress=progress,
             chunk_rows=f.chunk_rows,
+            engine=f.engine,
         )
 
     def _backbone(self) -> Backbone:
@@ -142,6 +145,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             workers=self.workers,
             chunk_rows=self.chunk_rows,
             progress=self.progress,
+            engine=getattr(self, "engine", "auto"),
         )
         return fs.features, fs.valid, fs, source
 

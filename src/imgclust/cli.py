@@ -85,7 +85,8 @@ def cluster(
     pca: Optional[int] = typer.Option(None, help="reduce features to this many PCA dimensions first"),
     pca_whiten: bool = typer.Option(False, help="whiten the PCA dimensions (unit variance)"),
     batch_size: int = typer.Option(64, help="images per backbone batch"),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (faster, approximate)"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (faster, approximate) | int8 (openvino/onnxruntime, calibrated on your images) | fp16 (CUDA)"),
+    engine: str = typer.Option("auto", help="inference engine: auto | torch | openvino | onnxruntime"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     workers: Optional[int] = typer.Option(None, help="image decoding threads (default: CPU count, at most 8)"),
     cache_dir: Optional[str] = typer.Option(None, help="feature cache (default $IMGCLUST_CACHE or ~/.cache/imgclust)"),
@@ -122,7 +123,7 @@ def cluster(
         ("backbone", backbone, bb, "name"), ("weights", weights, bb, "weights"),
         ("image_size", image_size, bb, "image_size"), ("pca", pca, ft, "pca"), ("pca_whiten", pca_whiten, ft, "pca_whiten"),
         ("batch_size", batch_size, ft, "batch_size"),
-        ("precision", precision, ft, "precision"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
+        ("precision", precision, ft, "precision"), ("engine", engine, ft, "engine"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
         ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
         ("k_range", k_range, cfg, "k_range"), ("report", report, cfg, "report"), ("report_map", report_map, cfg, "report_map"),
     ]:
