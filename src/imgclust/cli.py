@@ -247,6 +247,20 @@ def export(
     typer.echo(f"exported {s['n_images']} images in {s['n_clusters']} clusters as {s['format']} -> {s['dest']}{how}")
 
 
+@app.command("export-model")
+def export_model_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory (or its model/) written by `imgclust cluster`"),
+    dest: Path = typer.Argument(..., help="the .onnx file to write (outside the run directory)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace DEST if it exists"),
+) -> None:
+    """Write the run's backbone and classifier as one ONNX file (uint8 RGB images in, cluster
+    probabilities out; preprocessing in its metadata). `imgclust predict model.onnx SRC` uses it."""
+    from imgclust.portable import export_model
+
+    s = export_model(run_dir, dest, overwrite=overwrite)
+    typer.echo(f"exported {s['backbone']} + {s['method']} (K={s['n_clusters']}) -> {s['path']} ({s['bytes'] / 1e6:.1f} MB)")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory to write"),
@@ -281,7 +295,7 @@ DEMO_PCA = 64  # whitened: ACC 0.86 on digits vs 0.70 on the raw 1280-d features
 
 @app.command()
 def predict(
-    model_dir: Path = typer.Argument(..., help="a run's model/ directory (or the run directory)"),
+    model_dir: Path = typer.Argument(..., help="a run's model/ directory (or the run directory), or a model.onnx from `imgclust export-model`"),
     source: str = typer.Argument(..., help="images to classify (same forms as for `cluster`)"),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write"),
     split: Optional[str] = typer.Option(None),
@@ -296,11 +310,18 @@ def predict(
 
     if (model_dir / "model").is_dir() and not (model_dir / "model.json").exists():
         model_dir = model_dir / "model"
-    est = ImageClusterer.load(model_dir, progress=not quiet, **({"cache_dir": cache_dir} if cache_dir else {}))
+    onnx_model = model_dir.suffix.lower() == ".onnx" and model_dir.is_file()  # issue 19: portable model
+    if not onnx_model:
+        est = ImageClusterer.load(model_dir, progress=not quiet, **({"cache_dir": cache_dir} if cache_dir else {}))
     if max_pixels is not None and max_pixels < 1:
         raise InputError(f"max pixels must be >= 1, got {max_pixels}")
     src = open_source(source, split=split, max_pixels=max_pixels)
-    proba = est.predict_proba(src)
+    if onnx_model:
+        from imgclust.portable import predict_onnx
+
+        proba = predict_onnx(model_dir, src, progress=not quiet)
+    else:
+        proba = est.predict_proba(src)
     ids = src.ids()
     rows = []
     n_bad = 0
