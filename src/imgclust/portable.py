@@ -122,7 +122,7 @@ def export_model(run: str | Path, dest: str | Path, overwrite: bool = False) -> 
     try:
         import onnx
     except ImportError as e:
-        raise InputError("export-model needs the onnx package: pip install 'imgclust[fast]'") from e
+        raise InputError("export-model needs the onnx package: pip install onnx") from e
     est = ImageClusterer.load(mdir, progress=False)
     if getattr(est.model_, "image_level", False):
         raise InputError("this model fine-tuned its backbone; export-model supports frozen-backbone models only")

@@ -10,8 +10,9 @@ CUDA only). ``auto`` picks, for the device:
 * ``int8`` needs OpenVINO + NNCF or ONNX Runtime; ``auto`` takes whichever is installed.
 
 Engines (see :mod:`imgclust.engines.base`) take ``(B, S, S, C)`` uint8 batches and return
-``(B, dim)`` float32 features. OpenVINO and ONNX Runtime are optional (``pip install
-imgclust[fast]``); everything runs with PyTorch alone.
+``(B, dim)`` float32 features. OpenVINO and ONNX Runtime are dependencies of imgclust, but
+nothing imports them at start-up and everything runs with PyTorch alone where they are
+missing (``auto`` falls back). NNCF (OpenVINO's int8 quantiser) is the ``int8`` extra.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def choose_engine(engine: str, precision: str, device: torch.device, backbone: B
             return "openvino"
         if "onnxruntime" in fast:
             return "onnxruntime"
-        raise InputError("--precision int8 needs OpenVINO + NNCF or ONNX Runtime: pip install 'imgclust[fast]'")
+        raise InputError("--precision int8 needs ONNX Runtime or OpenVINO + NNCF: pip install onnxruntime")
     if not fast:
         return "torch"
     best = fast[0]

@@ -47,7 +47,7 @@ class OpenVINOEngine(Engine):
         self.precision = precision
         int8 = precision == "int8"
         if int8 and not has_nncf():
-            raise InputError("--precision int8 with openvino needs NNCF: pip install nncf (or use --engine onnxruntime)")
+            raise InputError("--precision int8 with openvino needs NNCF: pip install 'imgclust[int8]' (or use --engine onnxruntime)")
         if int8 and calibration is None:
             raise InputError("--precision int8 needs calibration images")
         key = model_key(backbone, engine="openvino", version=version(), precision="int8" if int8 else "fp32",
