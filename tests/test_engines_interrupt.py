@@ -20,8 +20,8 @@ from imgclust.engines import available_engines
 ENGINE = next((e for e in ("openvino", "onnxruntime") if e in available_engines()), None)
 pytestmark = pytest.mark.skipif(ENGINE is None, reason="neither openvino nor onnxruntime is installed")
 
-N_DIGITS = 1797
-ARGS = ["cluster", "digits", "--k", "10", "--backbone", "efficientnet-lite0", "--image-size", "32",
+N_DIGITS = 600  # --limit: a seeded sample keeps each CLI run to seconds
+ARGS = ["cluster", "digits", "--k", "10", "--limit", str(N_DIGITS), "--backbone", "efficientnet-lite0", "--image-size", "32",
         "--batch-size", "16", "--chunk-rows", "64", "--seed", "3", "--option", "n_init=3", "--quiet", "--no-report"]
 
 
@@ -88,9 +88,9 @@ def test_export_model_round_trip_predicts_the_runs_clusters(reference, tmp_path)
     r = _cli("predict", str(onnx_path), "digits", "--out", str(pred), "--quiet", cache=tmp_path / "empty-cache")
     assert r.returncode == 0, r.stderr
     want = {row["id"]: row["cluster"] for row in csv.DictReader((run / "assignments.csv").open())}
-    got = {row["id"]: row["cluster"] for row in csv.DictReader(pred.open())}
-    assert len(got) == len(want) == N_DIGITS
-    assert got == want
+    got = {row["id"]: row["cluster"] for row in csv.DictReader(pred.open())}  # all 1797 digits
+    assert len(want) == N_DIGITS and set(want) <= set(got)
+    assert {i: got[i] for i in want} == want
 
     import onnxruntime as ort
 
