@@ -4,6 +4,7 @@ round-trips: the ONNX file predicts the run's clusters."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -55,10 +56,8 @@ def test_sigkill_during_engine_extraction_resumes_to_identical_features(referenc
         if proc.poll() is not None:
             pytest.fail(f"the run ended before it could be killed: {proc.communicate()}")
         for p in (cache / "features").glob("*/progress.json") if (cache / "features").is_dir() else []:
-            try:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced while being read
                 done = json.loads(p.read_text())["done"]
-            except (OSError, ValueError, KeyError):
-                pass
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
