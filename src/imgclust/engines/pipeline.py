@@ -21,7 +21,12 @@ JPEG draft mode (:func:`imgclust.data.decode.jpeg_draft`) is not in the key eith
 acts when the photo's shorter side is >= 2 x ``DRAFT_GAP`` x the target, and then keeps at
 least ``DRAFT_GAP`` (2) x the target resolution before Pillow's antialiased resize - the same
 idea as Pillow's ``reducing_gap`` (documented as indistinguishable from a full resize in most
-cases). Measured: DRAFTCOS
+cases). Measured on 40 of benchmarks/extract_speed.py's large photos (2000-2800 px, with
+added grain, the hard case for a DCT-domain downscale) -> 224 px, EfficientNet-Lite0: pixel
+mean absolute difference 0.62 / 255, feature cosine to the full decode median 0.9994, min
+0.983. That is above fp32-engine noise, so draft mode is a deliberate trade (decode several
+times faster on large photos) rather than "the same features"; it stays out of the key so
+every cache entry of unchanged small images (CIFAR-size: never drafted) stays valid.
 """
 
 from __future__ import annotations
