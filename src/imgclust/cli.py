@@ -139,6 +139,10 @@ def cluster(
         from imgclust.choosek import parse_k_range
 
         parse_k_range(cfg.k_range)
+    from imgclust.engines import choose_engine  # issue 19: a bad engine/precision fails before any work
+    from imgclust.features import resolve_device
+
+    choose_engine(cfg.features.engine, cfg.features.precision, resolve_device(cfg.features.device))
     if save_config is not None:
         from imgclust.config import save_config as write_config
 
@@ -310,7 +314,9 @@ def predict(
 
     if (model_dir / "model").is_dir() and not (model_dir / "model.json").exists():
         model_dir = model_dir / "model"
-    onnx_model = model_dir.suffix.lower() == ".onnx" and model_dir.is_file()  # issue 19: portable model
+    onnx_model = model_dir.suffix.lower() == ".onnx"  # issue 19: portable model
+    if onnx_model and not model_dir.is_file():
+        raise InputError(f"{model_dir}: no such model file")
     if not onnx_model:
         est = ImageClusterer.load(model_dir, progress=not quiet, **({"cache_dir": cache_dir} if cache_dir else {}))
     if max_pixels is not None and max_pixels < 1:
