@@ -76,6 +76,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         progress: bool = True,
         chunk_rows: int = 1024,
         threads: int | str | None = None,
+        engine: str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.method = method
@@ -95,6 +96,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.progress = progress
         self.chunk_rows = chunk_rows
         self.threads = threads  # None/"auto": imgclust.threads picks a safe count (CPUs, quota, load)
+        self.engine = engine
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -119,6 +121,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             progress=progress,
             chunk_rows=f.chunk_rows,
             threads=cfg.threads,
+            engine=f.engine,
         )
 
     def _backbone(self) -> Backbone:
@@ -147,6 +150,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             workers=self.workers,
             chunk_rows=self.chunk_rows,
             progress=self.progress,
+            engine=getattr(self, "engine", "auto"),
         )
         return fs.features, fs.valid, fs, source
 

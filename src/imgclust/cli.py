@@ -97,7 +97,8 @@ def cluster(
     pca: Optional[int] = typer.Option(None, help="reduce features to this many PCA dimensions first"),
     pca_whiten: bool = typer.Option(False, help="whiten the PCA dimensions (unit variance)"),
     batch_size: int = typer.Option(64, help="images per backbone batch"),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (faster, approximate)"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (faster, approximate) | int8 (openvino/onnxruntime, calibrated on your images) | fp16 (CUDA)"),
+    engine: str = typer.Option("auto", help="inference engine: auto | torch | openvino | onnxruntime"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     workers: Optional[int] = typer.Option(None, help="image decoding threads (default: CPU count, at most 8)"),
     cache_dir: Optional[str] = typer.Option(None, help="feature cache (default $IMGCLUST_CACHE or ~/.cache/imgclust)"),
@@ -135,7 +136,7 @@ def cluster(
         ("backbone", backbone, bb, "name"), ("weights", weights, bb, "weights"),
         ("image_size", image_size, bb, "image_size"), ("pca", pca, ft, "pca"), ("pca_whiten", pca_whiten, ft, "pca_whiten"),
         ("batch_size", batch_size, ft, "batch_size"),
-        ("precision", precision, ft, "precision"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
+        ("precision", precision, ft, "precision"), ("engine", engine, ft, "engine"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
         ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
         ("k_range", k_range, cfg, "k_range"), ("report", report, cfg, "report"), ("report_map", report_map, cfg, "report_map"),
         ("threads", _parse_threads(threads), cfg, "threads"),
@@ -155,6 +156,10 @@ def cluster(
         from imgclust.choosek import parse_k_range
 
         parse_k_range(cfg.k_range)
+    from imgclust.engines import choose_engine  # issue 19: a bad engine/precision fails before any work
+    from imgclust.features import resolve_device
+
+    choose_engine(cfg.features.engine, cfg.features.precision, resolve_device(cfg.features.device))
     if save_config is not None:
         from imgclust.config import portable
         from imgclust.config import save_config as write_config
@@ -294,6 +299,20 @@ def export(
     typer.echo(f"exported {s['n_images']} images in {s['n_clusters']} clusters as {s['format']} -> {s['dest']}{how}")
 
 
+@app.command("export-model")
+def export_model_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory (or its model/) written by `imgclust cluster`"),
+    dest: Path = typer.Argument(..., help="the .onnx file to write (outside the run directory)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace DEST if it exists"),
+) -> None:
+    """Write the run's backbone and classifier as one ONNX file (uint8 RGB images in, cluster
+    probabilities out; preprocessing in its metadata). `imgclust predict model.onnx SRC` uses it."""
+    from imgclust.portable import export_model
+
+    s = export_model(run_dir, dest, overwrite=overwrite)
+    typer.echo(f"exported {s['backbone']} + {s['method']} (K={s['n_clusters']}) -> {s['path']} ({s['bytes'] / 1e6:.1f} MB)")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory to write"),
@@ -328,7 +347,7 @@ DEMO_PCA = 64  # whitened: ACC 0.86 on digits vs 0.70 on the raw 1280-d features
 
 @app.command()
 def predict(
-    model_dir: Path = typer.Argument(..., help="a run's model/ directory (or the run directory)"),
+    model_dir: Path = typer.Argument(..., help="a run's model/ directory (or the run directory), or a model.onnx from `imgclust export-model`"),
     source: str = typer.Argument(..., help="images to classify (same forms as for `cluster`)"),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write"),
     split: Optional[str] = typer.Option(None),
@@ -344,12 +363,21 @@ def predict(
 
     if (model_dir / "model").is_dir() and not (model_dir / "model.json").exists():
         model_dir = model_dir / "model"
-    est = ImageClusterer.load(model_dir, progress=not quiet, threads=threads,
-                              **({"cache_dir": cache_dir} if cache_dir else {}))
+    onnx_model = model_dir.suffix.lower() == ".onnx"  # issue 19: portable model
+    if onnx_model and not model_dir.is_file():
+        raise InputError(f"{model_dir}: no such model file")
+    if not onnx_model:
+        est = ImageClusterer.load(model_dir, progress=not quiet, threads=threads,
+                                  **({"cache_dir": cache_dir} if cache_dir else {}))
     if max_pixels is not None and max_pixels < 1:
         raise InputError(f"max pixels must be >= 1, got {max_pixels}")
     src = open_source(source, split=split, max_pixels=max_pixels)
-    proba = est.predict_proba(src)
+    if onnx_model:
+        from imgclust.portable import predict_onnx
+
+        proba = predict_onnx(model_dir, src, progress=not quiet)
+    else:
+        proba = est.predict_proba(src)
     ids = src.ids()
     rows = []
     n_bad = 0

@@ -56,6 +56,7 @@ class FeatureConfig:
     pca: int | None = None  # reduce features to this many dimensions before clustering
     pca_whiten: bool = False  # scale PCA components to unit variance (helps k-means on CNN features)
     chunk_rows: int = 1024  # feature rows between two flushes of the cache (what an interruption can lose)
+    engine: str = "auto"  # auto | torch | openvino | onnxruntime (issue 19; precision may then be int8)
 
 
 @dataclass

@@ -28,6 +28,12 @@ Every failure becomes :class:`~imgclust.errors.BadImageError` with a short reaso
 "permission denied", "image too large: W x H pixels > cap", ...). The file is only ever
 read, never written.
 
+JPEG draft mode: inside ``with jpeg_draft(min_side):`` (set per decoding thread by the feature
+extractor) a JPEG is decoded by libjpeg's DCT scaling at 1/2, 1/4 or 1/8 of its size, the
+smallest that keeps both sides >= ``min_side``: a 4000 x 3000 photo bound for a 224 px
+backbone decodes 8x8 fewer pixels, several times faster. The cap check above still uses the
+full header size.
+
 Decompression bombs: images with more than ``max_pixels`` pixels are refused from their
 header, before any pixel is decoded. Pillow's own guard (``Image.MAX_IMAGE_PIXELS``) is
 superseded by this cap: its ``DecompressionBombWarning`` is silenced process-wide when this
@@ -36,6 +42,8 @@ module is imported, and its ``DecompressionBombError`` is handled here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import io
 import os
@@ -48,7 +56,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgclust.errors import BadImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "is_image_name"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "is_image_name", "jpeg_draft"]
 
 #: Default pixel cap: Pillow's default hard limit (2 x ``MAX_IMAGE_PIXELS``), ~179 Mpx,
 #: e.g. 13,377 x 13,377. Larger images are reported as bad instead of being decoded.
@@ -90,6 +98,20 @@ def _silence_pillow_bomb_warning() -> None:
 
 
 _silence_pillow_bomb_warning()
+
+# Minimum side for JPEG draft decoding in this context (thread); None = full decode.
+_DRAFT_MIN_SIDE: contextvars.ContextVar[int | None] = contextvars.ContextVar("imgclust_jpeg_draft", default=None)
+
+
+@contextlib.contextmanager
+def jpeg_draft(min_side: int | None):
+    """Within the block, JPEGs decode at the smallest DCT scale with both sides >= ``min_side``."""
+    token = _DRAFT_MIN_SIDE.set(None if min_side is None else max(1, int(min_side)))
+    try:
+        yield
+    finally:
+        _DRAFT_MIN_SIDE.reset(token)
+
 
 # Serialises the rare path that temporarily lifts Pillow's global pixel limit.
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -192,6 +214,9 @@ def _decode_pillow(buf: bytes, cap: int) -> np.ndarray:
         w, h = img.size
         if w * h > cap:
             raise _too_large(w, h, cap)
+        draft = _DRAFT_MIN_SIDE.get()
+        if draft is not None and img.format == "JPEG" and min(w, h) >= 2 * draft:
+            img.draft(img.mode, (draft, draft))
         try:
             img.load()  # decode now so truncation is detected here, not later
         except Image.DecompressionBombError:
