@@ -1,0 +1,168 @@
+"""Near-duplicates and outliers from the cached features: a pipeline stage after the features.
+
+Both come from one k-nearest-neighbour search (faiss, inner product over centred and
+L2-normalised features, i.e. cosine similarity around the mean feature), as fastdup and cleanlab do it (cleanlab's
+``near_duplicate`` and ``outlier`` issue types are kNN distances on embeddings too):
+
+* **Near-duplicates**: every pair of images whose cosine similarity is at least
+  ``dup_threshold`` (among each image's ``k`` nearest neighbours) is an edge; the connected
+  components of that graph with two or more images are the duplicate groups. Exact copies
+  have similarity 1.0. The default threshold :data:`DUP_THRESHOLD` was measured on CIFAR-10
+  test with 1 % injected copies (exact, resized, re-encoded as JPEG, cropped by a few
+  pixels): see ``benchmarks/duplicates.py`` and docs/notes/issue-21.md for the
+  recall/precision table it printed.
+* **Outliers**: the score of an image is its mean cosine distance to its ``k`` nearest
+  neighbours (the kNN distance of cleanlab's ``OutOfDistribution``); images beyond Tukey's
+  far-out fence, Q3 + 3 IQR of the scores, are outliers, at most ``max_outlier_fraction`` of
+  the images (the highest scores). No labels and no clustering enter either score.
+
+The search is exact (``IndexFlatIP``) up to :data:`EXACT_MAX_ROWS` images and an IVF index
+above (as :mod:`imgclust.neighbors` does), so 50k images take seconds, not minutes.
+Written into a run directory as ``duplicates.csv`` and ``outliers.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclust.errors import InputError
+from imgclust.rundir import write_csv
+
+DUP_THRESHOLD = 0.96  # cosine similarity; measured (benchmarks/duplicates.py, see the module doc)
+OUTLIER_FENCE = 3.0  # Tukey's far-out fence: Q3 + 3 IQR
+MAX_OUTLIER_FRACTION = 0.01
+KNN = 10
+EXACT_MAX_ROWS = 20_000
+
+
+@dataclass
+class Quality:
+    """Duplicate groups (lists of row indices, most similar first) and outliers (row indices, worst first)."""
+
+    groups: list[list[int]]
+    group_sim: list[float]  # per group: the lowest edge similarity that joined it
+    outliers: np.ndarray
+    scores: np.ndarray  # (N,) outlier score of every row
+    info: dict[str, Any]
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_index(xn: np.ndarray, seed: int = 0) -> Any:
+    """A faiss inner-product index over L2-normalised rows: exact up to EXACT_MAX_ROWS, IVF above."""
+    import faiss
+
+    n, d = xn.shape
+    if n <= EXACT_MAX_ROWS:
+        index = faiss.IndexFlatIP(d)
+        index.add(xn)
+        return index
+    nlist = int(4 * math.sqrt(n))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    index.cp.seed = int(seed) + 1
+    index.cp.min_points_per_centroid = 1
+    index.train(xn[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))])
+    index.add(xn)
+    index.nprobe = 16
+    return index
+
+
+def find_quality(features: np.ndarray, *, k: int = KNN, dup_threshold: float = DUP_THRESHOLD,
+                 outlier_fence: float = OUTLIER_FENCE, max_outlier_fraction: float = MAX_OUTLIER_FRACTION,
+                 seed: int = 0, chunk: int = 4096) -> Quality:
+    """Near-duplicate groups and outliers of ``features`` (N, D); see the module doc."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    x = np.asarray(features)
+    if x.ndim != 2 or len(x) < 2:
+        raise InputError(f"duplicates/outliers need at least 2 feature rows, got shape {x.shape}")
+    if not -1.0 <= dup_threshold <= 1.0:
+        raise InputError(f"the duplicate threshold is a cosine similarity in [-1, 1], got {dup_threshold}")
+    if k < 1 or not 0.0 <= max_outlier_fraction <= 1.0:
+        raise InputError("k must be >= 1 and the outlier fraction in [0, 1]")
+    xn = l2n(x - x.mean(axis=0, dtype=np.float64).astype(np.float32))  # centred: see the module doc
+    if not np.isfinite(xn).all():
+        raise InputError("features contain NaN or infinite values")
+    n = len(xn)
+    kk = min(k, n - 1)
+    index = knn_index(xn, seed)
+    sims = np.zeros((n, kk), np.float32)
+    nbrs = np.zeros((n, kk), np.int64)
+    for s in range(0, n, chunk):
+        rows = np.arange(s, min(s + chunk, n))
+        d, i = index.search(xn[rows], kk + 1)
+        is_self = i == rows[:, None]
+        is_self[~is_self.any(1), -1] = True  # self missing (ties, IVF): drop the last candidate instead
+        first = np.argmax(is_self, 1)
+        keep = np.ones_like(is_self)
+        keep[np.arange(len(rows)), first] = False
+        sims[rows] = d[keep].reshape(len(rows), kk)
+        nbrs[rows] = i[keep].reshape(len(rows), kk)
+    found = nbrs >= 0
+    sims = np.where(found, sims, -1.0)
+    # Outliers: mean cosine distance to the k nearest neighbours.
+    scores = 1.0 - np.where(found, sims, 0.0).sum(1) / np.maximum(found.sum(1), 1)
+    q1, q3 = np.percentile(scores, [25, 75])
+    fence = float(q3 + outlier_fence * (q3 - q1))
+    cand = np.flatnonzero(scores > fence)
+    cap = int(max_outlier_fraction * n)
+    order = cand[np.argsort(-scores[cand], kind="stable")][:cap]
+    # Duplicates: components of the graph of pairs above the threshold.
+    r, c = np.nonzero(found & (sims >= dup_threshold))
+    cols = nbrs[r, c]
+    groups: list[list[int]] = []
+    group_sim: list[float] = []
+    if len(r):
+        g = coo_matrix((sims[r, c], (r, cols)), shape=(n, n)).tocsr()
+        _, comp = connected_components(g, directed=False)
+        members = np.unique(np.concatenate([r, cols]))
+        edge_sim = sims[r, c]
+        low = {}
+        for a, s_ in zip(comp[r], edge_sim):
+            low[a] = min(low.get(a, 1.0), float(s_))
+        by_comp: dict[int, list[int]] = {}
+        for m in members:
+            by_comp.setdefault(int(comp[m]), []).append(int(m))
+        for cid, rows_ in sorted(by_comp.items(), key=lambda t: (-len(t[1]), t[1][0])):
+            if len(rows_) >= 2:
+                groups.append(rows_)
+                group_sim.append(round(low.get(cid, 1.0), 4))
+    info = {"k": kk, "dup_threshold": dup_threshold, "outlier_fence": fence, "outlier_fence_iqr": outlier_fence,
+            "max_outlier_fraction": max_outlier_fraction, "n": n, "n_groups": len(groups),
+            "n_in_groups": int(sum(len(g_) for g_ in groups)), "n_outliers": len(order)}
+    return Quality(groups, group_sim, order, scores.astype(np.float32), info)
+
+
+def write_quality(run_dir: str | Path, q: Quality, ids: list[str], paths: list[str], clusters: np.ndarray) -> None:
+    """``duplicates.csv`` (group, id, path, cluster, group_min_similarity) and ``outliers.csv``
+    (rank, id, path, cluster, score); row indices of ``q`` index ``ids``/``paths``/``clusters``."""
+    d = Path(run_dir)
+    write_csv(d / "duplicates.csv", ["group", "id", "path", "cluster", "group_min_similarity"],
+              [(g, ids[i], paths[i], int(clusters[i]), f"{s:.4f}")
+               for g, (rows, s) in enumerate(zip(q.groups, q.group_sim)) for i in rows])
+    write_csv(d / "outliers.csv", ["rank", "id", "path", "cluster", "score"],
+              [(r, ids[i], paths[i], int(clusters[i]), f"{q.scores[i]:.4f}") for r, i in enumerate(q.outliers)])
+
+
+def read_quality(run_dir: str | Path) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
+    """The rows of ``duplicates.csv`` and ``outliers.csv`` of a run, or None when they are not there."""
+    import csv
+
+    d = Path(run_dir)
+    if not (d / "duplicates.csv").is_file() or not (d / "outliers.csv").is_file():
+        return None
+    out = []
+    for name in ("duplicates.csv", "outliers.csv"):
+        with open(d / name, encoding="utf-8", newline="") as f:
+            out.append(list(csv.DictReader(f)))
+    return out[0], out[1]
