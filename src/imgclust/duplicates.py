@@ -65,14 +65,15 @@ def knn_index(xn: np.ndarray, seed: int = 0) -> Any:
         index = faiss.IndexFlatIP(d)
         index.add(xn)
         return index
-    nlist = int(4 * math.sqrt(n))
+    nlist = int(2 * math.sqrt(n))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
     index.cp.seed = int(seed) + 1
+    index.cp.niter = 10
     index.cp.min_points_per_centroid = 1
-    index.train(xn[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))])
+    index.train(xn[np.sort(rng.choice(n, size=min(n, 32 * nlist), replace=False))])
     index.add(xn)
-    index.nprobe = 16
+    index.nprobe = 8
     return index
 
 
