@@ -406,6 +406,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, token:
 
     tok, url = plan(host, port, token)
     allowed = None if not is_loopback(host) else ["127.0.0.1", "localhost", "::1"]
+    print(f"review: loading {run_dir} ...", flush=True)
     app = build_app(run_dir, token=tok, allowed_hosts=allowed, map_method=map_method)
     print(f"review: {url}  (Ctrl-C to stop)", flush=True)
     if open_browser:
