@@ -168,3 +168,19 @@ def test_apply_without_edits_refuses(fresh, tmp_path):
     d, _, _ = fresh
     with pytest.raises(InputError, match="no edits"):
         apply_edits(d, tmp_path / "x", progress=False)
+
+
+def test_cli_apply_edits(fresh, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    d, data, index = fresh
+    env = dict(os.environ, IMGCLUST_QUIET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "imgclust.cli", "apply-edits", str(d), "--out", str(tmp_path / "r2"), "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no edits" in r.stderr
+    E.append(d, {"op": "move", "ids": [data.ids[5]], "to": (int(data.clusters[5]) + 1) % 6}, index, data.clusters)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "1 images changed cluster, 1 moved by hand" in r.stdout
