@@ -10,6 +10,7 @@ in one duplicate group. Precision counts only injected pairs as right, so it is 
 
     PYTHONPATH=src IMGCLUST_CACHE=/work/cache python benchmarks/duplicates.py /work/shared/data/cifar10-jpg.tar.gz \
         [--limit N] [--backbone efficientnet-lite0]
+    PYTHONPATH=src python benchmarks/duplicates.py /work/shared/data/fashion-mnist --backbone pixels --image-size 28 --grayscale
 
 Prints one row per threshold (cosine similarity of the centred features), and the outlier count.
 """
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--grayscale", action="store_true", help="pixels backbone: grey levels (Fashion-MNIST)")
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -60,7 +63,8 @@ def main() -> None:
     src = open_source(a.source, split=a.split)
     if a.limit:
         src = SubsetSource.sample(src, a.limit, seed=a.seed)
-    bb = build_backbone(a.backbone)
+    opts = {k: v for k, v in (("image_size", a.image_size), ("grayscale", a.grayscale or None)) if v is not None}
+    bb = build_backbone(a.backbone, **opts)
     cache = os.environ.get("IMGCLUST_CACHE")
     fs = extract_features(src, bb, cache_dir=cache, progress=True)
     base = np.asarray(fs.features, dtype=np.float32)
