@@ -120,9 +120,13 @@ def _action_bar(state: ReviewState, rep: Any) -> str:
 
 
 def build_app(run_dir: str | Path, token: str | None = None, allowed_hosts: list[str] | None = None,
-              map_method: str = "pca") -> Starlette:
+              map_method: str = "pca", warm: bool = False) -> Starlette:
     """The review app of one run. ``token``: required on every request (query ``token=`` once, then a cookie)."""
     state = ReviewState(run_dir, map_method=map_method)
+    if warm:
+        import threading
+
+        threading.Thread(target=state.warm, daemon=True, name="review-warm").start()
 
     def row_of(image_id: str) -> int:
         row = state.index.get(image_id)
@@ -408,7 +412,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, token:
     tok, url = plan(host, port, token)
     allowed = None if not is_loopback(host) else ["127.0.0.1", "localhost", "::1"]
     print(f"review: loading {run_dir} ...", flush=True)
-    app = build_app(run_dir, token=tok, allowed_hosts=allowed, map_method=map_method)
+    app = build_app(run_dir, token=tok, allowed_hosts=allowed, map_method=map_method, warm=True)
     print(f"review: {url}  (Ctrl-C to stop)", flush=True)
     if open_browser:
         import threading

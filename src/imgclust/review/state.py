@@ -102,6 +102,16 @@ class ReviewState:
         d, i = self._faiss.search(self._xn[row:row + 1], min(n + 1, len(self._xn)))
         return [(int(j), float(s)) for j, s in zip(i[0], d[0]) if j >= 0 and j != row][:n]
 
+    def warm(self) -> None:
+        """Build the faiss index and the map ahead of the first request (run in a background thread)."""
+        if self.features is None or len(self.features) < 2:
+            return
+        try:
+            self.similar(0, 1)
+            self.map_xy()
+        except Exception:  # noqa: BLE001 - a page that needs them reports the problem itself
+            pass
+
     def quality(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """duplicates.csv / outliers.csv rows; computed from the features and written when the run lacks them."""
         with self._lock:
