@@ -12,7 +12,9 @@ in one duplicate group. Precision counts only injected pairs as right, so it is 
         [--limit N] [--backbone efficientnet-lite0]
     PYTHONPATH=src python benchmarks/duplicates.py /work/shared/data/fashion-mnist --backbone pixels --image-size 28 --grayscale
 
-Prints one row per threshold (cosine similarity of the centred features), and the outlier count.
+Prints one row per setting: the feature threshold (cosine of the centred, PCA-128 features) and the
+thumbnail threshold (cosine of the 16x16 grey, mean-removed thumbnails; "-": features only), and
+the outlier count.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image
 from imgclust.backbones import build_backbone
 from imgclust.data import ArraySource, open_source
 from imgclust.data.base import SubsetSource
-from imgclust.duplicates import find_quality
+from imgclust.duplicates import find_quality, thumb_vectors
 from imgclust.features import extract_features
 
 KINDS = ("exact", "resized", "reencoded", "cropped")
@@ -81,11 +83,16 @@ def main() -> None:
     kind_of = {(int(o), n + j): kinds[j] for j, o in enumerate(orig)}
     print(f"{n} images + {m} injected copies ({', '.join(KINDS)}), {a.backbone}, features {x.shape[1]}-d; "
           f"{time.perf_counter() - t0:.0f} s to get features")
-    print(f"{'threshold':>9} {'groups':>6} {'pairs':>6} {'recall':>6} {'precision':>9} "
+    thumbs = thumb_vectors(src, np.arange(n))
+    thumbs = np.concatenate([thumbs, np.stack([thumb_vectors(ArraySource(copies[j:j + 1]), [0])[0] for j in range(m)])])
+    print(f"{'features':>8} {'thumbs':>6} {'groups':>6} {'pairs':>6} {'recall':>6} {'precision':>9} "
           + " ".join(f"{k:>9}" for k in KINDS) + "  seconds")
-    for t in (0.85, 0.90, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99):
+    grid = [(0.85, None), (0.93, None), (0.96, None), (0.98, None), (0.98, 0.975), (0.98, 0.98), (0.98, 0.985),
+            (0.98, 0.99), (0.96, 0.985), (0.99, 0.985)]
+    for t, tt in grid:
         t1 = time.perf_counter()
-        q = find_quality(x, dup_threshold=t, seed=a.seed)
+        q = find_quality(x, dup_threshold=t, seed=a.seed, thumbs=None if tt is None else thumbs,
+                         thumb_threshold=tt or 1.0)
         dt = time.perf_counter() - t1
         pred = set()
         for g in q.groups:
@@ -96,8 +103,8 @@ def main() -> None:
         rec = len(hit) / len(truth)
         prec = len(hit) / max(len(pred), 1)
         per = {k: sum(1 for p in hit if kind_of[p] == k) / max(1, sum(1 for p in truth if kind_of[p] == k)) for k in KINDS}
-        print(f"{t:9.2f} {len(q.groups):6d} {len(pred):6d} {rec:6.3f} {prec:9.3f} "
-              + " ".join(f"{per[k]:9.3f}" for k in KINDS) + f"  {dt:.2f}")
+        print(f"{t:8.3f} {'-' if tt is None else f'{tt:.3f}':>6} {len(q.groups):6d} {len(pred):6d} {rec:6.3f} {prec:9.3f} "
+              + " ".join(f"{per[k]:9.3f}" for k in KINDS) + f"  {dt:.2f}", flush=True)
     q = find_quality(x, seed=a.seed)
     print(f"outliers at the default fence: {q.info['n_outliers']} (fence {q.info['outlier_fence']:.4f}); "
           f"injected copies among them: {int((q.outliers >= n).sum())}")

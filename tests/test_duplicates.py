@@ -65,3 +65,20 @@ def test_bad_input():
         find_quality(np.full((5, 4), np.nan, np.float32))
     with pytest.raises(InputError):
         find_quality(np.ones((5, 4), np.float32), dup_threshold=2.0)
+
+
+def test_thumbnails_find_copies_the_features_miss():
+    from imgclust.data import ArraySource
+    from imgclust.duplicates import thumb_vectors
+
+    x, _ = load_digits(return_X_y=True)
+    imgs = (np.unique(x, axis=0)[:300] * 15).astype(np.uint8).reshape(-1, 8, 8)
+    copies = np.clip(imgs[:5].astype(int) + 2, 0, 255).astype(np.uint8)  # brighter copies
+    allimgs = np.concatenate([imgs, copies])
+    th = thumb_vectors(ArraySource(allimgs), np.arange(len(allimgs)))
+    assert th.shape == (305, 256) and np.allclose(th.mean(1), 0, atol=1e-3)
+    feats = np.random.default_rng(0).normal(size=(305, 32)).astype(np.float32)  # features see no duplicate
+    assert find_quality(feats).groups == []
+    q = find_quality(feats, thumbs=th, thumb_threshold=0.985)
+    pairs = {frozenset(g) for g in q.groups if len(g) == 2}
+    assert {frozenset((i, 300 + i)) for i in range(5)} <= pairs

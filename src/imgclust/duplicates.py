@@ -42,6 +42,9 @@ DUP_THRESHOLD = 0.96  # cosine similarity; measured (benchmarks/duplicates.py, s
 OUTLIER_FENCE = 3.0  # Tukey's far-out fence: Q3 + 3 IQR
 MAX_OUTLIER_FRACTION = 0.01
 KNN = 10
+THUMB_SIZE = 16  # grey thumbnails for the pixel-space duplicate search
+THUMB_THRESHOLD = 0.985  # cosine of the mean-removed thumbnails; measured (benchmarks/duplicates.py)
+KNN_THUMB = 6
 PCA_DIM = 128  # features are projected to this many principal components first (speed; see the module doc)
 EXACT_MAX_ROWS = 20_000
 
@@ -85,8 +88,12 @@ def knn_index(xn: np.ndarray, seed: int = 0) -> Any:
 
 def find_quality(features: np.ndarray, *, k: int = KNN, dup_threshold: float = DUP_THRESHOLD,
                  outlier_fence: float = OUTLIER_FENCE, max_outlier_fraction: float = MAX_OUTLIER_FRACTION,
-                 pca_dim: int | None = PCA_DIM, seed: int = 0, chunk: int = 4096) -> Quality:
-    """Near-duplicate groups and outliers of ``features`` (N, D); see the module doc."""
+                 pca_dim: int | None = PCA_DIM, thumbs: np.ndarray | None = None,
+                 thumb_threshold: float = THUMB_THRESHOLD, seed: int = 0, chunk: int = 4096) -> Quality:
+    """Near-duplicate groups and outliers of ``features`` (N, D); see the module doc.
+
+    ``thumbs`` (N, T): optional pixel thumbnails (:func:`thumb_vectors`); pairs whose
+    thumbnails have cosine >= ``thumb_threshold`` are near-duplicates too."""
     x = np.asarray(features)
     if x.ndim != 2 or len(x) < 2:
         raise InputError(f"duplicates/outliers need at least 2 feature rows, got shape {x.shape}")
@@ -131,20 +138,39 @@ def find_quality(features: np.ndarray, *, k: int = KNN, dup_threshold: float = D
     order = cand[np.argsort(-scores[cand], kind="stable")][:cap]
     # Duplicates: complete-linkage groups over the pairs above the threshold (see the module doc).
     r, c = np.nonzero(found & (sims >= dup_threshold))
-    groups, group_sim = _complete_groups(xn, r, nbrs[r, c], sims[r, c], dup_threshold)
-    info = {"k": kk, "pca_dim": xn.shape[1], "dup_threshold": dup_threshold, "outlier_fence": fence, "outlier_fence_iqr": outlier_fence,
+    a, b = r, nbrs[r, c]
+    spaces = [(xn, dup_threshold)]
+    if thumbs is not None:
+        tn = l2n(np.asarray(thumbs, dtype=np.float32))
+        if tn.shape[0] != n:
+            raise InputError(f"thumbnails have {tn.shape[0]} rows, features {n}")
+        tindex = knn_index(tn, seed)
+        ta, tb = [], []
+        for s_ in range(0, n, chunk):
+            rows = np.arange(s_, min(s_ + chunk, n))
+            d_, i_ = tindex.search(tn[rows], min(KNN_THUMB, n))
+            ok = (d_ >= thumb_threshold) & (i_ >= 0) & (i_ != rows[:, None])
+            rr, cc = np.nonzero(ok)
+            ta.append(rows[rr])
+            tb.append(i_[rr, cc])
+        a, b = np.concatenate([a, *ta]), np.concatenate([b, *tb])
+        spaces.append((tn, thumb_threshold))
+    groups, group_sim = _complete_groups(spaces, a, b)
+    info = {"k": kk, "pca_dim": xn.shape[1], "dup_threshold": dup_threshold,
+            "thumb_threshold": None if thumbs is None else thumb_threshold, "outlier_fence": fence, "outlier_fence_iqr": outlier_fence,
             "max_outlier_fraction": max_outlier_fraction, "n": n, "n_groups": len(groups),
             "n_in_groups": int(sum(len(g_) for g_ in groups)), "n_outliers": len(order)}
     return Quality(groups, group_sim, order, scores.astype(np.float32), info)
 
 
-def _complete_groups(xn: np.ndarray, a: np.ndarray, b: np.ndarray, sim: np.ndarray, threshold: float,
+def _complete_groups(spaces: list[tuple[np.ndarray, float]], a: np.ndarray, b: np.ndarray,
                      max_pairs: int = 250_000) -> tuple[list[list[int]], list[float]]:
-    """Greedy complete linkage: edges in order of decreasing similarity join two groups only when
-    every pair across them is at least ``threshold`` similar, so groups never chain (A~B, B~C but
+    """Greedy complete linkage: candidate pairs in order of decreasing similarity join two groups
+    only when every pair across them is a near-duplicate (in some space of ``spaces``: rows
+    L2-normalised, similarity >= that space's threshold), so groups never chain (A~B, B~C but
     A !~ C stays apart). Hand-written: scipy's complete linkage needs the dense N x N distances;
-    only the few edges above the threshold matter here. Returns groups (largest first) and
-    each group's lowest pairwise similarity."""
+    only the few candidate pairs matter here. Returns groups (largest first) and each group's
+    lowest pairwise similarity in the first space."""
     if len(a) == 0:
         return [], []
     lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -152,12 +178,15 @@ def _complete_groups(xn: np.ndarray, a: np.ndarray, b: np.ndarray, sim: np.ndarr
     pairs = np.unique(np.stack([lo[keep], hi[keep]], 1), axis=0)
     if len(pairs) == 0:
         return [], []
-    ps = np.einsum("ij,ij->i", xn[pairs[:, 0]], xn[pairs[:, 1]])
-    order = np.argsort(-ps, kind="stable")
+    margin = np.max([np.einsum("ij,ij->i", v[pairs[:, 0]], v[pairs[:, 1]]) - t for v, t in spaces], axis=0)
+    order = np.argsort(-margin, kind="stable")
     owner: dict[int, int] = {}
     members: dict[int, list[int]] = {}
     low: dict[int, float] = {}
+    x0 = spaces[0][0]
     for e in order:
+        if margin[e] < 0:
+            break
         i, j = int(pairs[e, 0]), int(pairs[e, 1])
         gi, gj = owner.get(i, i), owner.get(j, j)
         if gi == gj:
@@ -165,9 +194,12 @@ def _complete_groups(xn: np.ndarray, a: np.ndarray, b: np.ndarray, sim: np.ndarr
         mi, mj = members.get(gi, [i]), members.get(gj, [j])
         if len(mi) * len(mj) > max_pairs:
             continue
-        cross = float((xn[mi] @ xn[mj].T).min())
-        if cross < threshold:
+        ok = np.zeros((len(mi), len(mj)), bool)
+        for v, t in spaces:
+            ok |= (v[mi] @ v[mj].T) >= t
+        if not ok.all():
             continue
+        cross = float((x0[mi] @ x0[mj].T).min())
         if len(mi) < len(mj):
             gi, gj, mi, mj = gj, gi, mj, mi
         members[gi] = mi + mj
@@ -178,6 +210,28 @@ def _complete_groups(xn: np.ndarray, a: np.ndarray, b: np.ndarray, sim: np.ndarr
         low[gi] = min(low.get(gi, 1.0), low.get(gj, 1.0), cross)
     out = sorted(((sorted(m), low[g]) for g, m in members.items() if len(m) >= 2), key=lambda t: (-len(t[0]), t[0][0]))
     return [g for g, _ in out], [round(float(s_), 4) for _, s_ in out]
+
+
+def thumb_vectors(source: Any, indices: np.ndarray, size: int = THUMB_SIZE, workers: int = 4) -> np.ndarray:
+    """(len(indices), size*size) grey thumbnails of source images, each minus its own mean (brightness
+    invariant), for near-duplicate search in pixel space. Unreadable images get zeros (no pair)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from imgclust.errors import BadImageError
+
+    def one(i: int) -> np.ndarray:
+        try:
+            im = Image.fromarray(np.ascontiguousarray(source.read(int(i)))).convert("L")
+        except (BadImageError, OSError, ValueError):
+            return np.zeros(size * size, np.float32)
+        v = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32).ravel()
+        return v - v.mean()
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        out = list(ex.map(one, [int(i) for i in indices]))
+    return np.stack(out) if out else np.zeros((0, size * size), np.float32)
 
 
 def write_quality(run_dir: str | Path, q: Quality, ids: list[str], paths: list[str], clusters: np.ndarray) -> None:

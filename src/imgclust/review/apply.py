@@ -51,7 +51,7 @@ def apply_edits(run_dir: str | Path, out_dir: str | Path, seed: int | None = Non
                 report: bool = True) -> dict[str, Any]:
     """Write the reviewed run ``out_dir`` from ``run_dir`` and its edit log; returns its run.json summary."""
     from imgclust.api import ImageClusterer
-    from imgclust.duplicates import find_quality, write_quality
+    from imgclust.duplicates import find_quality, thumb_vectors, write_quality
     from imgclust.methods import FitContext
     from imgclust.methods.reviewed import Reviewed
     from imgclust.metrics import evaluate
@@ -120,7 +120,7 @@ def apply_edits(run_dir: str | Path, out_dir: str | Path, seed: int | None = Non
         metrics = evaluate(y, rep.labels)
         write_json(out / "metrics.json", metrics)
     est.save(out / "model")
-    q = find_quality(feats, seed=seed)
+    q = find_quality(feats, thumbs=thumb_vectors(source, src_rows), seed=seed)
     write_quality(out, q, data.ids, data.paths, rep.labels)
     sizes = np.bincount(rep.labels, minlength=k)
     summary = dict(data.run)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclust.duplicates import find_quality, l2n, read_quality, write_quality
+from imgclust.duplicates import find_quality, l2n, read_quality, thumb_vectors, write_quality
 from imgclust.errors import BadImageError, InputError
 from imgclust.refine import edits as edit_log
 from imgclust.review.apply import run_features
@@ -120,7 +120,7 @@ class ReviewState:
                 if q is None:
                     if self.features is None:
                         return [], []
-                    res = find_quality(self.features, seed=self.seed)
+                    res = find_quality(self.features, thumbs=thumb_vectors(self.source, self.src_rows), seed=self.seed)
                     write_quality(self.run_dir, res, self.data.ids, self.data.paths, self.data.clusters)
                     q = read_quality(self.run_dir)
                 self._quality = q
