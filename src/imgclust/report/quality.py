@@ -59,7 +59,8 @@ def quality_section(q: tuple[list[dict[str, str]], list[dict[str, str]]] | None,
         groups.setdefault(r["group"], []).append(r)
     out = [f'<section id="duplicates"><h2>Near-duplicates and outliers</h2><p>{len(groups):,} near-duplicate groups '
            f'({len(dups):,} images; duplicates.csv) and {len(outs):,} outliers (outliers.csv), from the features '
-           '(cosine similarity around the mean feature; see imgclust.duplicates). Open <code>imgclust review</code> '
+           '(cosine similarity of the centred features, or of 16x16 grey thumbnails; see imgclust.duplicates). '
+           'Open <code>imgclust review</code> '
            'to act on them.</p>']
     for g, members in list(groups.items())[:MAX_GROUPS]:
         out.append(f'<div class="row"><span class="tag">group {_e(g)} · {len(members)} · sim &ge; '
