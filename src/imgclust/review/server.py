@@ -253,12 +253,12 @@ def build_app(run_dir: str | Path, token: str | None = None, allowed_hosts: list
         out = []
         for g in keys:
             rows = [state.index[r["id"]] for r in groups[g] if r["id"] in state.index]
-            out.append(f'<h4>group {_e(g)} · {len(rows)} images · min similarity {_e(groups[g][0]["group_min_similarity"])}</h4>'
+            out.append(f'<h4>group {_e(g)} · {len(rows)} images · min feature similarity {_e(groups[g][0]["group_min_similarity"])}</h4>'
                        f'<div class="grid">{"".join(_cell(state, j, f"c{rep.labels[j]}") for j in rows[:24])}</div>'
                        + (f"<p>... and {len(rows) - 24} more (duplicates.csv)</p>" if len(rows) > 24 else ""))
         more = f'<p><a href="/duplicates?page={page + 1}">next groups</a></p>' if len(groups) > (page + 1) * 50 else ""
-        body = (f'<p>{len(groups)} near-duplicate groups ({len(dups)} images): pairs with cosine similarity of the features '
-                f'above the threshold (duplicates.csv).</p>{_action_bar(state, rep)}{"".join(out)}{more}')
+        body = (f'<p>{len(groups)} near-duplicate groups ({len(dups)} images): every two images of a group have features or '
+                f'16x16 grey thumbnails above the similarity thresholds (duplicates.csv).</p>{_action_bar(state, rep)}{"".join(out)}{more}')
         return _page("Near-duplicates", body, state)
 
     async def outliers_page(request: Request) -> Response:
