@@ -140,3 +140,14 @@ def test_concurrent_edits_from_two_tabs(run):
     edits = tabs[1].get("/api/edits").json()["edits"]
     assert [e["seq"] for e in edits] == list(range(n0 + 20))
     assert {e["ids"][0] for e in edits[n0:]} == {ids[t * 50 + j] for t in range(2) for j in range(10)}
+
+
+def test_cli_refuses_public_bind_without_token(run):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IMGCLUST_QUIET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "imgclust.cli", "review", str(run), "--host", "0.0.0.0", "--token", "none"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "without a token" in r.stderr and "review: http" not in r.stdout
