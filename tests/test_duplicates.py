@@ -54,7 +54,9 @@ def test_write_and_read(tmp_path, digits_with_copies):
     ids = [f"img{i}" for i in range(len(x))]
     write_quality(tmp_path, q, ids, [""] * len(x), np.zeros(len(x), int))
     dups, outs = read_quality(tmp_path)
-    assert len(dups) == q.info["n_in_groups"] and len(outs) == q.info["n_outliers"]
+    assert len(dups) == q.info["n_in_groups"] and len(outs) == max(int(0.01 * len(x)), q.info["n_outliers"])
+    assert sum(r["outlier"] == "1" for r in outs) == q.info["n_outliers"]
+    assert [float(r["score"]) for r in outs] == sorted((float(r["score"]) for r in outs), reverse=True)
     assert read_quality(tmp_path / "nope") is None
 
 

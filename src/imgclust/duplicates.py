@@ -64,6 +64,7 @@ class Quality:
     outliers: np.ndarray
     scores: np.ndarray  # (N,) outlier score of every row
     info: dict[str, Any]
+    ranked: np.ndarray | None = None  # the max_outlier_fraction most isolated rows, worst first (outliers.csv)
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -142,6 +143,7 @@ def find_quality(features: np.ndarray, *, k: int = KNN, dup_threshold: float = D
     cand = np.flatnonzero(scores > fence)
     cap = int(max_outlier_fraction * n)
     order = cand[np.argsort(-scores[cand], kind="stable")][:cap]
+    ranked = np.argsort(-scores, kind="stable")[:max(cap, len(order))]  # the most isolated, flagged or not
     # Duplicates: complete-linkage groups over the pairs above the threshold (see the module doc).
     r, c = np.nonzero(found & (sims >= dup_threshold))
     a, b = r, nbrs[r, c]
@@ -166,7 +168,7 @@ def find_quality(features: np.ndarray, *, k: int = KNN, dup_threshold: float = D
             "thumb_threshold": None if thumbs is None else thumb_threshold, "outlier_fence": fence, "outlier_fence_iqr": outlier_fence,
             "max_outlier_fraction": max_outlier_fraction, "n": n, "n_groups": len(groups),
             "n_in_groups": int(sum(len(g_) for g_ in groups)), "n_outliers": len(order)}
-    return Quality(groups, group_sim, order, scores.astype(np.float32), info)
+    return Quality(groups, group_sim, order, scores.astype(np.float32), info, ranked)
 
 
 def _complete_groups(spaces: list[tuple[np.ndarray, float]], a: np.ndarray, b: np.ndarray,
@@ -242,13 +244,15 @@ def thumb_vectors(source: Any, indices: np.ndarray, size: int = THUMB_SIZE, work
 
 def write_quality(run_dir: str | Path, q: Quality, ids: list[str], paths: list[str], clusters: np.ndarray) -> None:
     """``duplicates.csv`` (group, id, path, cluster, group_min_similarity) and ``outliers.csv``
-    (rank, id, path, cluster, score); row indices of ``q`` index ``ids``/``paths``/``clusters``."""
+    (rank, id, path, cluster, score, outlier: 1 beyond the fence, 0 only among the most isolated); row indices of ``q`` index ``ids``/``paths``/``clusters``."""
     d = Path(run_dir)
     write_csv(d / "duplicates.csv", ["group", "id", "path", "cluster", "group_min_similarity"],
               [(g, ids[i], paths[i], int(clusters[i]), f"{s:.4f}")
                for g, (rows, s) in enumerate(zip(q.groups, q.group_sim)) for i in rows])
-    write_csv(d / "outliers.csv", ["rank", "id", "path", "cluster", "score"],
-              [(r, ids[i], paths[i], int(clusters[i]), f"{q.scores[i]:.4f}") for r, i in enumerate(q.outliers)])
+    flagged = set(q.outliers.tolist())
+    rows = q.outliers if q.ranked is None else q.ranked
+    write_csv(d / "outliers.csv", ["rank", "id", "path", "cluster", "score", "outlier"],
+              [(r, ids[i], paths[i], int(clusters[i]), f"{q.scores[i]:.4f}", int(i in flagged)) for r, i in enumerate(rows)])
 
 
 def read_quality(run_dir: str | Path) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:

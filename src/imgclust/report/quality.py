@@ -58,7 +58,8 @@ def quality_section(q: tuple[list[dict[str, str]], list[dict[str, str]]] | None,
     for r in dups:
         groups.setdefault(r["group"], []).append(r)
     out = [f'<section id="duplicates"><h2>Near-duplicates and outliers</h2><p>{len(groups):,} near-duplicate groups '
-           f'({len(dups):,} images; duplicates.csv) and {len(outs):,} outliers (outliers.csv), from the features '
+           f'({len(dups):,} images; duplicates.csv) and {sum(1 for r in outs if r.get("outlier", "1") == "1"):,} outliers '
+           f'beyond the fence among the {len(outs):,} most isolated images (outliers.csv), from the features '
            '(cosine similarity of the centred features, or of 16x16 grey thumbnails; see imgclust.duplicates). '
            'Open <code>imgclust review</code> '
            'to act on them.</p>']
@@ -67,7 +68,7 @@ def quality_section(q: tuple[list[dict[str, str]], list[dict[str, str]]] | None,
                    f'{_e(members[0]["group_min_similarity"])}</span>'
                    + "".join(img(r["id"], f"cluster {r['cluster']}") for r in members[:12]) + "</div>")
     if outs:
-        out.append('<div class="row low"><span class="tag">outliers</span>'
+        out.append('<div class="row low"><span class="tag">most isolated</span>'
                    + "".join(img(r["id"], f"score {r['score']} · cluster {r['cluster']}") for r in outs[:MAX_OUTLIERS])
                    + "</div>")
     out.append("</section>")

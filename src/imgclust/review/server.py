@@ -264,11 +264,14 @@ def build_app(run_dir: str | Path, token: str | None = None, allowed_hosts: list
     async def outliers_page(request: Request) -> Response:
         _, outs = state.quality()
         rep = state.current()
-        rows = [(state.index[r["id"]], r["score"]) for r in outs if r["id"] in state.index][:PER_PAGE]
+        rows = [(state.index[r["id"]], r["score"] + (" ⚠" if r.get("outlier", "1") == "1" else ""))
+                for r in outs if r["id"] in state.index][:PER_PAGE]
         marked = np.flatnonzero(rep.outlier)
-        body = (f'<p>{len(outs)} outliers: largest mean cosine distance to their nearest neighbours (outliers.csv); '
+        n_out = sum(1 for r in outs if r.get("outlier", "1") == "1")
+        body = (f'<p>{n_out} outliers beyond the fence (⚠), then the most isolated images: largest mean cosine distance '
+                f'to their nearest neighbours, {len(outs)} listed (outliers.csv); '
                 f'{len(marked)} marked by you.</p>{_action_bar(state, rep)}<div class="grid">'
-                + "".join(_cell(state, j, f"{float(s):.3f} · c{rep.labels[j]}") for j, s in rows) + "</div>")
+                + "".join(_cell(state, j, f"{s} · c{rep.labels[j]}") for j, s in rows) + "</div>")
         return _page("Outliers", body, state)
 
     async def edits_page(request: Request) -> Response:
