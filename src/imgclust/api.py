@@ -569,6 +569,14 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
         write_json(out / "metrics.json", metrics)
     est.save(out / "model")
     fs = est.feature_set_
+    if fs is not None and int(est.valid_.sum()) >= 2:  # issue 21: near-duplicates and outliers (imgclust.duplicates)
+        from imgclust.duplicates import find_quality, thumb_vectors, write_quality
+
+        with log.stage("duplicates") as info:
+            vr = np.flatnonzero(est.valid_)
+            q = find_quality(np.asarray(fs.features)[vr], thumbs=thumb_vectors(source, vr), seed=cfg.seed)
+            write_quality(out, q, [ids[i] for i in vr], [paths[i] for i in vr], est.labels_[vr])
+            info.update(groups=q.info["n_groups"], outliers=q.info["n_outliers"])
     n_distinct = None
     if est.empty_clusters_ and fs is not None:  # explain them: how many different feature vectors?
         n_distinct = _n_distinct_rows(np.asarray(fs.features)[est.valid_])

@@ -426,6 +426,37 @@ def refine(
 
 
 @app.command()
+def review(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `imgclust cluster`"),
+    port: int = typer.Option(8765, "--port", "-p", help="port to listen on (0: a free one)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs a token"),
+    token: str = typer.Option("auto", help="auto (a random token unless loopback) | none | a value of >= 16 characters"),
+    open_browser: bool = typer.Option(False, "--open", help="open the page in the default browser"),
+    map_method: str = typer.Option("pca", "--map", help="2-D map: pca | umap | tsne | auto"),
+) -> None:
+    """Review a run in the browser: clusters, map, similar images, duplicates, outliers; edit and apply. (issue 21)"""
+    from imgclust.review.server import free_port, serve
+
+    serve(run_dir, host=host, port=port or free_port(host), token=token, open_browser=open_browser, map_method=map_method)
+
+
+@app.command("apply-edits")
+def apply_edits_cmd(
+    run_dir: Path = typer.Argument(..., help="a reviewed run directory (with edits.jsonl)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the new run directory to write"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default: the run's)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write a new run with the edited labels and a model retrained on them (predict reflects the edits). (issue 21)"""
+    from imgclust.review.apply import apply_edits
+
+    s = apply_edits(run_dir, out, seed=seed, progress=not quiet)
+    e = s["edits"]
+    typer.echo(f"applied {e['n_applied']} edit(s): {e['n_changed']} images changed cluster, {e['n_moved']} moved by hand, "
+               f"{e['n_outliers_marked']} marked as outliers -> {out.resolve()} (changes.csv, model/)")
+
+
+@app.command()
 def pretrain(
     source: str = typer.Argument(..., help="the images to learn from: folder, archive, .npz, benchmark directory, or 'digits'"),
     method: str = typer.Option("simclr", "--method", "-m", help="simclr | mocov2 | byol | barlowtwins"),

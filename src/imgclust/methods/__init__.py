@@ -6,6 +6,7 @@ from imgclust.methods import (
     icsr,  # noqa: F401  (registers "icsr")
     kmeans,  # noqa: F401  (registers "kmeans")
     pici,  # noqa: F401  (registers "pici", "cc")
+    reviewed,  # noqa: F401  (registers "reviewed": apply-edits' model, issue 21)
     spice,  # noqa: F401  (registers "spice-self", "spice")
     temi,  # noqa: F401  (registers "temi", "icce-heads")
 )

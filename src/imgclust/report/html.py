@@ -39,7 +39,7 @@ from imgclust.rundir import atomic_open
 
 REPORT_NAME = "report.html"
 _NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("map", "map"), ("contingency", "labels"),
-        ("gallery", "clusters"), ("config", "config")]
+        ("gallery", "clusters"), ("duplicates", "duplicates"), ("changes", "edits"), ("config", "config")]
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -238,12 +238,19 @@ def build_report(
         data.run["timings_s"] = timings
 
     ct = contingency(data.clusters, data.label_names, k) if data.label_names is not None and len(data.ids) else None
+    from imgclust.report import quality  # issue 21: duplicates/outliers and applied edits
+
+    qrows = quality.quality_rows(data.run_dir)
+    qwant = quality.wanted_rows(qrows, data.ids, rows) if source is not None else []
+    qthumbs = make_thumbnails(source, qwant, size=thumb_size) if qwant else {}
     body = [
         _summary_section(data, ct, notes),
         _choose_k_section(data.choose_k) if data.choose_k else "",
         map_html,
         _contingency_section(ct, k) if ct is not None else "",
         _gallery_section(data, gallery, thumbs, rows, ct, k),
+        quality.quality_section(qrows, data.ids, rows, qthumbs),
+        quality.changes_section(data.run_dir, data.run),
         _config_section(data),
     ]
     title = f"imgclust report: {Path(str((data.run.get('config') or {}).get('source', {}).get('path', ''))).name} · K={k}"
