@@ -38,7 +38,7 @@ from imgclust.report.thumbnails import make_thumbnails
 from imgclust.rundir import atomic_open
 
 REPORT_NAME = "report.html"
-_NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("map", "map"), ("contingency", "labels"),
+_NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("hierarchy", "hierarchy"), ("map", "map"), ("contingency", "labels"),
         ("gallery", "clusters"), ("config", "config")]
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -186,6 +186,8 @@ def build_report(
     and the features read from the run's feature-cache entry. Missing pieces (a moved
     source, a deleted cache) leave their section out with a note, never fail the report.
     """
+    from imgclust.report.hierarchy_view import hierarchy_section
+
     t0 = time.perf_counter()
     data = load_run(run_dir)
     notes: list[str] = []
@@ -223,6 +225,7 @@ def build_report(
     body = [
         _summary_section(data, ct, notes),
         _choose_k_section(data.choose_k) if data.choose_k else "",
+        hierarchy_section(data.run_dir, data.run),  # issue 23: merge tree, marked K, trust score
         map_html,
         _contingency_section(ct, k) if ct is not None else "",
         _gallery_section(data, gallery, thumbs, rows, ct, k),
