@@ -107,7 +107,7 @@ def test_trust_separates_good_from_bad(unequal_blobs):
 def test_cluster_auto_then_recut(tmp_path, digits_xy):
     """--k auto writes the tree and the trust score; recut equals a fresh cut of the merge tree."""
     run, run2 = tmp_path / "run", tmp_path / "run10"
-    r = cli("cluster", "digits", "--k", "auto", "--backbone", "pixels", "--image-size", "8", "--out", run, "-q",
+    r = cli("cluster", "digits", "--k", "auto", "--k-range", "4:12", "--backbone", "pixels", "--image-size", "8", "--out", run, "-q",
             tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "plausible K (merge tree)" in r.stdout and "trust (no labels)" in r.stdout
@@ -127,7 +127,7 @@ def test_cluster_auto_then_recut(tmp_path, digits_xy):
 
     est = ImageClusterer(n_clusters=2, backbone="pixels", image_size=8, cache_dir=str(tmp_path / "cache"), progress=False)
     feats, valid, _, _ = est._features("digits")
-    fresh = build_hierarchy(np.asarray(feats)[valid], "2:20", seed=0)
+    fresh = build_hierarchy(np.asarray(feats)[valid], "4:12", seed=0)
     assert np.array_equal(got, fresh.cut(10))
     s2 = json.loads((run2 / "run.json").read_text())
     assert s2["recut"]["k"] == 10 and len(s2["cluster_sizes"]) == 10 and s2["trust"] is not None
