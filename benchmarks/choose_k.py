@@ -128,8 +128,9 @@ def main() -> None:
             if not args.no_trust and kind is None:
                 runs.append((name, f"tree cut K={k}", trust_score(x, cut)["score"], cluster_acc(y, cut)))
                 runs.append((name, f"kmeans K={k} (chosen)", trust_score(x, km)["score"], cluster_acc(y, km)))
-                tk = tree.cut(true_k)
-                runs.append((name, f"tree cut K={true_k}", trust_score(x, tk)["score"], cluster_acc(y, tk)))
+                if true_k != k:
+                    tk = tree.cut(true_k)
+                    runs.append((name, f"tree cut K={true_k}", trust_score(x, tk)["score"], cluster_acc(y, tk)))
     if args.no_trust:
         return
     for name, (x, y, _) in sets.items():
@@ -137,6 +138,8 @@ def main() -> None:
         for seed in (0, 1):
             lab = kmeans_labels(x, true_k, seed)
             runs.append((name, f"kmeans K={true_k} seed {seed}", trust_score(x, lab)["score"], cluster_acc(y, lab)))
+        lab = kmeans_labels(x, 2 * true_k, 0)  # over-clustered: ACC drops, does trust?
+        runs.append((name, f"kmeans K={2 * true_k}", trust_score(x, lab)["score"], cluster_acc(y, lab)))
         m = temi_model(x, true_k, seed=0)
         t = trust_score(x, m.labels_, head_labels=m.head_labels_)
         runs.append((name, f"temi K={true_k}", t["score"], cluster_acc(y, m.labels_)))

@@ -151,3 +151,20 @@ def test_recut_refuses_a_run_without_tree(tmp_path):
     assert json.loads((run / "run.json").read_text())["trust"]["score"] > 0
     r = cli("recut", run, "--k", "3", "--out", tmp_path / "r3", tmp_path=tmp_path)
     assert r.returncode == 2 and "only runs made with --k auto" in r.stderr
+
+
+def test_report_dendrogram_is_a_valid_linkage(blob_tree):
+    from scipy.cluster.hierarchy import fcluster, is_valid_linkage
+
+    from imgclust.report.hierarchy_view import dendrogram_svg, linkage_matrix
+
+    d = blob_tree.to_dict()
+    z = linkage_matrix(d["merges"], d["n_leaves"])
+    assert is_valid_linkage(z)
+    # scipy's cut of the same linkage groups the leaves exactly as the tree's own cut
+    for k in (2, 6, 9):
+        ours = blob_tree.leaf_map(k)
+        theirs = fcluster(z, k, criterion="maxclust")
+        assert len(np.unique(np.stack([ours, theirs]), axis=1)[0]) == k
+    svg = dendrogram_svg(d)
+    assert svg.startswith("<svg") and "K = 6 (this run)" in svg
