@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--k-range", default="2:20")
     ap.add_argument("--deep", action="store_true", help="also the deep path (TEMI over-clustering leaves)")
     ap.add_argument("--no-trust", action="store_true")
+    ap.add_argument("--no-classic", action="store_true", help="skip the classic criteria (slow on a loaded machine)")
+    ap.add_argument("--no-temi", action="store_true", help="trust table without the TEMI runs")
     args = ap.parse_args()
     from scipy.stats import spearmanr
 
@@ -117,7 +119,7 @@ def main() -> None:
             cut = tree.cut(k)
             km = kmeans_labels(x, k, 0)
             classic = ""
-            if kind is None:
+            if kind is None and not args.no_classic:
                 ck = choose_k(x, args.k_range, progress=False)
                 classic = f"{ck['k']} ({cluster_acc(y, kmeans_labels(x, ck['k'], 0)):.3f})"
             ok = 0.7 * true_k <= k <= 1.5 * true_k
@@ -140,6 +142,8 @@ def main() -> None:
             runs.append((name, f"kmeans K={true_k} seed {seed}", trust_score(x, lab)["score"], cluster_acc(y, lab)))
         lab = kmeans_labels(x, 2 * true_k, 0)  # over-clustered: ACC drops, does trust?
         runs.append((name, f"kmeans K={2 * true_k}", trust_score(x, lab)["score"], cluster_acc(y, lab)))
+        if args.no_temi:
+            continue
         m = temi_model(x, true_k, seed=0)
         t = trust_score(x, m.labels_, head_labels=m.head_labels_)
         runs.append((name, f"temi K={true_k}", t["score"], cluster_acc(y, m.labels_)))
