@@ -99,7 +99,7 @@ def main() -> None:
 
     sets = load_sets(args.sets.split(","))
     print("\n| set | N | true K | path | chosen K | candidates | in [0.7,1.5]xK | true K marked | ACC tree cut | "
-          "ACC k-means@K | classic K (ACC) | modularity argmax | seconds |")
+          "ACC k-means@K | classic K (ACC) | most persistent K | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs: list[tuple[str, str, float, float]] = []
     for name, (x, y, _) in sets.items():
@@ -126,7 +126,7 @@ def main() -> None:
             print(f"| {name} | {len(x)} | {true_k} | {path} | {k} | {', '.join(map(str, tree.candidates))} | "
                   f"{'yes' if ok else 'NO'} | {'yes' if true_k in tree.candidates else 'NO'} | "
                   f"{cluster_acc(y, cut):.3f} | {cluster_acc(y, km):.3f} | {classic} | "
-                  f"{tree.info['modularity_argmax']} | {secs:.1f} |", flush=True)
+                  f"{tree.info['most_persistent']} | {secs:.1f} |", flush=True)
             if not args.no_trust and kind is None:
                 runs.append((name, f"tree cut K={k}", trust_score(x, cut)["score"], cluster_acc(y, cut)))
                 runs.append((name, f"kmeans K={k} (chosen)", trust_score(x, km)["score"], cluster_acc(y, km)))

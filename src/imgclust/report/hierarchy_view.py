@@ -92,8 +92,9 @@ def hierarchy_section(run_dir: str | Path, run: dict[str, Any]) -> str:
                 f'<td>{float(mod.get(str(k), "nan")):.4f}</td></tr>' for k, v in pers.items())
             out.append(
                 f'<p>The {h["n_leaves"]} pieces of an over-clustering, merged two at a time by the largest modularity gain '
-                f'on the images\' nearest-neighbour graph, down to 2 clusters. Marked: the cuts that stay best over the '
-                f'widest range of resolutions (most plausible first): <b>{", ".join(map(str, h.get("candidates", [])))}</b>. '
+                f'on the images\' nearest-neighbour graph, down to 2 clusters. Marked: the cut with the highest modularity, '
+                f'then the cuts that stay best over the widest range of resolutions: '
+                f'<b>{", ".join(map(str, h.get("candidates", [])))}</b>. '
                 f'This run is cut at K = {h.get("k")}. Another cut, in seconds and without re-training: '
                 f'<code>imgclust recut {_e(run.get("out_dir", "RUN"))} --k N --out DIR</code>.</p>{svg}'
                 f'<details><summary>values</summary><table class="num"><tr><th>K</th><th>share of resolutions won</th>'
