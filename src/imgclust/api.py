@@ -518,15 +518,13 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
         warnings.warn(msg, stacklevel=2)
         log.event("warning", message=msg)
     cfg = portable(cfg, fp)  # absolute paths + fingerprint: config.toml re-runs from any folder (issue 24)
-    cfg_requested, k_choice, t_choose_k = cfg, None, None
-    if cfg.k == "auto":  # score cfg.k_range without labels and run with the pick (imgclust.choosek)
+    cfg_requested, k_choice, tree, t_choose_k = cfg, None, None, None
+    if cfg.k == "auto":  # merge tree of an over-clustering (imgclust.hierarchy); classic criteria beside it
         import dataclasses
-
-        from imgclust.choosek import choose_k_for_run
 
         t_ck = time.perf_counter()
         with log.stage("choose_k") as info:
-            k_choice = choose_k_for_run(cfg, source, progress)
+            k_choice, tree = _choose_k(cfg, source, progress)
             info["k"] = k_choice["k"]
         t_choose_k = time.perf_counter() - t_ck
         cfg = dataclasses.replace(cfg, k=k_choice["k"])
@@ -556,10 +554,16 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
             row.append(source.class_names[lab] if source.class_names and lab >= 0 else lab)
         rows.append(row)
     (out / "run.json").unlink(missing_ok=True)  # outputs change from here on: not a complete run until rewritten
-    for stale in ("report.html", "choose_k.json"):  # derived from the previous run: never shown beside this one
+    for stale in ("report.html", "choose_k.json", "hierarchy.json"):  # derived from the previous run: never shown beside this one
         (out / stale).unlink(missing_ok=True)
     if k_choice is not None:
         write_json(out / "choose_k.json", k_choice)
+    if tree is not None:  # `imgclust recut` re-cuts it; leaves in assignments.csv row order
+        h = tree.to_dict(include_leaves=False)
+        h["leaves"] = tree.leaves.astype(int).tolist()
+        h["rows"] = None if est.valid_.all() else np.flatnonzero(est.valid_).tolist()
+        write_json(out / "hierarchy.json", h)
+    trust = _trust(est)
     write_csv(out / "assignments.csv", header, rows)
     write_csv(out / "skipped.csv", ["id", "path", "reason"], [(ids[i], paths[i], r) for i, _, r in est.skipped_])
     metrics = None
@@ -587,7 +591,11 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
         "seed": cfg.seed,
         "config": cfg_requested.to_dict(),
         "k_selection": None if k_choice is None else {"k": k_choice["k"], "per_criterion": k_choice["per_criterion"],
-                                                      "file": "choose_k.json"},
+                                                      "file": "choose_k.json",
+                                                      "candidates": k_choice["hierarchy"]["candidates"],
+                                                      "classic_k": k_choice["classic_k"],
+                                                      "hierarchy": "hierarchy.json"},
+        "trust": trust,
         "data_fingerprint": src_desc.get("fingerprint"),
         "source": src_desc,
         "backbone": est.backbone_.describe(),
@@ -641,6 +649,43 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
     log.event("run_end", seconds=round(time.perf_counter() - t0, 3))
     log.close()
     return summary
+
+
+def _choose_k(cfg: RunConfig, source: ImageSource, progress: bool) -> tuple[dict[str, Any], Any]:
+    """``k = "auto"``: the merge tree of a k-means over-clustering of the backbone features picks K
+    (:mod:`imgclust.hierarchy`); the classic criteria (:mod:`imgclust.choosek`) are scored beside
+    it as a second opinion. Features go through the cache, so the fit that follows reads them back.
+    Labels, when the source has them, only add check columns."""
+    import dataclasses
+
+    from imgclust.choosek import choose_k, parse_k_range
+    from imgclust.hierarchy import build_hierarchy
+
+    probe = ImageClusterer.from_config(dataclasses.replace(cfg, k=2), progress=progress)
+    feats, valid, _, _ = probe._features(source)
+    x = np.asarray(feats)[valid]
+    ks = [k for k in parse_k_range(cfg.k_range) if k < len(x)]
+    if len(ks) < 2:
+        raise InputError(f"K range {cfg.k_range} leaves fewer than two candidates below the {len(x)} readable images")
+    labels = None if source.labels is None else np.asarray(source.labels)[valid]
+    tree = build_hierarchy(x, ks, seed=cfg.seed)
+    res = choose_k(x, ks, seed=cfg.seed, progress=progress, labels=labels)
+    res["classic_k"] = res["k"]
+    res["k"] = int(tree.k)
+    res["rule"] = f"{tree.info['rule']} (imgclust.hierarchy); the classic curve below is a second opinion"
+    res["hierarchy"] = {"k": int(tree.k), "candidates": tree.candidates, "file": "hierarchy.json"}
+    return res, tree
+
+
+def _trust(est: ImageClusterer) -> dict[str, Any] | None:
+    """The label-free trust score of the fitted labels (imgclust.trust); None when it cannot be computed."""
+    from imgclust.trust import trust_score
+
+    fs = est.feature_set_
+    if fs is None or int(est.valid_.sum()) < 12:
+        return None
+    heads = getattr(est.model_, "head_labels_", None)
+    return trust_score(np.asarray(fs.features)[est.valid_], est.labels_[est.valid_], head_labels=heads, seed=est.seed)
 
 
 def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunConfig, log: Any,

@@ -256,21 +256,3 @@ def format_curve(result: dict[str, Any]) -> str:
     lines.append(f"picked K = {result['k']} (silhouette alone: {pc['silhouette']}, stability alone: "
                  f"{pc['stability']}, eigengap alone: {pc['eigengap']})")
     return "\n".join(lines)
-
-
-def choose_k_for_run(cfg: Any, source: Any, progress: bool = True) -> dict[str, Any]:
-    """``k = "auto"`` in a run: the backbone features of ``source`` (through the feature cache,
-    so the clustering that follows reads them back instead of recomputing) scored over
-    ``cfg.k_range``. Labels, when the source has them, only add the check columns."""
-    import dataclasses
-
-    from imgclust.api import ImageClusterer
-
-    probe = ImageClusterer.from_config(dataclasses.replace(cfg, k=2), progress=progress)
-    feats, valid, _, _ = probe._features(source)
-    n_valid = int(valid.sum())
-    ks = [k for k in parse_k_range(cfg.k_range) if k < n_valid]
-    if len(ks) < 2:
-        raise InputError(f"K range {cfg.k_range} leaves fewer than two candidates below the {n_valid} readable images")
-    labels = None if source.labels is None else np.asarray(source.labels)[valid]
-    return choose_k(np.asarray(feats)[valid], ks, seed=cfg.seed, progress=progress, labels=labels)

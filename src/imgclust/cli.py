@@ -66,12 +66,28 @@ def _print_summary(summary: dict, out: Path) -> None:
         pc = ks["per_criterion"]
         typer.echo(f"K chosen automatically: {ks['k']} (silhouette alone {pc['silhouette']}, stability alone "
                    f"{pc['stability']}, eigengap alone {pc['eigengap']}; curve in choose_k.json and the report)")
+        if ks.get("candidates"):  # issue 23: the merge tree's marked K; `imgclust recut` cuts at another one
+            typer.echo(f"plausible K (merge tree): {', '.join(map(str, ks['candidates']))}; classic criteria: "
+                       f"{ks.get('classic_k')}; try another with `imgclust recut {out} --k N --out DIR`")
+    _echo_trust(summary.get("trust"))
     typer.echo(f"outputs: {out.resolve()}  (assignments.csv, run.json{', metrics.json' if m else ''}, model/)")
     rep = summary.get("report")
     if rep and rep.get("error"):
         typer.echo(f"warning: the report could not be written ({rep['error']}); try `imgclust report {out}`", err=True)
     elif rep:
         typer.echo(f"report: {rep['path']} ({rep['bytes'] / 1e6:.1f} MB)")
+
+
+def _echo_trust(trust: Optional[dict]) -> None:
+    """One line: the label-free trust score (imgclust.trust) and the least trusted clusters."""
+    if not trust:
+        return
+    from imgclust.trust import describe
+
+    per = [(v, c) for c, v in enumerate(trust["per_cluster"]) if v is not None]
+    weak = ", ".join(f"{c} ({v:.2f})" for v, c in sorted(per)[:3])
+    heads = f", head agreement {trust['head_agreement']:.2f}" if "head_agreement" in trust else ""
+    typer.echo(f"trust (no labels): {trust['score']:.2f} ({describe(trust['score'])}){heads}; least trusted clusters: {weak}")
 
 
 @app.command()
@@ -280,6 +296,30 @@ def choose_k_cmd(
         target = out / "choose_k.json" if out.is_dir() else out
         write_json(target, res)
         typer.echo(f"scores: {target}")
+
+
+@app.command()
+def recut(
+    run_dir: Path = typer.Argument(..., help="a run directory made with `imgclust cluster --k auto` (has hierarchy.json)"),
+    k: int = typer.Option(..., "--k", "-k", help="number of clusters of the new cut"),
+    out: Path = typer.Option(..., "--out", "-o", help="new run directory to write"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write report.html (PCA map)"),
+) -> None:
+    """Re-cut a finished run's merge tree at another K in seconds, without re-training."""
+    from imgclust.recut import recut_run
+
+    s = recut_run(run_dir, k, out, report=report)
+    typer.echo(f"re-cut {run_dir} at K={k} in {s['timings_s']['recut']:.2f} s -> {out.resolve()} "
+               f"(marked K of this tree: {', '.join(map(str, s['recut']['candidates']))})")
+    m = s.get("metrics")
+    if m:
+        typer.echo(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (on {m['n_evaluated']} labelled images)")
+    _echo_trust(s.get("trust"))
+    rep = s.get("report")
+    if rep and rep.get("error"):
+        typer.echo(f"warning: the report could not be written ({rep['error']})", err=True)
+    elif rep:
+        typer.echo(f"report: {rep['path']}")
 
 
 @app.command()

@@ -38,8 +38,9 @@ from imgclust.report.thumbnails import make_thumbnails
 from imgclust.rundir import atomic_open
 
 REPORT_NAME = "report.html"
-_NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("map", "map"), ("contingency", "labels"),
-        ("gallery", "clusters"), ("duplicates", "duplicates"), ("changes", "edits"), ("config", "config")]
+_NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("hierarchy", "hierarchy"), ("map", "map"),
+        ("contingency", "labels"), ("gallery", "clusters"), ("duplicates", "duplicates"), ("changes", "edits"),
+        ("config", "config")]
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -191,6 +192,7 @@ def build_report(
     shown total include the report's own time.
     """
     from imgclust.progress import log_progress, progress_bar
+    from imgclust.report.hierarchy_view import hierarchy_section
 
     t0 = time.perf_counter()
     bar = progress_bar(4, "report", unit="step", enable=progress)  # sources/features, thumbnails, map, page (also in log.jsonl)
@@ -246,6 +248,7 @@ def build_report(
     body = [
         _summary_section(data, ct, notes),
         _choose_k_section(data.choose_k) if data.choose_k else "",
+        hierarchy_section(data.run_dir, data.run),  # issue 23: merge tree, marked K, trust score
         map_html,
         _contingency_section(ct, k) if ct is not None else "",
         _gallery_section(data, gallery, thumbs, rows, ct, k),
