@@ -89,9 +89,9 @@ def test_cluster_k_auto_on_digits_records_the_choice(tmp_path):
     assert 6 <= ck["k"] <= 12 and [c["k"] for c in ck["curve"]] == list(range(6, 13))
     assert f"K chosen automatically: {ck['k']}" in r.stdout
     assert "Choice of K" in (out / "report.html").read_text(encoding="utf-8")
-    # a later fixed-K run in the same directory drops the old curve
+    # a later fixed-K run in the same directory (--overwrite: it holds a finished run) drops the old curve
     r = cli("cluster", "digits", "--k", 4, "--backbone", "pixels", "--image-size", 8, "--out", out, "--no-report",
-            tmp_path=tmp_path)
+            "--overwrite", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not (out / "choose_k.json").exists() and not (out / "report.html").exists()
 
