@@ -5,6 +5,7 @@ from imgclust.methods import (
     icce,  # noqa: F401  (registers "icce")
     icsr,  # noqa: F401  (registers "icsr")
     kmeans,  # noqa: F401  (registers "kmeans")
+    manifold,  # noqa: F401  (registers "umap-kmeans", "spectral-kmeans")
     pici,  # noqa: F401  (registers "pici", "cc")
     spice,  # noqa: F401  (registers "spice-self", "spice")
     temi,  # noqa: F401  (registers "temi", "icce-heads")
