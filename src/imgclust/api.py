@@ -121,7 +121,12 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             opts = dict(self.backbone_options or {})
             if self.image_size is not None:
                 opts["image_size"] = int(self.image_size)
-            self.backbone_ = build_backbone(self.backbone, weights=self.backbone_weights, **opts)
+            from imgclust.multibackbone import build_combined, is_combined  # issue 18: several backbones
+
+            if is_combined(self.backbone):
+                self.backbone_ = build_combined(self.backbone, weights=self.backbone_weights, **opts)
+            else:
+                self.backbone_ = build_backbone(self.backbone, weights=self.backbone_weights, **opts)
         return self.backbone_
 
     # ----------------------------------------------------------------- features
@@ -132,7 +137,10 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             valid = np.isfinite(feats).all(axis=1)
             return feats, valid, None, None
         source = as_source(X)
-        fs = extract_features(
+        from imgclust.multibackbone import CombinedBackbone, extract_combined  # issue 18: several backbones
+
+        extract = extract_combined if isinstance(self._backbone(), CombinedBackbone) else extract_features
+        fs = extract(
             source,
             self._backbone(),
             cache_dir=self.cache_dir,
