@@ -38,6 +38,7 @@ from imgclust.metrics import evaluate
 from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json, write_csv, write_json
 
 MODEL_FORMAT = 1
+REDUCE_ANCHORS = 5000  # fitted images kept to place new ones in the reduced space (issue 18)
 
 
 class ImageClusterer(ClusterMixin, BaseEstimator):
@@ -65,6 +66,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         method_options: dict | None = None,
         pca: int | None = None,
         pca_whiten: bool = False,
+        reduce: str | None = None,
         batch_size: int = 64,
         precision: str = "fp32",
         device: str = "auto",
@@ -83,6 +85,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.method_options = method_options
         self.pca = pca
         self.pca_whiten = pca_whiten
+        self.reduce = reduce
         self.batch_size = batch_size
         self.precision = precision
         self.device = device
@@ -106,6 +109,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             method_options=dict(cfg.method_options),
             pca=f.pca,
             pca_whiten=f.pca_whiten,
+            reduce=f.reduce,
             batch_size=f.batch_size,
             precision=f.precision,
             device=f.device,
@@ -167,6 +171,21 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             self.pca_components_ = (p.components_ / scale[:, None]).astype(np.float32)
         return ((np.asarray(feats, dtype=np.float32) - self.pca_mean_) @ self.pca_components_.T).astype(np.float32)
 
+    # Issue 18: the manifold stage (imgclust.reduce) after PCA; new images are placed by kNN
+    # regression on a fixed sample of the fitted images ("anchors", saved with the model).
+    def _manifold(self, x: np.ndarray, fit: bool, cache_dir: Any = None) -> np.ndarray:
+        from imgclust.reduce import ReduceSpec, extend, reduce_features
+
+        if ReduceSpec.parse(self.reduce).kind == "none":
+            return x
+        if fit:
+            z, self.reduce_info_ = reduce_features(x, self.reduce, seed=self.seed, cache_dir=cache_dir,
+                                                   progress=self.progress)
+            keep = np.sort(np.random.default_rng(self.seed).permutation(len(x))[:REDUCE_ANCHORS])
+            self.reduce_anchor_x_, self.reduce_anchor_z_ = np.asarray(x[keep], np.float32), z[keep]
+            return z
+        return extend(self.reduce_anchor_x_, self.reduce_anchor_z_, x)
+
     def _fit_extras(self, source: ImageSource | None, valid: np.ndarray) -> dict[str, Any]:
         """What a method that needs more than features may use (see :class:`FitContext`).
 
@@ -189,6 +208,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             raise InputError(f"K must be at least 2, got {self.n_clusters}")
         t0 = time.perf_counter()
         _seed_everything(self.seed)
+        from imgclust.reduce import ReduceSpec
+
+        ReduceSpec.parse(self.reduce)  # a bad --reduce fails before any feature extraction
         feats, valid, fs, source = self._features(X)
         t1 = time.perf_counter()
         n_valid = int(valid.sum())
@@ -197,6 +219,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                 f"K={self.n_clusters} is larger than the number of readable images ({n_valid})"
             )
         x = self._reduce(feats[valid], fit=True)
+        x = self._manifold(x, fit=True, cache_dir=None if fs is None else fs.path)
         method_cls = get_method(self.method)
         model: ClusteringMethod = method_cls(int(self.n_clusters), self.method_options)
         ctx = FitContext(seed=self.seed, device=self.device, progress=self.progress,
@@ -238,7 +261,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {self.n_features_in_}")
         out = np.zeros((len(feats), self.model_.n_clusters), dtype=np.float32)
         if valid.any():
-            out[valid] = self.model_.predict_proba(self._reduce(feats[valid], fit=False))
+            out[valid] = self.model_.predict_proba(self._manifold(self._reduce(feats[valid], fit=False), fit=False))
         return out
 
     def predict(self, X: Any) -> np.ndarray:
@@ -265,6 +288,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         if self.pca:
             state["pca.mean"] = torch.from_numpy(self.pca_mean_)
             state["pca.components"] = torch.from_numpy(self.pca_components_)
+        if getattr(self, "reduce_anchor_x_", None) is not None and self.reduce:
+            state["reduce.anchor_x"] = torch.from_numpy(self.reduce_anchor_x_)
+            state["reduce.anchor_z"] = torch.from_numpy(np.ascontiguousarray(self.reduce_anchor_z_))
         clean_stale_tmp(d)
         with atomic_open(d / "model.pt", "wb") as f:
             torch.save(state, f)
@@ -346,6 +372,15 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                 if est.pca_mean_.shape != (dim,) or est.pca_components_.ndim != 2 or est.pca_components_.shape[1] != dim:
                     raise InputError(f"PCA tensors do not fit {dim}-d features")
                 dim = est.pca_components_.shape[0]
+            from imgclust.reduce import ReduceSpec
+
+            if ReduceSpec.parse(est.reduce).kind != "none":  # issue 18: manifold stage anchors
+                ax, az = state.get("reduce.anchor_x"), state.get("reduce.anchor_z")
+                if ax is None or az is None or ax.ndim != 2 or az.ndim != 2 or ax.shape[0] != az.shape[0] \
+                        or ax.shape[1] != dim:
+                    raise InputError("reduce anchors missing or of the wrong shape")
+                est.reduce_anchor_x_, est.reduce_anchor_z_ = ax.numpy().astype(np.float32), az.numpy().astype(np.float32)
+                dim = az.shape[1]
             probe = model.predict_proba(np.zeros((1, dim), np.float32))  # shapes agree end to end
             if probe.shape != (1, model.n_clusters):
                 raise InputError(f"the method predicts {probe.shape[1]} clusters, expected {model.n_clusters}")

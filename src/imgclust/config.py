@@ -54,6 +54,7 @@ class FeatureConfig:
     cache_dir: str | None = None  # default $IMGCLUST_CACHE or ~/.cache/imgclust
     pca: int | None = None  # reduce features to this many dimensions before clustering
     pca_whiten: bool = False  # scale PCA components to unit variance (helps k-means on CNN features)
+    reduce: str | None = None  # manifold stage before the method: umap:D | spectral:D (imgclust.reduce)
     chunk_rows: int = 1024  # feature rows between two flushes of the cache (what an interruption can lose)
 
 

@@ -1,6 +1,7 @@
 """Clustering methods, one recipe per paper, registered by name (``get_method("kmeans")``)."""
 
 from imgclust.methods import (
+    auto,  # noqa: F401  (registers "auto"; imports the others on first use)
     icbpl,  # noqa: F401  (registers "icbpl")
     icce,  # noqa: F401  (registers "icce")
     icsr,  # noqa: F401  (registers "icsr")
