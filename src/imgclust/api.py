@@ -58,7 +58,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
     def __init__(
         self,
         n_clusters: int = 10,
-        method: str = "kmeans",
+        method: str = "auto",  # issue 18 (was kmeans)
         backbone: str = "efficientnet-lite0",
         backbone_weights: str | None = None,
         image_size: int | None = None,

@@ -70,7 +70,7 @@ def cluster(
     k: Optional[str] = typer.Option(None, "--k", "-k", help="number of clusters K (>= 2), or 'auto' to choose it from --k-range; required unless --config sets it"),
     k_range: str = typer.Option("2:20", help="candidates for --k auto: lo:hi, lo:hi:step or a list 5,10,20"),
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="feature extractor (see `imgclust backbones`)"),
-    method: str = typer.Option("kmeans", "--method", "-m", help="clustering method (see `imgclust methods`)"),
+    method: str = typer.Option("auto", "--method", "-m", help="clustering method (see `imgclust methods`); default auto: the best of kmeans and spectral-kmeans, chosen without labels"),
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory to write"),
     split: Optional[str] = typer.Option(None, help="train | test | all | unlabeled, or a sub-folder name"),
     kind: str = typer.Option("auto", help="force a reader: folder, archive, npz, cifar10, cifar100, mnist, fashion-mnist, stl10, digits"),
@@ -255,20 +255,20 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Cluster scikit-learn's bundled digits (1,797 images, 10 classes) with the offline
-    EfficientNet-Lite0 backbone and k-means, and print ACC/NMI/ARI."""
+    EfficientNet-Lite0 backbone and the default method (auto), and print ACC/NMI/ARI."""
     from imgclust.api import cluster as run_cluster
     from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
 
     cfg = RunConfig(
         k=10,
-        method="kmeans",
+        method="auto",  # issue 18: the label-free pick of kmeans and spectral-kmeans
         source=SourceConfig(path="digits"),
         backbone=BackboneConfig(name="efficientnet-lite0", image_size=DEMO_IMAGE_SIZE),
         features=FeatureConfig(cache_dir=cache_dir, pca=DEMO_PCA, pca_whiten=True),
     )
     typer.echo(
         f"demo: digits (1,797 8x8 images) -> efficientnet-lite0 @ {DEMO_IMAGE_SIZE} px -> "
-        f"PCA-whitened to {DEMO_PCA} dims -> k-means, K=10"
+        f"PCA-whitened to {DEMO_PCA} dims -> auto (k-means or spectral, chosen without labels), K=10"
     )
     summary = run_cluster(cfg, out, progress=not quiet)
     _print_summary(summary, out)

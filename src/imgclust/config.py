@@ -64,7 +64,7 @@ class RunConfig:
     k_range: str = "2:20"  # candidates for k = "auto": "lo:hi", "lo:hi:step" or "5,10,20"
     report: bool = True  # write report.html at the end of the run (imgclust.report)
     report_map: str = "auto"  # the report's 2-D map: auto | umap | tsne | pca
-    method: str = "kmeans"
+    method: str = "auto"  # issue 18 (was kmeans): label-free pick among kmeans, spectral-kmeans
     seed: int = 0
     source: SourceConfig = field(default_factory=SourceConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

@@ -25,7 +25,7 @@ from imgclust.errors import InputError
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, get_method, register_method
 from imgclust.select import CRITERIA, select
 
-DEFAULT_CANDIDATES = ["kmeans", "spectral-kmeans", "umap-kmeans"]
+DEFAULT_CANDIDATES = ["kmeans", "spectral-kmeans"]
 
 
 def parse_candidate(spec: str) -> tuple[str, dict]:
