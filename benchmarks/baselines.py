@@ -78,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
     from imgclust.config import parse_options
     from imgclust.methods import FitContext, get_method
     from imgclust.metrics import cluster_acc
     from imgclust.select import generalization_score
-    from sklearn.metrics import normalized_mutual_info_score as nmi
 
     bopts = parse_options(args.backbone_option, "--backbone-option")
     x, y, work = load(args.source, args.fit_split, args.backbone, args.image_size, args.cache_dir, bopts)

@@ -538,6 +538,11 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[
         metrics = evaluate(source.labels[est.valid_], est.labels_[est.valid_])
         metrics["nmi_geometric"] = evaluate(source.labels[est.valid_], est.labels_[est.valid_], "geometric")["nmi"]
         write_json(out / "metrics.json", metrics)
+        sel = est.model_.history_.get("selection")  # issue 18: how far the label-free choice can be trusted
+        if isinstance(sel, dict) and getattr(est.model_, "candidate_labels_", None):
+            from imgclust.select import add_label_diagnostics
+
+            add_label_diagnostics(sel, est.model_.candidate_labels_, source.labels[est.valid_])
     est.save(out / "model")
     fs = est.feature_set_
     n_distinct = None

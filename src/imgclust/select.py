@@ -160,8 +160,9 @@ def select(candidates: dict[str, np.ndarray], features: np.ndarray | list[np.nda
     best = int(np.argmax(key))  # ties: the earlier candidate
     rho = None
     if y_true is not None:
-        from imgclust.metrics import cluster_acc
         from sklearn.metrics import normalized_mutual_info_score as nmi
+
+        from imgclust.metrics import cluster_acc
 
         for r, lab in zip(rows, labs):
             r["acc"] = round(float(cluster_acc(np.asarray(y_true), lab)), 5)
@@ -171,3 +172,33 @@ def select(candidates: dict[str, np.ndarray], features: np.ndarray | list[np.nda
 
             rho = float(spearmanr([r[criterion] for r in rows], [r["acc"] for r in rows]).statistic)
     return Selection(names[best], criterion, rows, rho)
+
+
+def add_label_diagnostics(selection: dict[str, Any], candidate_labels: dict[str, np.ndarray],
+                          y_true: np.ndarray, criterion: str | None = None) -> dict[str, Any]:
+    """Add each candidate's ACC/NMI and Spearman(criterion, ACC) to a ``Selection.to_dict()`` (labels known).
+
+    Only for the user's information, after the choice: rows of ``y_true`` < 0 (unlabelled) are ignored.
+    """
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    from imgclust.metrics import cluster_acc
+
+    y = np.asarray(y_true)
+    ok = y >= 0
+    crit = criterion or selection.get("criterion", "generalization")
+    for row in selection.get("candidates", []):
+        lab = candidate_labels.get(row["name"])
+        if lab is None or len(lab) != len(y) or not ok.any():
+            continue
+        row["acc"] = round(float(cluster_acc(y[ok], np.asarray(lab)[ok])), 5)
+        row["nmi"] = round(float(nmi(y[ok], np.asarray(lab)[ok])), 5)
+    rows = [r for r in selection.get("candidates", []) if "acc" in r and r.get(crit) is not None]
+    if len(rows) >= 3:
+        from scipy.stats import spearmanr
+
+        selection["spearman_vs_acc"] = float(spearmanr([r[crit] for r in rows], [r["acc"] for r in rows]).statistic)
+    else:
+        selection["spearman_vs_acc"] = None
+        selection["spearman_note"] = "needs >= 3 candidates"
+    return selection
