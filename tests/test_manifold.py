@@ -77,3 +77,27 @@ def test_api_reduce_stage_round_trips(tmp_path, digits_xy):
     assert (loaded.predict(x[:300]) == est.labels_[:300]).mean() > 0.95
     with pytest.raises(InputError, match="--reduce"):
         ImageClusterer(n_clusters=10, reduce="tsne:2", progress=False).fit(x)
+
+
+def test_cli_default_method_is_auto_and_records_the_choice(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IMGCLUST_CACHE=str(tmp_path / "cache"), IMGCLUST_QUIET="1", IMGCLUST_REPORT_MAP="pca")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "imgclust.cli", "cluster", "digits", "--k", "10", "--backbone", "pixels",
+                        "--image-size", "8", "--out", str(out), "-q"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["method"] == "auto"
+    sel = run["method_history"]["selection"]
+    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "spectral-kmeans"]
+    assert all("generalization" in c and "acc" in c for c in sel["candidates"])  # labels known: ACC per candidate
+    chosen = next(c for c in sel["candidates"] if c["name"] == sel["chosen"])
+    assert run["metrics"]["acc"] == pytest.approx(chosen["acc"], abs=0.02)
+    kmeans_acc = sel["candidates"][0]["acc"]
+    assert run["metrics"]["acc"] >= kmeans_acc - 0.01  # the default is never more than 1 point below k-means here
+    assert "Choice of method" in (out / "report.html").read_text()

@@ -42,13 +42,38 @@ def parse_candidate(spec: str) -> tuple[str, dict]:
 class AutoConfig(MethodConfig):
     candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     criterion: str = "generalization"  # generalization | knn | anmi (see imgclust.select)
+    # Any other option (e.g. ``n_init=20``, as given to the former default ``kmeans``) is
+    # forwarded to every candidate that has it; one no candidate has is an error.
+    forward: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AutoConfig:
+        d = dict(d or {})
+        own = {k: d.pop(k) for k in ("candidates", "criterion", "forward") if k in d}
+        fwd = {**dict(own.pop("forward", None) or {}), **d}
+        return super().from_dict({**own, "forward": fwd})  # type: ignore[return-value]
+
+    def candidate_options(self, spec: str) -> tuple[str, dict]:
+        """(method name, options) of a candidate: the forwarded options it has, then its own."""
+        from dataclasses import fields
+
+        name, opts = parse_candidate(spec)
+        have = {f.name for f in fields(get_method(name).Config)}
+        return name, {**{k: v for k, v in self.forward.items() if k in have}, **opts}
 
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, list) or not self.candidates:
             raise InputError("candidates must be a non-empty list of method names")
+        from dataclasses import fields
+
+        used: set[str] = set()
         for c in self.candidates:
-            name, opts = parse_candidate(c)
+            name, opts = self.candidate_options(c)
             get_method(name).Config.from_dict(opts)  # unknown method / option -> one-line error now
+            used |= {f.name for f in fields(get_method(name).Config)}
+        unknown = sorted(set(self.forward) - used)
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown} for auto and its candidates {self.candidates}")
         if self.criterion not in CRITERIA:
             raise InputError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
 
@@ -68,21 +93,35 @@ class Auto(ClusteringMethod):
         self.candidate_labels_: dict[str, np.ndarray] = {}
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> Auto:
-        models, seconds = [], []
+        models, seconds, specs, skipped = [], [], [], {}
         for spec in self.config.candidates:
-            name, opts = parse_candidate(spec)
+            name, opts = self.config.candidate_options(spec)
             t0 = time.perf_counter()
-            m = get_method(name)(self.n_clusters, opts).fit(features, ctx)
+            try:
+                m = get_method(name)(self.n_clusters, opts).fit(features, ctx)
+            except InputError as e:  # e.g. too few images for a graph: the other candidates still run
+                skipped[spec] = str(e)
+                continue
             seconds.append(round(time.perf_counter() - t0, 3))
             models.append(m)
+            specs.append(spec)
             self.candidate_labels_[spec] = np.asarray(m.labels_)
-        sel = select(self.candidate_labels_, features, criterion=self.config.criterion, seed=ctx.seed)
-        self.chosen_index_ = self.config.candidates.index(sel.chosen)
-        self.chosen_ = models[self.chosen_index_]
+        if not models:
+            raise InputError(f"no auto candidate could run: {skipped}")
+        if len(models) == 1 or len(features) < 8:  # nothing to choose, or too few images to score
+            chosen = specs[0]
+            sel = {"chosen": chosen, "criterion": self.config.criterion, "spearman_vs_acc": None,
+                   "candidates": [{"name": sp, "seconds": s} for sp, s in zip(specs, seconds)],
+                   "note": "no choice: one candidate ran, or fewer than 8 images"}
+        else:
+            sel = select(self.candidate_labels_, features, criterion=self.config.criterion, seed=ctx.seed).to_dict()
+            for row, s in zip(sel["candidates"], seconds):
+                row["seconds"] = s
+        sel["skipped"] = skipped
+        self.chosen_index_ = self.config.candidates.index(sel["chosen"])
+        self.chosen_ = models[specs.index(sel["chosen"])]
         self.labels_ = np.asarray(self.chosen_.labels_)
-        for row, s in zip(sel.candidates, seconds):
-            row["seconds"] = s
-        self.history_ = {"selection": sel.to_dict(), "chosen_history": self.chosen_.history_}
+        self.history_ = {"selection": sel, "chosen_history": self.chosen_.history_}
         return self
 
     def _check(self) -> ClusteringMethod:
@@ -103,7 +142,7 @@ class Auto(ClusteringMethod):
         if idx is None or idx.numel() != 1 or not 0 <= int(idx) < len(self.config.candidates):
             raise InputError("not an auto state: chosen_index missing or out of range")
         self.chosen_index_ = int(idx)
-        name, opts = parse_candidate(self.config.candidates[self.chosen_index_])
+        name, opts = self.config.candidate_options(self.config.candidates[self.chosen_index_])
         m = get_method(name)(self.n_clusters, opts)
         m.load_state_dict({k[len("chosen."):]: v for k, v in state.items() if k.startswith("chosen.")})
         self.chosen_ = m
