@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         row, _, kv = o.partition(":")
         extra.setdefault(row, {}).update(parse_options([kv]))
     rows, runs = [], []
+    extras: dict[str, dict] = {}
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         method, opts = ROWS[name]
         opts = {**opts, **extra.get(name, {})}
@@ -113,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((crits[-1], accs[-1]))
             print(f"  {name} seed {seed}: ACC {accs[-1]:.4f} NMI {nmis[-1]:.4f} crit {crits[-1]:.4f} "
                   f"{secs[-1]:.1f}s", file=sys.stderr, flush=True)
+            cands = getattr(m, "candidate_labels_", None) or {}
+            for cname, clab in cands.items():  # auto: every candidate's own result, fitted once
+                sub = extras.setdefault(f"{name}:{cname}", {"acc": [], "nmi": [], "crit": [], "chosen": 0})
+                cm = m.chosen_ if cname == m.history_["selection"]["chosen"] else None
+                lab_c = clab if ev == args.fit_split else (cm.predict(xe) if cm is not None else None)
+                if lab_c is not None:
+                    sub["acc"].append(float(cluster_acc(ye, lab_c)))
+                    sub["nmi"].append(float(nmi(ye, lab_c)))
+                sub["crit"].append(generalization_score(x, clab, seed=0))
+                sub["chosen"] += int(cm is not None)
         rows.append({"row": name, "method": method, "options": opts, "acc": accs, "nmi": nmis, "crit": crits,
                      "seconds": secs})
 
@@ -127,13 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         per = " / ".join(f"{a:.3f}" for a in r["acc"])
         print(f"| {r['row']} | {pm(r['acc'])} | {pm(r['nmi'])} | {per} | {np.mean(r['crit']):.4f} | "
               f"{np.mean(r['seconds']):.1f} |")
+    for cname, sub in extras.items():
+        if sub["acc"]:
+            print(f"| {cname} (candidate; chosen {sub['chosen']}/{len(sub['crit'])}) | {pm(sub['acc'])} | "
+                  f"{pm(sub['nmi'])} | {' / '.join(f'{a:.3f}' for a in sub['acc'])} | {np.mean(sub['crit']):.4f} | - |")
+        else:
+            print(f"| {cname} (candidate; chosen {sub['chosen']}/{len(sub['crit'])}; eval split needs its model) | - | - "
+                  f"| - | {np.mean(sub['crit']):.4f} | - |")
     if len(runs) >= 3:
         from scipy.stats import spearmanr
 
         rho = spearmanr([c for c, _ in runs], [a for _, a in runs]).statistic
         print(f"\nSpearman(crit, ACC) over {len(runs)} runs: {rho:.3f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "candidates": extras}, indent=2))
     return 0
 
 
