@@ -40,6 +40,7 @@ from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json
 
 MODEL_FORMAT = 1
 MODEL_JSON_MAX_BYTES = 64 << 20  # a model.json is a few KB; cluster metadata grows with K only
+REDUCE_ANCHORS = 5000  # fitted images kept to place new ones in the reduced space (issue 18)
 
 
 class ImageClusterer(ClusterMixin, BaseEstimator):
@@ -59,7 +60,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
     def __init__(
         self,
         n_clusters: int = 10,
-        method: str = "kmeans",
+        method: str = "auto",  # issue 18 (was kmeans)
         backbone: str = "efficientnet-lite0",
         backbone_weights: str | None = None,
         image_size: int | None = None,
@@ -67,6 +68,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         method_options: dict | None = None,
         pca: int | None = None,
         pca_whiten: bool = False,
+        reduce: str | None = None,
         batch_size: int = 64,
         precision: str = "fp32",
         device: str = "auto",
@@ -87,6 +89,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         self.method_options = method_options
         self.pca = pca
         self.pca_whiten = pca_whiten
+        self.reduce = reduce
         self.batch_size = batch_size
         self.precision = precision
         self.device = device
@@ -112,6 +115,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             method_options=dict(cfg.method_options),
             pca=f.pca,
             pca_whiten=f.pca_whiten,
+            reduce=f.reduce,
             batch_size=f.batch_size,
             precision=f.precision,
             device=f.device,
@@ -129,7 +133,12 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             opts = dict(self.backbone_options or {})
             if self.image_size is not None:
                 opts["image_size"] = int(self.image_size)
-            self.backbone_ = build_backbone(self.backbone, weights=self.backbone_weights, **opts)
+            from imgclust.multibackbone import build_combined, is_combined  # issue 18: several backbones
+
+            if is_combined(self.backbone):
+                self.backbone_ = build_combined(self.backbone, weights=self.backbone_weights, **opts)
+            else:
+                self.backbone_ = build_backbone(self.backbone, weights=self.backbone_weights, **opts)
         return self.backbone_
 
     # ----------------------------------------------------------------- features
@@ -140,7 +149,10 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             valid = np.isfinite(feats).all(axis=1)
             return feats, valid, None, None
         source = as_source(X)
-        fs = extract_features(
+        from imgclust.multibackbone import CombinedBackbone, extract_combined  # issue 18: several backbones
+
+        extract = extract_combined if isinstance(self._backbone(), CombinedBackbone) else extract_features
+        fs = extract(
             source,
             self._backbone(),
             cache_dir=self.cache_dir,
@@ -168,6 +180,21 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             self.pca_components_ = (p.components_ / scale[:, None]).astype(np.float32)
         return ((np.asarray(feats, dtype=np.float32) - self.pca_mean_) @ self.pca_components_.T).astype(np.float32)
 
+    # Issue 18: the manifold stage (imgclust.reduce) after PCA; new images are placed by kNN
+    # regression on a fixed sample of the fitted images ("anchors", saved with the model).
+    def _manifold(self, x: np.ndarray, fit: bool, cache_dir: Any = None) -> np.ndarray:
+        from imgclust.reduce import ReduceSpec, extend, reduce_features
+
+        if ReduceSpec.parse(self.reduce).kind == "none":
+            return x
+        if fit:
+            z, self.reduce_info_ = reduce_features(x, self.reduce, seed=self.seed, cache_dir=cache_dir,
+                                                   progress=self.progress)
+            keep = np.sort(np.random.default_rng(self.seed).permutation(len(x))[:REDUCE_ANCHORS])
+            self.reduce_anchor_x_, self.reduce_anchor_z_ = np.asarray(x[keep], np.float32), z[keep]
+            return z
+        return extend(self.reduce_anchor_x_, self.reduce_anchor_z_, x)
+
     def _fit_extras(self, source: ImageSource | None, valid: np.ndarray) -> dict[str, Any]:
         """What a method that needs more than features may use (see :class:`FitContext`).
 
@@ -193,6 +220,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
         apply_threads(self.threads)  # one limit for torch, faiss, BLAS, numba (issue 24)
         _seed_everything(self.seed)
+        from imgclust.reduce import ReduceSpec
+
+        ReduceSpec.parse(self.reduce)  # a bad --reduce fails before any feature extraction
         feats, valid, fs, source = self._features(X)
         t1 = time.perf_counter()
         n_valid = int(valid.sum())
@@ -201,6 +231,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                 f"K={self.n_clusters} is larger than the number of readable images ({n_valid})"
             )
         x = self._reduce(feats[valid], fit=True)
+        x = self._manifold(x, fit=True, cache_dir=None if fs is None else fs.path)
         method_cls = get_method(self.method)
         model: ClusteringMethod = method_cls(int(self.n_clusters), self.method_options)
         ctx = FitContext(seed=self.seed, device=self.device, progress=self.progress,
@@ -245,7 +276,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {self.n_features_in_}")
         out = np.zeros((len(feats), self.model_.n_clusters), dtype=np.float32)
         if valid.any():
-            out[valid] = self.model_.predict_proba(self._reduce(feats[valid], fit=False))
+            out[valid] = self.model_.predict_proba(self._manifold(self._reduce(feats[valid], fit=False), fit=False))
         return out
 
     def predict(self, X: Any) -> np.ndarray:
@@ -272,6 +303,9 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         if self.pca:
             state["pca.mean"] = torch.from_numpy(self.pca_mean_)
             state["pca.components"] = torch.from_numpy(self.pca_components_)
+        if getattr(self, "reduce_anchor_x_", None) is not None and self.reduce:
+            state["reduce.anchor_x"] = torch.from_numpy(self.reduce_anchor_x_)
+            state["reduce.anchor_z"] = torch.from_numpy(np.ascontiguousarray(self.reduce_anchor_z_))
         clean_stale_tmp(d)
         with atomic_open(d / "model.pt", "wb") as f:
             torch.save(state, f)
@@ -358,6 +392,15 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
                 if est.pca_mean_.shape != (dim,) or est.pca_components_.ndim != 2 or est.pca_components_.shape[1] != dim:
                     raise InputError(f"PCA tensors do not fit {dim}-d features")
                 dim = est.pca_components_.shape[0]
+            from imgclust.reduce import ReduceSpec
+
+            if ReduceSpec.parse(est.reduce).kind != "none":  # issue 18: manifold stage anchors
+                ax, az = state.get("reduce.anchor_x"), state.get("reduce.anchor_z")
+                if ax is None or az is None or ax.ndim != 2 or az.ndim != 2 or ax.shape[0] != az.shape[0] \
+                        or ax.shape[1] != dim:
+                    raise InputError("reduce anchors missing or of the wrong shape")
+                est.reduce_anchor_x_, est.reduce_anchor_z_ = ax.numpy().astype(np.float32), az.numpy().astype(np.float32)
+                dim = az.shape[1]
             probe = model.predict_proba(np.zeros((1, dim), np.float32))  # shapes agree end to end
             if probe.shape != (1, model.n_clusters):
                 raise InputError(f"the method predicts {probe.shape[1]} clusters, expected {model.n_clusters}")
@@ -571,6 +614,11 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
         metrics = evaluate(source.labels[est.valid_], est.labels_[est.valid_])
         metrics["nmi_geometric"] = evaluate(source.labels[est.valid_], est.labels_[est.valid_], "geometric")["nmi"]
         write_json(out / "metrics.json", metrics)
+        sel = est.model_.history_.get("selection")  # issue 18: how far the label-free choice can be trusted
+        if isinstance(sel, dict) and getattr(est.model_, "candidate_labels_", None):
+            from imgclust.select import add_label_diagnostics
+
+            add_label_diagnostics(sel, est.model_.candidate_labels_, source.labels[est.valid_])
     est.save(out / "model")
     fs = est.feature_set_
     if fs is not None and int(est.valid_.sum()) >= 2:  # issue 21: near-duplicates and outliers (imgclust.duplicates)

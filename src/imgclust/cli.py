@@ -97,7 +97,7 @@ def cluster(
     k: Optional[str] = typer.Option(None, "--k", "-k", help="number of clusters K (>= 2), or 'auto' to choose it from --k-range; required unless --config sets it"),
     k_range: str = typer.Option("2:20", help="candidates for --k auto: lo:hi, lo:hi:step or a list 5,10,20"),
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="feature extractor (see `imgclust backbones`)"),
-    method: str = typer.Option("kmeans", "--method", "-m", help="clustering method (see `imgclust methods`)"),
+    method: str = typer.Option("auto", "--method", "-m", help="clustering method (see `imgclust methods`); default auto: the best of kmeans and spectral-kmeans, chosen without labels"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to write (default: a fresh runs/<timestamp>, then linked as runs/latest)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the finished run already in --out (a folder that is not a run is never replaced)"),
     split: Optional[str] = typer.Option(None, help="train | test | all | unlabeled, or a sub-folder name"),
@@ -112,6 +112,7 @@ def cluster(
     option: Optional[list[str]] = typer.Option(None, "--option", help="method option key=value, e.g. n_init=20"),
     pca: Optional[int] = typer.Option(None, help="reduce features to this many PCA dimensions first"),
     pca_whiten: bool = typer.Option(False, help="whiten the PCA dimensions (unit variance)"),
+    reduce: Optional[str] = typer.Option(None, "--reduce", help="manifold stage before the method: umap:D | spectral:D (cached)"),
     batch_size: int = typer.Option(64, help="images per backbone batch"),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (faster, approximate) | int8 (openvino/onnxruntime, calibrated on your images) | fp16 (CUDA)"),
     engine: str = typer.Option("auto", help="inference engine: auto | torch | openvino | onnxruntime"),
@@ -151,6 +152,7 @@ def cluster(
         ("coarse", coarse, src, "coarse"), ("limit", limit, src, "limit"), ("max_pixels", max_pixels, src, "max_pixels"),
         ("backbone", backbone, bb, "name"), ("weights", weights, bb, "weights"),
         ("image_size", image_size, bb, "image_size"), ("pca", pca, ft, "pca"), ("pca_whiten", pca_whiten, ft, "pca_whiten"),
+        ("reduce", reduce, ft, "reduce"),
         ("batch_size", batch_size, ft, "batch_size"),
         ("precision", precision, ft, "precision"), ("engine", engine, ft, "engine"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
         ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
@@ -360,20 +362,20 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Cluster scikit-learn's bundled digits (1,797 images, 10 classes) with the offline
-    EfficientNet-Lite0 backbone and k-means, and print ACC/NMI/ARI."""
+    EfficientNet-Lite0 backbone and the default method (auto), and print ACC/NMI/ARI."""
     from imgclust.api import cluster as run_cluster
     from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
 
     cfg = RunConfig(
         k=10,
-        method="kmeans",
+        method="auto",  # issue 18: the label-free pick of kmeans and spectral-kmeans
         source=SourceConfig(path="digits"),
         backbone=BackboneConfig(name="efficientnet-lite0", image_size=DEMO_IMAGE_SIZE),
         features=FeatureConfig(cache_dir=cache_dir, pca=DEMO_PCA, pca_whiten=True),
     )
     typer.echo(
         f"demo: digits (1,797 8x8 images) -> efficientnet-lite0 @ {DEMO_IMAGE_SIZE} px -> "
-        f"PCA-whitened to {DEMO_PCA} dims -> k-means, K=10"
+        f"PCA-whitened to {DEMO_PCA} dims -> auto (k-means or spectral, chosen without labels), K=10"
     )
     summary = run_cluster(cfg, out, progress=not quiet, overwrite=True)  # the demo's own folder: replaced on purpose
     _print_summary(summary, out)

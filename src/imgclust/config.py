@@ -55,6 +55,7 @@ class FeatureConfig:
     cache_dir: str | None = None  # default $IMGCLUST_CACHE or ~/.cache/imgclust
     pca: int | None = None  # reduce features to this many dimensions before clustering
     pca_whiten: bool = False  # scale PCA components to unit variance (helps k-means on CNN features)
+    reduce: str | None = None  # manifold stage before the method: umap:D | spectral:D (imgclust.reduce)
     chunk_rows: int = 1024  # feature rows between two flushes of the cache (what an interruption can lose)
     engine: str = "auto"  # auto | torch | openvino | onnxruntime (issue 19; precision may then be int8)
 
@@ -65,7 +66,7 @@ class RunConfig:
     k_range: str = "2:20"  # candidates for k = "auto": "lo:hi", "lo:hi:step" or "5,10,20"
     report: bool = True  # write report.html at the end of the run (imgclust.report)
     report_map: str = "auto"  # the report's 2-D map: auto | umap | tsne | pca
-    method: str = "kmeans"
+    method: str = "auto"  # issue 18 (was kmeans): label-free pick among kmeans, spectral-kmeans
     seed: int = 0
     threads: int | str | None = None  # torch/faiss/BLAS/numba threads: a count, or "auto"/None (imgclust.threads)
     source: SourceConfig = field(default_factory=SourceConfig)

@@ -25,7 +25,7 @@ def digits_x():
 
 
 def _run(tmp_path, path, k, **source):
-    cfg = RunConfig(k=k, source=SourceConfig(path=str(path), **source),
+    cfg = RunConfig(k=k, method="kmeans", source=SourceConfig(path=str(path), **source),
                     backbone=BackboneConfig(name="pixels", image_size=8),
                     features=FeatureConfig(cache_dir=str(tmp_path / "cache")))
     return cluster(cfg, tmp_path / "run", progress=False)

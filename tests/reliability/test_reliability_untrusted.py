@@ -43,7 +43,7 @@ def images():
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, images):
     base = tmp_path_factory.mktemp("saved")
-    m = ImageClusterer(n_clusters=4, backbone="pixels", image_size=8, pca=6, method_options={"n_init": 1},
+    m = ImageClusterer(n_clusters=4, method="kmeans", backbone="pixels", image_size=8, pca=6, method_options={"n_init": 1},
                        cache_dir=str(base / "c"), progress=False)
     return m.fit(images).save(base / "model")
 

@@ -47,6 +47,7 @@ import torch
 
 from imgclust.errors import InputError
 from imgclust.heads import NORMS, MultiHeadClassifier, cosine_ramp, ema_update_, temi_loss
+from imgclust.heads.mlp import MultiHeadMLP, build_heads
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
 from imgclust.progress import progress_bar
@@ -57,6 +58,9 @@ class TEMIConfig(MethodConfig):
     """Options of ``temi`` (TEMI paper / reference-code defaults unless noted)."""
 
     heads: int = 50  # H, as TEMI and ICCE
+    head: str = "linear"  # "linear" (ICCE's multi-head classifier) | "mlp" (TEMI reference: DINO head)
+    hidden_dim: int = 512  # head=mlp: TEMI reference hidden width
+    bottleneck_dim: int = 256  # head=mlp: L2-normalised bottleneck before the weight-normalised layer
     neighbors: str = "fixed"  # "fixed": k nearest; "adaptive": ICCE's distance threshold, >= k
     k: int = 50  # TEMI --knn 50; ICCE's minimum set size
     threshold: float = 0.3  # adaptive: max cosine distance 1 - cos (ICCE: 0.3)
@@ -86,7 +90,9 @@ class TEMIConfig(MethodConfig):
         for name in ("sinkhorn", "center_neighbors"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false; got {getattr(self, name)!r}")
-        for name in ("heads", "k", "epochs", "batch_size", "max_neighbors"):
+        if self.head not in ("linear", "mlp"):
+            raise InputError(f"head must be 'linear' or 'mlp'; got {self.head!r}")
+        for name in ("heads", "k", "epochs", "batch_size", "max_neighbors", "hidden_dim", "bottleneck_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         if self.sinkhorn and self.sinkhorn_iters < 1:
@@ -134,7 +140,7 @@ class TEMI(ClusteringMethod):
 
     def __init__(self, n_clusters: int, config: TEMIConfig | dict | None = None) -> None:
         super().__init__(n_clusters, config)
-        self.teacher_: MultiHeadClassifier | None = None
+        self.teacher_: MultiHeadClassifier | MultiHeadMLP | None = None
         self.best_head_: int = 0
         self.head_labels_: np.ndarray | None = None  # (H, N) int32, teacher assignments of the fit features
         self.head_losses_: np.ndarray | None = None  # (H,) last-epoch mean loss per head
@@ -161,7 +167,8 @@ class TEMI(ClusteringMethod):
         x = torch.from_numpy(x_np).to(device)
 
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
-        student = MultiHeadClassifier(d, self.n_clusters, cfg.heads, cfg.norm, generator=gen)
+        student = build_heads(cfg.head, d, self.n_clusters, cfg.heads, cfg.norm, generator=gen,
+                              **self._mlp_dims())
         if cfg.norm == "standardize":
             student.set_standardization(x.mean(0).cpu(), x.std(0).cpu())  # TEMI: torch mean/std over the set
         student.to(device).train()
@@ -255,7 +262,7 @@ class TEMI(ClusteringMethod):
         return self
 
     # ------------------------------------------------------------------ inference
-    def _check(self) -> MultiHeadClassifier:
+    def _check(self) -> MultiHeadClassifier | MultiHeadMLP:
         if self.teacher_ is None:
             raise InputError(f"this {self.name} model is not fitted yet")
         return self.teacher_
@@ -302,14 +309,25 @@ class TEMI(ClusteringMethod):
             state["prior"] = self.prior_.clone()
         return state
 
+    def _mlp_dims(self) -> dict[str, int]:
+        if self.config.head != "mlp":
+            return {}
+        return {"hidden_dim": self.config.hidden_dim, "bottleneck_dim": self.config.bottleneck_dim}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        w = state.get("teacher.weight")
-        if w is None or w.ndim != 3:
-            raise InputError(f"not a {self.name} state: teacher.weight (H, D, K) missing")
-        h, d, k = w.shape
+        mlp = self.config.head == "mlp"
+        w = state.get("teacher.fc1_weight" if mlp else "teacher.weight")
+        v = state.get("teacher.last_v") if mlp else w
+        if w is None or w.ndim != 3 or v is None or v.ndim != 3:
+            raise InputError(f"not a {self.name} state with head={self.config.head}: teacher weights (H, D, .) missing")
+        h, d, k = w.shape[0], w.shape[1], v.shape[2]
         if k != self.n_clusters:
             raise InputError(f"saved model has K={k} clusters, expected {self.n_clusters}")
-        t = MultiHeadClassifier(d, k, h, self.config.norm)
+        if mlp:
+            t: MultiHeadClassifier | MultiHeadMLP = MultiHeadMLP(d, k, h, self.config.norm, hidden_dim=w.shape[2],
+                                                                 bottleneck_dim=v.shape[1])
+        else:
+            t = MultiHeadClassifier(d, k, h, self.config.norm)
         try:
             t.load_state_dict({key[len("teacher."):]: v for key, v in state.items() if key.startswith("teacher.")})
         except RuntimeError as e:

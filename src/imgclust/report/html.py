@@ -34,13 +34,14 @@ from imgclust.report.rundata import (
     load_run_features,
     open_run_source,
 )
+from imgclust.report.selection import selection_section
 from imgclust.report.thumbnails import make_thumbnails
 from imgclust.rundir import atomic_open
 
 REPORT_NAME = "report.html"
-_NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("hierarchy", "hierarchy"), ("map", "map"),
-        ("contingency", "labels"), ("gallery", "clusters"), ("duplicates", "duplicates"), ("changes", "edits"),
-        ("config", "config")]
+_NAV = [("summary", "summary"), ("choose-k", "choice of K"), ("selection", "choice of method"), ("hierarchy", "hierarchy"),
+        ("map", "map"), ("contingency", "labels"), ("gallery", "clusters"), ("duplicates", "duplicates"),
+        ("changes", "edits"), ("config", "config")]
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -249,6 +250,7 @@ def build_report(
         _summary_section(data, ct, notes),
         _choose_k_section(data.choose_k) if data.choose_k else "",
         hierarchy_section(data.run_dir, data.run),  # issue 23: merge tree, marked K, trust score
+        selection_section(data.run),  # issue 18: the label-free choice of method
         map_html,
         _contingency_section(ct, k) if ct is not None else "",
         _gallery_section(data, gallery, thumbs, rows, ct, k),
