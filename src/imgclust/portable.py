@@ -62,6 +62,8 @@ class _LinearHead(nn.Module):
 
 
 def _head(model: Any) -> nn.Module:
+    if getattr(model, "chosen_", None) is not None:  # `auto` (the default): the candidate it kept
+        return _head(model.chosen_)
     if hasattr(model, "torch_head"):
         return model.torch_head()
     if getattr(model, "classifier_", None) is not None and hasattr(model.classifier_, "weight"):
