@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from imgclust.data.base import ImageSource
 from imgclust.diskspace import reserve_path, writing
 from imgclust.errors import BadImageError, DiskFullError, InputError
 from imgclust.progress import progress_bar
-from imgclust.rundir import clean_stale_tmp, file_sha256, read_json, write_json
+from imgclust.rundir import clean_stale_tmp, exclusive_lock, file_sha256, read_json, write_json
 
 CACHE_FORMAT = 2  # 2: chunk digests in progress.json, sha256 of features.npy in meta.json
 
@@ -169,7 +168,7 @@ def extract_to_entry(source: ImageSource, backbone: Backbone, entry: Path, *, ke
     view bank of :mod:`imgclust.views`) store their entries through this too.
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(entry.parent / f"{entry.name}.lock"):
+    with exclusive_lock(entry.parent / f"{entry.name}.lock"):
         status = "fresh"
         if entry.is_dir():
             clean_stale_tmp(entry)
@@ -295,30 +294,6 @@ def _extract(
     fs.rows_computed = processed
     fs.cache_status = status
     return fs
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (``flock``) held for the block; a no-op where unsupported.
-
-    The kernel releases it when the process dies, even on SIGKILL.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):  # e.g. a file system without locks
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _wipe(entry: Path) -> None:

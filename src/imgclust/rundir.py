@@ -132,3 +132,27 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
 def write_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) held for the block; a no-op where unsupported.
+
+    The kernel releases it when the process dies, even on SIGKILL.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # e.g. a file system without locks
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -17,13 +17,12 @@ An entry is built in a temporary directory and renamed into place, under an excl
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from imgclust.backbones.base import Backbone
+from imgclust.rundir import exclusive_lock
 
 ENGINE_CACHE_FORMAT = 1
 
@@ -76,27 +76,6 @@ def model_key(backbone: Backbone, **parts: Any) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Exclusive ``flock`` for the block (released by the kernel even on SIGKILL); no-op where unsupported."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def cached_artifact(root: Path, key: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
     """The directory ``root/key``, built by ``build(tmp_dir)`` when missing; returns (dir, reused).
 
@@ -105,7 +84,7 @@ def cached_artifact(root: Path, key: str, build: Callable[[Path], dict[str, Any]
     """
     root.mkdir(parents=True, exist_ok=True)
     entry = root / key
-    with _locked(root / f"{key}.lock"):
+    with exclusive_lock(root / f"{key}.lock"):
         if (entry / "meta.json").is_file():
             return entry, True
         if entry.exists():  # incomplete (a build killed before the rename cannot get here; be safe)
