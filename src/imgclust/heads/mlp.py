@@ -32,22 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclust.errors import InputError
-from imgclust.heads.multihead import NORMS
+from imgclust.heads.multihead import SharedInputNorm
 
 
-class MultiHeadMLP(nn.Module):
+class MultiHeadMLP(SharedInputNorm):
     """``n_heads`` DINO-style MLP heads on a shared input normalisation; forward gives (H, B, K)."""
 
     def __init__(self, in_dim: int, n_clusters: int, n_heads: int, norm: str = "none",
                  generator: torch.Generator | None = None, hidden_dim: int = 512, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise InputError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
         if n_heads < 1 or n_clusters < 2 or in_dim < 1 or hidden_dim < 1 or bottleneck_dim < 1:
             raise InputError(f"need heads >= 1, K >= 2, D, hidden, bottleneck >= 1; got H={n_heads}, "
                              f"K={n_clusters}, D={in_dim}, hidden={hidden_dim}, bottleneck={bottleneck_dim}")
-        self.in_dim, self.n_clusters, self.n_heads, self.norm = int(in_dim), int(n_clusters), int(n_heads), norm
+        self.in_dim, self.n_clusters, self.n_heads = int(in_dim), int(n_clusters), int(n_heads)
         self.hidden_dim, self.bottleneck_dim = int(hidden_dim), int(bottleneck_dim)
         h = self.n_heads
         self.fc1_weight = nn.Parameter(torch.empty(h, in_dim, hidden_dim))
@@ -62,10 +60,7 @@ class MultiHeadMLP(nn.Module):
             self.register_buffer("last_g", g)  # fixed gain 1, as DINO's norm_last_layer=True
         else:
             self.last_g = nn.Parameter(g)
-        if norm == "standardize":
-            self.register_buffer("mean", torch.zeros(in_dim))
-            self.register_buffer("std", torch.ones(in_dim))
-        self.bn = nn.BatchNorm1d(in_dim) if norm == "batchnorm" else None
+        self._init_norm(in_dim, norm)
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -74,22 +69,6 @@ class MultiHeadMLP(nn.Module):
             nn.init.trunc_normal_(w, std=0.02, a=-0.04, b=0.04, generator=generator)
         for b in (self.fc1_bias, self.fc2_bias, self.fc3_bias):
             b.zero_()
-
-    @torch.no_grad()
-    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
-        if self.norm != "standardize":
-            raise InputError("set_standardization needs norm='standardize'")
-        self.mean.copy_(mean)
-        self.std.copy_(std.clamp(min=eps))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm == "l2":
-            return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        if self.norm == "standardize":
-            return (x - self.mean) / self.std
-        if self.bn is not None:
-            return self.bn(x)
-        return x
 
     def last_layer_weight(self) -> torch.Tensor:
         """g * V / |V| per head and output unit (norm over the bottleneck dim): (H, bottleneck, K)."""

@@ -41,30 +41,20 @@ from imgclust.errors import InputError
 NORMS = ("none", "l2", "standardize", "batchnorm")
 
 
-class MultiHeadClassifier(nn.Module):
-    """``n_heads`` linear K-way heads on a shared input normalisation; forward gives (H, B, K)."""
+class SharedInputNorm(nn.Module):
+    """The input normalisation every multi-head module shares (``norm``, see the module doc).
 
-    def __init__(self, in_dim: int, n_clusters: int, n_heads: int, norm: str = "none",
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
+    A base class rather than a submodule, so the buffers keep their names (``mean``, ``std``,
+    ``bn.*``) in saved models."""
+
+    def _init_norm(self, in_dim: int, norm: str) -> None:
         if norm not in NORMS:
             raise InputError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
-        if n_heads < 1 or n_clusters < 2 or in_dim < 1:
-            raise InputError(f"need heads >= 1, K >= 2, D >= 1; got H={n_heads}, K={n_clusters}, D={in_dim}")
-        self.in_dim, self.n_clusters, self.n_heads, self.norm = int(in_dim), int(n_clusters), int(n_heads), norm
-        self.weight = nn.Parameter(torch.empty(n_heads, in_dim, n_clusters))
-        self.bias = nn.Parameter(torch.empty(n_heads, n_clusters))
+        self.norm = norm
         if norm == "standardize":
             self.register_buffer("mean", torch.zeros(in_dim))
             self.register_buffer("std", torch.ones(in_dim))
         self.bn = nn.BatchNorm1d(in_dim) if norm == "batchnorm" else None
-        self.reset_parameters(generator)
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        bound = 1.0 / math.sqrt(self.in_dim)
-        self.weight.uniform_(-bound, bound, generator=generator)
-        self.bias.uniform_(-bound, bound, generator=generator)
 
     @torch.no_grad()
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
@@ -82,6 +72,27 @@ class MultiHeadClassifier(nn.Module):
         if self.bn is not None:
             return self.bn(x)
         return x
+
+
+class MultiHeadClassifier(SharedInputNorm):
+    """``n_heads`` linear K-way heads on a shared input normalisation; forward gives (H, B, K)."""
+
+    def __init__(self, in_dim: int, n_clusters: int, n_heads: int, norm: str = "none",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if n_heads < 1 or n_clusters < 2 or in_dim < 1:
+            raise InputError(f"need heads >= 1, K >= 2, D >= 1; got H={n_heads}, K={n_clusters}, D={in_dim}")
+        self.in_dim, self.n_clusters, self.n_heads = int(in_dim), int(n_clusters), int(n_heads)
+        self.weight = nn.Parameter(torch.empty(n_heads, in_dim, n_clusters))
+        self.bias = nn.Parameter(torch.empty(n_heads, n_clusters))
+        self._init_norm(in_dim, norm)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        bound = 1.0 / math.sqrt(self.in_dim)
+        self.weight.uniform_(-bound, bound, generator=generator)
+        self.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every head: (H, B, K) for x (B, D)."""
