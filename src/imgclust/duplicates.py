@@ -229,9 +229,12 @@ def thumb_vectors(source: Any, indices: np.ndarray, size: int = THUMB_SIZE, work
 
     from imgclust.errors import BadImageError
 
+    from imgclust.data.decode import jpeg_draft
+
     def one(i: int) -> np.ndarray:
         try:
-            im = Image.fromarray(np.ascontiguousarray(source.read(int(i)))).convert("L")
+            with jpeg_draft(2 * size):  # a large JPEG decodes at 1/2-1/8 scale: a 16-px thumbnail needs no more
+                im = Image.fromarray(np.ascontiguousarray(source.read(int(i)))).convert("L")
         except (BadImageError, OSError, ValueError):
             return np.zeros(size * size, np.float32)
         v = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32).ravel()
