@@ -227,9 +227,8 @@ def thumb_vectors(source: Any, indices: np.ndarray, size: int = THUMB_SIZE, work
 
     from PIL import Image
 
-    from imgclust.errors import BadImageError
-
     from imgclust.data.decode import jpeg_draft
+    from imgclust.errors import BadImageError
 
     def one(i: int) -> np.ndarray:
         try:
