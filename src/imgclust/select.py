@@ -52,6 +52,9 @@ def _kappa(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     return 0.0 if pe >= 1.0 - 1e-12 else (a - pe) / (1.0 - pe)
 
 
+PROBE_MAX_DIM = 2048  # wider spaces (e.g. raw pixels) with more images than this: probe the top 2,048 PCs
+
+
 def _as_spaces(features: np.ndarray | list[np.ndarray] | tuple[np.ndarray, ...]) -> list[np.ndarray]:
     spaces = list(features) if isinstance(features, (list, tuple)) else [features]
     return [np.ascontiguousarray(s, dtype=np.float32) for s in spaces]
@@ -79,14 +82,25 @@ def generalization_score(features: np.ndarray | list[np.ndarray], labels: np.nda
     for s in spaces:
         x = s[idx].astype(np.float64)
         x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+        if x.shape[1] > PROBE_MAX_DIM and len(x) > PROBE_MAX_DIM:  # both large: the top principal components
+            from sklearn.decomposition import PCA
+
+            x = PCA(PROBE_MAX_DIM, svd_solver="randomized", random_state=seed).fit_transform(x)
+            x /= np.maximum(x.std(0), 1e-6)
         x = np.hstack([x, np.ones((len(x), 1))])
         onehot = np.eye(k)[y]
         for f in range(folds):
             tr, te = fold_of != f, fold_of == f
-            a = x[tr].T @ x[tr]
-            a[np.diag_indices_from(a)] += ridge * tr.sum()
-            w = np.linalg.solve(a, x[tr].T @ onehot[tr])
-            scores.append(_kappa(y[te], (x[te] @ w).argmax(1), k))
+            lam = ridge * tr.sum()
+            if x.shape[1] <= tr.sum():  # primal: (X'X + lam I) w = X'Y, a (D+1) x (D+1) system
+                a = x[tr].T @ x[tr]
+                a[np.diag_indices_from(a)] += lam
+                pred = x[te] @ np.linalg.solve(a, x[tr].T @ onehot[tr])
+            else:  # dual, the same ridge solution: w = X'(XX' + lam I)^-1 Y, an n x n system (wide features)
+                g = x[tr] @ x[tr].T
+                g[np.diag_indices_from(g)] += lam
+                pred = (x[te] @ x[tr].T) @ np.linalg.solve(g, onehot[tr])
+            scores.append(_kappa(y[te], pred.argmax(1), k))
     return float(np.mean(scores))
 
 
