@@ -640,9 +640,9 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
         "config": cfg_requested.to_dict(),
         "k_selection": None if k_choice is None else {"k": k_choice["k"], "per_criterion": k_choice["per_criterion"],
                                                       "file": "choose_k.json",
-                                                      "candidates": k_choice["hierarchy"]["candidates"],
+                                                      "candidates": (k_choice.get("hierarchy") or {}).get("candidates", [k_choice["k"]]),
                                                       "classic_k": k_choice["classic_k"],
-                                                      "hierarchy": "hierarchy.json"},
+                                                      "hierarchy": "hierarchy.json" if tree is not None else None},
         "trust": trust,
         "data_fingerprint": src_desc.get("fingerprint"),
         "source": src_desc,
@@ -716,7 +716,13 @@ def _choose_k(cfg: RunConfig, source: ImageSource, progress: bool) -> tuple[dict
     if len(ks) < 2:
         raise InputError(f"K range {cfg.k_range} leaves fewer than two candidates below the {len(x)} readable images")
     labels = None if source.labels is None else np.asarray(source.labels)[valid]
-    tree = build_hierarchy(x, ks, seed=cfg.seed)
+    try:
+        tree = build_hierarchy(x, ks, seed=cfg.seed)
+    except InputError as e:  # too few images to over-cluster beyond the range: the classic criteria decide
+        res = choose_k(x, ks, seed=cfg.seed, progress=progress, labels=labels)
+        res["classic_k"] = res["k"]
+        res["rule"] = f"classic criteria alone ({e})"
+        return res, None
     res = choose_k(x, ks, seed=cfg.seed, progress=progress, labels=labels)
     res["classic_k"] = res["k"]
     res["k"] = int(tree.k)

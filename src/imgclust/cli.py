@@ -66,7 +66,7 @@ def _print_summary(summary: dict, out: Path) -> None:
         pc = ks["per_criterion"]
         typer.echo(f"K chosen automatically: {ks['k']} (silhouette alone {pc['silhouette']}, stability alone "
                    f"{pc['stability']}, eigengap alone {pc['eigengap']}; curve in choose_k.json and the report)")
-        if ks.get("candidates"):  # issue 23: the merge tree's marked K; `imgclust recut` cuts at another one
+        if ks.get("candidates") and ks.get("hierarchy"):  # issue 23: the merge tree's marked K; `imgclust recut` cuts at another one
             typer.echo(f"plausible K (merge tree): {', '.join(map(str, ks['candidates']))}; classic criteria: "
                        f"{ks.get('classic_k')}; try another with `imgclust recut {out} --k N --out DIR`")
     _echo_trust(summary.get("trust"))

@@ -111,6 +111,8 @@ def _spectral(x: np.ndarray, spec: ReduceSpec, seed: int, progress: bool) -> np.
     from imgclust.neighbors import mine_neighbors
 
     n = len(x)
+    if n <= spec.dim + 1:
+        raise InputError(f"{n} images are too few for a {spec.dim}-d spectral embedding")
     k = int(min(spec.graph_k, n - 1))
     nb = mine_neighbors(x, mode="fixed", k=k, seed=seed, progress=progress)
     rows = np.repeat(np.arange(n), np.diff(nb.indptr))
@@ -119,7 +121,8 @@ def _spectral(x: np.ndarray, spec: ReduceSpec, seed: int, progress: bool) -> np.
     a = sp.csr_matrix((sim, (rows, nb.indices)), shape=(n, n))
     a = a.maximum(a.T).tocsr()
     z = spectral_embedding(a, n_components=spec.dim, norm_laplacian=True, drop_first=True, random_state=int(seed),
-                           eigen_solver="arpack" if n < 20000 else "lobpcg")
+                           # lobpcg below 5 (dim + 1) nodes is scikit-learn's dense eigh (arpack needs k < N)
+                           eigen_solver="arpack" if 5 * (spec.dim + 1) < n < 20000 else "lobpcg")
     return l2_normalize(np.asarray(z, dtype=np.float32))
 
 
@@ -146,11 +149,11 @@ def reduce_features(features: np.ndarray, spec: ReduceSpec | str, *, seed: int =
             except (OSError, ValueError):
                 pass  # unreadable: recompute and overwrite
     t0 = time.perf_counter()
-    if progress:
-        import sys
+    from imgclust.progress import progress_bar
 
-        print(f"reduce: {spec} of {len(x)} x {x.shape[1]} features ...", file=sys.stderr, flush=True)
-    z = _umap(x, spec, seed) if spec.kind == "umap" else _spectral(x, spec, seed, progress)
+    with progress_bar(1, f"reduce {spec} of {len(x)} x {x.shape[1]} features", unit="step", enable=progress) as bar:
+        z = _umap(x, spec, seed) if spec.kind == "umap" else _spectral(x, spec, seed, progress)
+        bar.update(1)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     if not np.isfinite(z).all():
         raise InputError(f"--reduce {spec} produced non-finite coordinates (duplicate-heavy data?); try --reduce none")
