@@ -102,6 +102,8 @@ def test_fewer_images_than_neighbours_and_bad_options(digits_xy):
     with pytest.raises(InputError, match="norm must be one of none, l2, standardize, batchnorm"):
         get_method("temi")(3, {"norm": "layernorm"})
     with pytest.raises(InputError, match="unknown option"):
+        get_method("temi")(3, {"no_such_option": 3})  # ("head" became a real option: linear | mlp)
+    with pytest.raises(InputError, match="'head' .* must be str"):
         get_method("temi")(3, {"head": 3})
     with pytest.raises(InputError, match="heads must be a positive integer"):
         get_method("temi")(3, {"heads": 0})
