@@ -42,7 +42,6 @@ if _missing():
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 WAIT = 60
@@ -96,7 +95,16 @@ def run(tmp_path_factory):
 
 
 def wait_reload(browser, old):
-    WebDriverWait(browser, WAIT).until(EC.staleness_of(old))
+    from selenium.common.exceptions import WebDriverException
+
+    def gone(_d) -> bool:  # staleness_of, but Chromium may also answer "Node ... does not belong to the document"
+        try:
+            old.is_enabled()
+            return False
+        except WebDriverException:  # StaleElementReferenceException is one
+            return True
+
+    WebDriverWait(browser, WAIT).until(gone)
     WebDriverWait(browser, WAIT).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
