@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from imgclust.errors import InputError
+from imgclust.neighbors import l2_normalize as l2n
 from imgclust.rundir import write_csv
 
 DUP_THRESHOLD = 0.98  # cosine similarity of the centred PCA-128 features; measured (benchmarks/duplicates.py)
@@ -65,11 +66,6 @@ class Quality:
     scores: np.ndarray  # (N,) outlier score of every row
     info: dict[str, Any]
     ranked: np.ndarray | None = None  # the max_outlier_fraction most isolated rows, worst first (outliers.csv)
-
-
-def l2n(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def knn_index(xn: np.ndarray, seed: int = 0) -> Any:

@@ -119,9 +119,10 @@ def sample_neighbors(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Te
     return torch.where(size > 0, indices[pos].long(), rows)
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32, C-contiguous); the one helper every layer above uses."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
 def _build_index(xn: np.ndarray, exact_max_rows: int, seed: int) -> tuple[faiss.Index, dict[str, Any]]:
@@ -193,7 +194,7 @@ def mine_neighbors(
     if x.ndim != 2 or len(x) == 0:
         raise InputError(f"features must be a non-empty (N, D) array, got shape {x.shape}")
     n = len(x)
-    xn = _l2n(x - x.mean(axis=0, dtype=np.float64).astype(np.float32) if center else x)
+    xn = l2_normalize(x - x.mean(axis=0, dtype=np.float64).astype(np.float32) if center else x)
     if not np.isfinite(xn).all():
         raise InputError("features contain NaN or infinite values")
     cap = min(k if mode == "fixed" else max_neighbors, n - 1)

@@ -107,8 +107,7 @@ def _spectral(x: np.ndarray, spec: ReduceSpec, seed: int, progress: bool) -> np.
     import scipy.sparse as sp
     from sklearn.manifold import spectral_embedding
 
-    from imgclust.methods.base import l2_normalize
-    from imgclust.neighbors import mine_neighbors
+    from imgclust.neighbors import l2_normalize, mine_neighbors
 
     n = len(x)
     if n <= spec.dim + 1:
@@ -175,7 +174,7 @@ def extend(anchor_x: np.ndarray, anchor_z: np.ndarray, new_x: np.ndarray, k: int
     """Out-of-sample embedding: similarity-weighted mean of the k most cosine-similar anchors' z."""
     import faiss
 
-    from imgclust.methods.base import l2_normalize
+    from imgclust.neighbors import l2_normalize
 
     a = l2_normalize(anchor_x)
     q = l2_normalize(np.asarray(new_x, dtype=np.float32))

@@ -108,7 +108,7 @@ def knn_score(features: np.ndarray | list[np.ndarray], labels: np.ndarray, *, k_
     """Chance-corrected agreement of every label with the majority of its k cosine neighbours."""
     import faiss
 
-    from imgclust.methods.base import l2_normalize
+    from imgclust.neighbors import l2_normalize
 
     y = np.unique(np.asarray(labels), return_inverse=True)[1]
     k = int(y.max()) + 1

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from imgclust.errors import InputError
+from imgclust.neighbors import l2_normalize  # noqa: F401 - re-exported: methods import it from here
 
 
 @dataclass
@@ -111,11 +112,6 @@ def available_methods() -> dict[str, type[ClusteringMethod]]:
     from imgclust import methods  # noqa: F401
 
     return dict(sorted(_METHODS.items()))
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
