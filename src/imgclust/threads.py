@@ -12,8 +12,10 @@ The default (``threads=None`` / ``"auto"``), in order:
 1. ``IMGCLUST_THREADS`` or ``OMP_NUM_THREADS`` when set (the user already decided);
 2. the CPUs this process may run on: ``os.sched_getaffinity`` (taskset, cpusets), capped by
    a cgroup CPU quota (``cpu.max`` v2, ``cpu.cfs_quota_us`` v1: containers, Slurm);
-3. minus the other processes already running: the 1-minute load average (when it is known)
-   is subtracted and the result rounded down, at least 1. A machine whose load is at or
+3. minus the other processes already running: the whole part of the 1-minute load average
+   (when it is known) is subtracted, at least 1 (a fractional load is the lagging trace of
+   processes that just ended: on an idle 2-core box at load 0.8, rounding it away halved the
+   speed of an extraction, 31 vs 60 img/s). A machine whose load is at or
    above its CPU count gets 1 thread: oversubscribed OpenMP is slower than one thread.
 
 :func:`apply_threads` sets the limit on all runtimes at once (and the environment variables
@@ -93,7 +95,7 @@ def default_threads(load: float | None = None) -> tuple[int, str]:
             load = None
     if load is None:
         return n, f"{n} available CPU(s)"
-    free = max(1, min(n, math.floor(n - load + 0.5)))
+    free = max(1, min(n, n - math.floor(load)))
     return free, f"{n} available CPU(s), load {load:.1f}"
 
 
