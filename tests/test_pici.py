@@ -7,7 +7,7 @@ import torch
 from imgclust import ImageClusterer
 from imgclust.backbones.mae import MaskedAutoencoderViT, default_patch_size
 from imgclust.errors import InputError
-from imgclust.heads.pici import (
+from imgclust.losses.pici import (
     cli_targets,
     cluster_entropy,
     cluster_loss,

@@ -5,7 +5,7 @@ ablation baseline CC (Contrastive Clustering, Li et al. 2021): clustering networ
 ``pici`` (paper sec. 3, Algorithm 1). Encoder F = a masked-autoencoder ViT
 (:mod:`imgclust.backbones.mae`; ``vit_size`` tiny/small/base, patch from the image size,
 32 px -> patch 4), decoder D, instance MLP G_I (128-d) and cluster MLP G_C (softmax over K)
-(:mod:`imgclust.heads.pici`, where the losses and their formulas are). Every image gives two
+(:mod:`imgclust.losses.pici`, where the losses and their formulas are). Every image gives two
 views: weak T_w = resize + normalise, strong T_s = random resized crop, flip, colour jitter,
 random grayscale, Gaussian blur (kornia, ``imgclust.data.augment.contrastive_augment``); both are
 masked (ratio 0.5) in training. Three stages, each with its own epoch count:
@@ -76,7 +76,8 @@ from imgclust.backbones.base import Preprocess
 from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
 from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.errors import BadImageError, InputError
-from imgclust.heads.pici import ClusterMLP, InstanceMLP, cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
+from imgclust.heads.pici import ClusterMLP, InstanceMLP
+from imgclust.losses.pici import cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.progress import progress_bar
 

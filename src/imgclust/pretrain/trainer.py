@@ -45,7 +45,7 @@ from imgclust.backbones.base import Backbone
 from imgclust.backbones.pretrained_dir import make_encoder, preprocess_for, save_pretrained
 from imgclust.data.base import ImageSource
 from imgclust.errors import BadImageError, InputError
-from imgclust.pretrain import losses
+from imgclust.losses import ssl as losses
 from imgclust.pretrain.recipes import METHODS, TwoViews, recipe_for
 from imgclust.rundir import atomic_open
 

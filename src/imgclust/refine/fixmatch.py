@@ -57,6 +57,7 @@ from imgclust.data.augment import DEFAULT_SPEC, AugmentSpec, augment
 from imgclust.data.base import ImageSource
 from imgclust.errors import BadImageError, InputError
 from imgclust.heads.multihead import ema_update_
+from imgclust.losses.fixmatch import FixMatchLossOutput, fixmatch_loss
 from imgclust.neighbors import load_or_mine_neighbors
 from imgclust.nonfinite import NonFiniteLoss, check_finite
 from imgclust.progress import progress_bar
@@ -132,41 +133,6 @@ def select_reliable(
     info = {"n_neighbors": k, "threshold": threshold, "min_confidence": min_confidence, "balance": balance,
             "neighbors_cache": nb.info.get("cache"), "mean_beta": float(beta.mean()) if n else 0.0}
     return ReliableSet(index.astype(np.int64), labels[index], beta, [int(c) for c in counts], empty, info)
-
-
-# --------------------------------------------------------------------------- loss
-@dataclass
-class FixMatchLossOutput:
-    loss: torch.Tensor  # scalar (backpropagate this)
-    supervised: torch.Tensor  # scalar, detached
-    unsupervised: torch.Tensor  # scalar, detached
-    mask: torch.Tensor  # (mu B,) float, 1 where the weak prediction is confident enough
-    pseudo_labels: torch.Tensor  # (mu B,) argmax of the weak predictions
-
-
-def fixmatch_loss(
-    logits_x: torch.Tensor,
-    targets_x: torch.Tensor,
-    logits_u_weak: torch.Tensor,
-    logits_u_strong: torch.Tensor,
-    *,
-    threshold: float = 0.95,
-    unsup_weight: float = 1.0,
-    temperature: float = 1.0,
-) -> FixMatchLossOutput:
-    """Eq. (6): CE on the labelled weak views + masked CE of strong views on weak pseudo-labels.
-
-    The pseudo-labels and mask come from ``logits_u_weak`` without gradient; the
-    unsupervised term is averaged over all mu B unlabelled samples (masked ones count as 0),
-    as in FixMatch.
-    """
-    sup = F.cross_entropy(logits_x.float(), targets_x.long())
-    with torch.no_grad():
-        q = torch.softmax(logits_u_weak.detach().float() / temperature, dim=-1)
-        conf, pseudo = q.max(dim=-1)
-        mask = (conf >= threshold).float()
-    unsup = (F.cross_entropy(logits_u_strong.float(), pseudo, reduction="none") * mask).mean()
-    return FixMatchLossOutput(sup + unsup_weight * unsup, sup.detach(), unsup.detach(), mask, pseudo)
 
 
 # --------------------------------------------------------------------------- training

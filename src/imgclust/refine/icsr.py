@@ -76,12 +76,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_parameters
 from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
+from imgclust.losses.icsr import weighted_cross_entropy
 from imgclust.progress import progress_bar
 from imgclust.refine.ranking import (
     DEFAULT_PERCENTS,
@@ -396,8 +396,7 @@ def _weighted_selftrain(loop: _Loop, cfg: ICSRConfig, p0: np.ndarray, rank0: tor
                 first = 0
             rows = perm[first:first + bs]
             logits = net(views.sample("strong", rows, gen).to(loop.device))
-            ce = F.cross_entropy(logits.float(), targets[rows].to(loop.device), reduction="none")
-            loss = (ce * w_sample[rows].to(loop.device)).mean()  # Eq. (9): low weights count less, not renormalised
+            loss = weighted_cross_entropy(logits, targets[rows].to(loop.device), w_sample[rows].to(loop.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if loop.clip_grad:
