@@ -56,11 +56,11 @@ from torch import nn
 from imgclust.data.augment import DEFAULT_SPEC, AugmentSpec, augment
 from imgclust.data.base import ImageSource
 from imgclust.errors import BadImageError, InputError
-from imgclust.heads.multihead import ema_update_
 from imgclust.losses.fixmatch import FixMatchLossOutput, fixmatch_loss
 from imgclust.neighbors import load_or_mine_neighbors
-from imgclust.nonfinite import NonFiniteLoss, check_finite
-from imgclust.progress import progress_bar
+from imgclust.train.checkpoint import Checkpoint
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.train.optim import build_optimizer, ema_update_, param_groups
 
 CPU = torch.device("cpu")
 
@@ -174,6 +174,7 @@ def train_fixmatch(
     progress: bool = True,
     desc: str = "fixmatch",
     lr_option: str = "lr",
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` (inputs -> logits (B, K)) with FixMatch; returns (EMA model, history).
 
@@ -183,61 +184,68 @@ def train_fixmatch(
     momentum and FixMatch's cosine decay lr * cos(7 pi t / (16 T)); weight decay on weights,
     not biases. A non-finite loss stops training at once with
     :class:`~imgclust.nonfinite.NonFiniteLoss` naming ``lr_option`` (the caller's name for ``cfg.lr``).
+
+    Runs on :func:`imgclust.train.loop.run_loop`: one loop "epoch" is one history point
+    (``every`` = steps / 50 steps), so a ``checkpoint`` (optional) resumes at such a point with
+    the model, its EMA, the optimiser and ``generator`` restored (bit-identical to a whole run).
     """
     if len(labeled_index) == 0:
         raise InputError("FixMatch needs at least one labelled (reliable) sample")
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
-    named = [(nm, p) for nm, p in model.named_parameters() if p.requires_grad]
-    no_decay = {nm for nm, p in named if p.ndim == 1 or nm.rsplit(".", 1)[-1] in ("bias", "b1", "b2")}
-    decay = [p for nm, p in named if nm not in no_decay]
-    plain = [p for nm, p in named if nm in no_decay]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt = build_optimizer("sgd", param_groups(_bias_named(model), cfg.weight_decay), lr=cfg.lr,
+                          momentum=cfg.momentum, nesterov=True)
     lab = torch.from_numpy(np.asarray(labeled_index, dtype=np.int64))
     tgt = torch.from_numpy(np.asarray(labeled_targets, dtype=np.int64))
     b, ub = cfg.batch_size, cfg.batch_size * cfg.mu
-    hist: dict[str, list[float]] = {"loss": [], "supervised": [], "unsupervised": [], "mask_rate": []}
-    acc = np.zeros(4)
     every = max(1, cfg.steps // 50)
-    bar = progress_bar(cfg.steps, desc, unit="step", enable=progress)
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * math.cos(7.0 * math.pi * step / (16.0 * cfg.steps))
-        pick = torch.randint(0, len(lab), (b,), generator=generator)
-        xi, yi = lab[pick], tgt[pick].to(device)
-        ui = torch.randint(0, n_samples, (ub,), generator=generator)
-        xw = views.sample("weak", xi, generator)
-        uw = views.sample("weak", ui, generator)
-        us = views.sample("strong", ui, generator)
-        logits = model(torch.cat([xw, uw, us]).to(device))  # one pass, as FixMatch (BatchNorm sees all)
+    # math.cos per step (not np.cos): the exact values of the loop this replaced
+    lrs = [cfg.lr * math.cos(7.0 * math.pi * step / (16.0 * cfg.steps)) for step in range(cfg.steps)]
+
+    def batches(chunk: int):
+        for _ in range(chunk * every, min((chunk + 1) * every, cfg.steps)):
+            pick = torch.randint(0, len(lab), (b,), generator=generator)
+            xi, yi = lab[pick], tgt[pick].to(device)
+            ui = torch.randint(0, n_samples, (ub,), generator=generator)
+            xw = views.sample("weak", xi, generator)
+            uw = views.sample("weak", ui, generator)
+            us = views.sample("strong", ui, generator)
+            yield torch.cat([xw, uw, us]), yi
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo):
+        x, yi = batch
+        logits = model(x.to(device))  # one pass, as FixMatch (BatchNorm sees all)
         out = fixmatch_loss(logits[:b], yi, logits[b:b + ub], logits[b + ub:], threshold=cfg.threshold,
                             unsup_weight=cfg.unsup_weight)
-        try:
-            loss_v = check_finite(out.loss, stage=desc, step=step + 1, option=lr_option, option_value=cfg.lr)
-        except NonFiniteLoss:
-            bar.close()
-            raise
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+        return out.loss, {"supervised": out.supervised, "unsupervised": out.unsupervised,
+                          "mask_rate": out.mask.mean()}
+
+    def ema_step(info: StepInfo) -> None:
         # EMA momentum warmed up as TensorFlow's ExponentialMovingAverage(num_updates): with a CPU
         # budget of a few thousand steps, 0.999 from step 0 would keep ~14% of the random init.
-        ema_update_(ema, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))
-        acc += [loss_v, float(out.supervised), float(out.unsupervised), float(out.mask.mean())]
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            n_acc = (step % every) + 1
-            for key, v in zip(hist, acc / n_acc, strict=True):
-                hist[key].append(round(float(v), 5))
-            acc[:] = 0
-            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", mask=f"{hist['mask_rate'][-1]:.2f}")
-        bar.update(1)
-    bar.close()
+        ema_update_(ema, model, min(cfg.ema, (1.0 + info.step) / (10.0 + info.step)))
+
+    t0 = time.perf_counter()
+    spec = LoopSpec(epochs=math.ceil(cfg.steps / every), name=desc, lr=lrs, option=lr_option, option_value=cfg.lr,
+                    progress=progress, postfix=("loss", "mask_rate"))
+    res = run_loop(model, step, batches, spec, optimizer=opt, after_step=[ema_step], modules={"ema": ema},
+                   generators=[generator], checkpoint=checkpoint)
     _copy_buffers(ema, model)
+    hist = {k: [round(float(v), 5) for v in res.history.get(k, [])]
+            for k in ("loss", "supervised", "unsupervised", "mask_rate")}
     info = {**hist, "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 3), "every": every}
+    if res.resumed_from is not None:
+        info["resumed_at"] = res.resumed_from * every
     return ema.eval(), info
+
+
+def _bias_named(model: nn.Module):
+    """``named_parameters`` for :func:`~imgclust.train.optim.param_groups`, with MultiHeadMLP's stacked
+    per-head biases (``b1``, ``b2``: 2-d, (H, hidden)) named as biases, so that the one no-decay rule
+    leaves them out of weight decay as FixMatch (and this loop before the move) does."""
+    for name, p in model.named_parameters():
+        yield (name + ".bias" if name.rsplit(".", 1)[-1] in ("b1", "b2") else name), p
 
 
 def _copy_buffers(dst: nn.Module, src: nn.Module) -> None:
@@ -325,17 +333,18 @@ def distill_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
                  batch_size: int = 256, lr: float = 1e-3, generator: torch.Generator | None = None) -> nn.Module:
     """Fit ``head`` (features -> logits) to hard labels ``targets`` with CE (Adam), e.g. the labels an
     end-to-end network gave the training images, so the model predicts from frozen features."""
-    head.train()
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    opt = build_optimizer("adam", head, lr=lr)
     n = len(features)
-    for _ in range(epochs):
+
+    def batches(epoch: int):
         perm = torch.randperm(n, generator=generator)
         for s in range(0, n, batch_size):
-            i = perm[s:s + batch_size]
-            loss = F.cross_entropy(head(features[i]), targets[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            yield perm[s:s + batch_size]
+
+    def step(i: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        return F.cross_entropy(head(features[i]), targets[i])
+
+    run_loop(head, step, batches, LoopSpec(epochs=epochs, name="distill head", progress=False), optimizer=opt)
     return head.eval()
 
 
