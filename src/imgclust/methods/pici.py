@@ -73,11 +73,11 @@ from torch import nn
 from imgclust.backbones.base import Preprocess
 from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
 from imgclust.data.augment import contrastive_augment, seeded_augment
-from imgclust.errors import BadImageError, InputError
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
 from imgclust.heads.pici import ClusterMLP, InstanceMLP
 from imgclust.losses.pici import cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
-from imgclust.progress import progress_bar
 from imgclust.train.checkpoint import Checkpoint
 from imgclust.train.loop import LoopSpec, StepInfo, run_loop
 from imgclust.train.optim import build_optimizer
@@ -250,17 +250,7 @@ def load_images(source: Any, rows: np.ndarray, size: int, progress: bool = False
     ``pixels`` backbone); returns the images and a mask of those that decoded."""
     pre = Preprocess(size=int(size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="squash",
                      interpolation="bilinear")
-    out = np.zeros((len(rows), size, size, 3), np.uint8)
-    ok = np.ones(len(rows), bool)
-    bar = progress_bar(len(rows), "decode images", unit="img", enable=progress)
-    for j, i in enumerate(rows):
-        try:
-            out[j] = pre.resize_image(source.read(int(i)))
-        except BadImageError:
-            ok[j] = False
-        bar.update(1)
-    bar.close()
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), ok
+    return ImageBatches(source, rows, int(size), pre, None).uint8(progress=progress)
 
 
 def _seed(*parts: int) -> int:

@@ -40,7 +40,6 @@ import copy
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +51,8 @@ from torch import nn
 from imgclust.backbones.base import Backbone
 from imgclust.backbones.pretrained_dir import make_encoder, preprocess_for, save_pretrained
 from imgclust.data.base import ImageSource
-from imgclust.errors import BadImageError, InputError
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
 from imgclust.losses import ssl as losses
 from imgclust.pretrain.recipes import METHODS, TwoViews, recipe_for
 from imgclust.train import dist
@@ -200,21 +200,12 @@ class SSLModel(nn.Module):
 
 def load_images(source: ImageSource, size: int, workers: int = 4, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """All readable images resized to ``size`` as uint8 (N, 3, S, S), and their source rows."""
-    pre = preprocess_for(size)
-
-    def one(i: int) -> np.ndarray | None:
-        try:
-            return pre.resize_image(source.read(i))
-        except BadImageError:
-            return None
-
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        imgs = list(ex.map(one, range(len(source))))
-    rows = np.array([i for i, im in enumerate(imgs) if im is not None], dtype=np.int64)
+    imgs, ok = ImageBatches(source, np.arange(len(source)), size, preprocess_for(size), max(1, workers)).uint8(
+        progress=progress)
+    rows = np.flatnonzero(ok).astype(np.int64)
     if len(rows) == 0:
         raise InputError(f"{source.name}: no readable images")
-    arr = np.stack([imgs[i] for i in rows])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), rows
+    return (imgs if ok.all() else imgs[torch.from_numpy(ok)]).contiguous(), rows
 
 
 def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,6 @@ import math
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +54,8 @@ from torch import nn
 
 from imgclust.data.augment import DEFAULT_SPEC, AugmentSpec, augment
 from imgclust.data.base import ImageSource
-from imgclust.errors import BadImageError, InputError
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
 from imgclust.losses.fixmatch import FixMatchLossOutput, fixmatch_loss
 from imgclust.neighbors import load_or_mine_neighbors
 from imgclust.train.checkpoint import Checkpoint
@@ -264,26 +264,20 @@ class ImageViews:
     def __init__(self, source: ImageSource, rows: np.ndarray, preprocess: Any, spec: AugmentSpec = DEFAULT_SPEC,
                  device: torch.device = CPU, cache: bool = True) -> None:
         self.source, self.rows, self.pre, self.spec, self.device = source, np.asarray(rows), preprocess, spec, device
-        self.workers = min(8, os.cpu_count() or 1)  # decoding + resizing in threads (Pillow releases the GIL)
-        self._cache: np.ndarray | None = None
+        # decoding + resizing in threads (Pillow releases the GIL); unreadable images are all zero
+        self.batches = ImageBatches(source, self.rows, preprocess.size, preprocess, min(8, os.cpu_count() or 1))
+        self._cache: torch.Tensor | None = None
         if cache and len(self.rows) * preprocess.size ** 2 * 3 <= 512 << 20:  # small sets stay in RAM
-            self._cache = self._read_rows(self.rows)
+            self._cache = self._hwc(None)
 
-    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-        if self.workers <= 1 or len(rows) < 16:
-            return np.stack([self._read(int(r)) for r in rows])
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return np.stack(list(pool.map(self._read, (int(r) for r in rows))))
-
-    def _read(self, r: int) -> np.ndarray:
-        try:
-            return self.pre.resize_image(self.source.read(r))
-        except BadImageError:
-            return np.zeros((self.pre.size, self.pre.size, 1 if self.pre.grayscale else 3), np.uint8)
+    def _hwc(self, idx: np.ndarray | None) -> torch.Tensor:
+        """(B, s, s, C) uint8: kept channels-last, so that :meth:`images` gives the memory layout the
+        augmentations and the backbone always saw here (a permuted view)."""
+        return self.batches.uint8(idx, channels_last=True)[0].permute(0, 2, 3, 1)
 
     def images(self, idx: np.ndarray) -> torch.Tensor:
-        arr = self._cache[idx] if self._cache is not None else self._read_rows(self.rows[idx])
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        arr = self._cache[torch.as_tensor(np.asarray(idx))] if self._cache is not None else self._hwc(idx)
+        return arr.permute(0, 3, 1, 2)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div(255.0)
