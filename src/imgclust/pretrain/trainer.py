@@ -416,6 +416,7 @@ def pretrain(
     if stop_after_epochs is not None:  # only to test resuming: the schedule still spans cfg.epochs
         saved = ckpt.load()
         end_epoch = min(cfg.epochs, (int(saved["epoch"]) if saved else 0) + stop_after_epochs)
+    model.train()
     spec = LoopSpec(epochs=end_epoch, name=cfg.method, lr=lr, option="base_lr", option_value=cfg.base_lr,
                     progress=progress and rank == 0, postfix=("ssl_loss",))
     # Data parallel through the loop's all_reduce_grads (not DDP): see the module docstring.

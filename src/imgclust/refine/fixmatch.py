@@ -327,6 +327,7 @@ def distill_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
                  batch_size: int = 256, lr: float = 1e-3, generator: torch.Generator | None = None) -> nn.Module:
     """Fit ``head`` (features -> logits) to hard labels ``targets`` with CE (Adam), e.g. the labels an
     end-to-end network gave the training images, so the model predicts from frozen features."""
+    head.train()
     opt = build_optimizer("adam", head, lr=lr)
     n = len(features)
 
