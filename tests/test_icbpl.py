@@ -9,7 +9,7 @@ import torch
 
 from imgclust import ImageClusterer
 from imgclust.errors import InputError
-from imgclust.heads.icbpl_losses import (
+from imgclust.losses.icbpl import (
     aug_cosine_loss,
     icbpl_loss,
     knn_cosine_loss,

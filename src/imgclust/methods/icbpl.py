@@ -10,7 +10,7 @@ pairwise cosine -1/(K-1), when d >= K - 1). Training minimises eq. (7),
     L = lambda1 MMD^2({z, z~}, PEDCC) + lambda2 mean d(z, z~) + lambda3 mean_m d(z, z_m)
         + lambda4 mean min_j d(z, c_j),                    d(a, b) = 1 - cos(a, b),
 
-(:mod:`imgclust.heads.icbpl_losses`): Loss1 pulls the batch distribution onto the K points
+(:mod:`imgclust.losses.icbpl`): Loss1 pulls the batch distribution onto the K points
 (uniformly, so clusters stay balanced), Loss2 makes an image and its augmented view agree,
 Loss3 pulls an image towards its k = 4 nearest neighbours (Table 4: k = 4 best), Loss4 pulls
 each feature onto its nearest centre. Neighbours are mined on the pretrained features, then
@@ -99,7 +99,7 @@ from imgclust.backbones.finetune import finetuned_copy, trainable_parameters
 from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
-from imgclust.heads.icbpl_losses import icbpl_loss
+from imgclust.losses.icbpl import icbpl_loss
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
 from imgclust.methods.base import (
     ClusteringMethod,

@@ -58,14 +58,8 @@ from torch import nn
 
 from imgclust.data.augment import AugmentSpec
 from imgclust.errors import InputError
-from imgclust.heads.spice import (
-    HEAD_NORMS,
-    LOSSES,
-    MultiHeadMLP,
-    cluster_loss,
-    cluster_probs,
-    prototype_pseudo_labels,
-)
+from imgclust.heads.spice import HEAD_NORMS, MultiHeadMLP
+from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, prototype_pseudo_labels
 from imgclust.methods.base import (
     ClusteringMethod,
     FitContext,

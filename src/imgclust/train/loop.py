@@ -127,8 +127,10 @@ def run_loop(
             g.set_state(s)
         torch.set_rng_state(saved["torch_rng"])
         _set_np_state(saved["numpy_rng"])
+        devices = {k: v.device for k, v in state.items() if isinstance(v, torch.Tensor)}
         state.clear()
-        state.update(saved["state"])
+        state.update({k: v.to(devices[k]) if k in devices and isinstance(v, torch.Tensor) else v
+                      for k, v in saved["state"].items()})
         history = saved["history"]
         epoch_s = list(saved["epoch_s"])
         step, start = int(saved["step"]), int(saved["epoch"])
