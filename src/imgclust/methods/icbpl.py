@@ -99,8 +99,8 @@ from imgclust.backbones.finetune import finetuned_copy, trainable_parameters
 from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
-from imgclust.losses.icbpl import icbpl_loss
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
+from imgclust.losses.icbpl import icbpl_loss
 from imgclust.methods.base import (
     ClusteringMethod,
     FitContext,
