@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--compare", type=Path, default=None, help="a previous --out: report label agreement")
     a = ap.parse_args(argv)
+    from baselines import load
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from baselines import load
     from imgclust.methods import FitContext, get_method
     from imgclust.metrics import cluster_acc
 
