@@ -108,7 +108,7 @@ def run_loop(
     ``modules`` are further modules saved and restored with ``model`` (an EMA teacher);
     ``state`` is a dict the step function and hooks may update (tensors, numbers, lists) and
     that resumes with the run. ``on_epoch_end(epoch, means, info)`` may return entries to
-    append to the history. The model is left in training mode.
+    append to the history. Train/eval modes are the caller's (a frozen backbone stays in eval).
     """
     state = {} if state is None else state
     mods: dict[str, nn.Module] = {"model": model, **dict(modules or {})}
@@ -127,8 +127,10 @@ def run_loop(
             g.set_state(s)
         torch.set_rng_state(saved["torch_rng"])
         _set_np_state(saved["numpy_rng"])
+        devices = {k: v.device for k, v in state.items() if isinstance(v, torch.Tensor)}
         state.clear()
-        state.update(saved["state"])
+        state.update({k: v.to(devices[k]) if k in devices and isinstance(v, torch.Tensor) else v
+                      for k, v in saved["state"].items()})
         history = saved["history"]
         epoch_s = list(saved["epoch_s"])
         step, start = int(saved["step"]), int(saved["epoch"])
@@ -136,8 +138,6 @@ def run_loop(
 
     lr = None if spec.lr is None else np.asarray(spec.lr, dtype=np.float64)
     bar = progress_bar(spec.epochs, spec.name, unit="epoch", initial=min(start, spec.epochs), enable=spec.progress)
-    for g in mods.values():
-        g.train()
     try:
         for epoch in range(start, spec.epochs):
             t0 = time.perf_counter()
