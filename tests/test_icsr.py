@@ -291,7 +291,7 @@ def test_end_to_end_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
     import warnings
 
     from imgclust import ImageClusterer
-    from imgclust.refine import icsr as icsr_mod
+    from imgclust.train.checkpoint import Checkpoint
 
     imgs, _ = _digit_images(60)
     opts = {**E2E, "epochs": 5}
@@ -305,16 +305,16 @@ def test_end_to_end_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
         return est
 
     whole = run(str(tmp_path / "a"))
-    save = icsr_mod._Checkpoint.save
+    save = Checkpoint.save
 
     def save_then_die(self, *args, **kwargs):
         save(self, *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(icsr_mod._Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path / "b"))
-    monkeypatch.setattr(icsr_mod._Checkpoint, "save", save)
+    monkeypatch.setattr(Checkpoint, "save", save)
     assert list((tmp_path / "b").rglob("icsr-e2e-ckpt-*.pt"))
     resumed = run(str(tmp_path / "b"))
     assert resumed.model_.history_["resumed_at"] == 1 and "resumed_at" not in whole.model_.history_

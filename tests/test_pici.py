@@ -7,7 +7,7 @@ import torch
 from imgclust import ImageClusterer
 from imgclust.backbones.mae import MaskedAutoencoderViT, default_patch_size
 from imgclust.errors import InputError
-from imgclust.heads.pici import (
+from imgclust.losses.pici import (
     cli_targets,
     cluster_entropy,
     cluster_loss,
@@ -162,7 +162,7 @@ def test_pici_three_stages_checkpoint_and_resume(digits, tmp_path):
     # interrupted after two stages, then re-run with the full schedule: resumes, same result
     part = _fit("pici", {**TINY, "boost_epochs": 0}, src, y, tmp_path / "b")
     assert part.history_["stages"]["boost"]["epochs_run"] == 0
-    assert list((tmp_path / "b").glob("pici-ckpt-*.pt"))
+    assert list((tmp_path / "b").glob("pici-*-ckpt-*.pt"))
     resumed = _fit("pici", TINY, src, y, tmp_path / "b")
     assert resumed.history_["resumed_from"] == {"done": [1, 1, 0]}
     assert [resumed.history_["stages"][s]["epochs_run"] for s in ("pretrain", "train", "boost")] == [1, 1, 1]

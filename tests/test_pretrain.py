@@ -14,7 +14,8 @@ from imgclust.backbones import build_backbone
 from imgclust.data import open_source
 from imgclust.data.base import SubsetSource
 from imgclust.errors import InputError
-from imgclust.pretrain import PretrainConfig, losses, pretrain
+from imgclust.losses import ssl as losses
+from imgclust.pretrain import PretrainConfig, pretrain
 from imgclust.pretrain.recipes import METHODS, TwoViews, recipe_for
 
 TINY = dict(image_size=8, batch_size=16, warmup_epochs=0, monitor_size=32, proj_hidden=64, proj_dim=32,

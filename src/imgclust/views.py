@@ -54,7 +54,8 @@ import torch
 from imgclust.backbones.base import Backbone
 from imgclust.data.augment import DEFAULT_SPEC, KINDS, AugmentSpec, augment
 from imgclust.data.base import ImageSource, as_rgb
-from imgclust.errors import BadImageError, InputError
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
 from imgclust.features import _extract, extract_to_entry, resolve_device
 
 VIEWS_FORMAT = 1
@@ -273,15 +274,11 @@ class OnlineViews(FeatureViews):
         size = int(image_size or backbone.preprocess.size)
         self.pre = dataclasses.replace(backbone.preprocess, size=size, resize=backbone.preprocess.resize)
         self.backbone = backbone.to(features.device).eval()
+        self.batches = ImageBatches(source, self.rows, size, self.pre, None)
 
     def _images(self, idx: np.ndarray) -> torch.Tensor:
-        imgs = []
-        for r in self.rows[idx]:
-            try:
-                imgs.append(self.pre.resize_image(self.source.read(int(r))))
-            except BadImageError:  # vanished since feature extraction: a black image keeps the batch shape
-                imgs.append(np.zeros((self.pre.size, self.pre.size, 1 if self.pre.grayscale else 3), np.uint8))
-        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
+        # images that vanished since feature extraction are black: the batch keeps its shape
+        return self.batches.uint8(idx, channels_last=True)[0]
 
     @torch.no_grad()
     def sample(self, kind: str, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -3,8 +3,9 @@
 :class:`ImageBatches` reads rows of an :class:`~imgclust.data.base.ImageSource` with a thread
 pool, resizes them with the backbone's :class:`~imgclust.backbones.base.Preprocess` (at its
 own or another size) and flags the images that no longer decode, so a caller can give them
-a fallback instead of losing the run. Used by ICBPL's fine-tuning and view bank and by the
-fine-tuned (``image_level``) models' predictions from images.
+a fallback instead of losing the run. Used by ICBPL's fine-tuning and view bank, by the
+fine-tuned (``image_level``) models' predictions from images, and (:meth:`ImageBatches.uint8`)
+for the in-memory image sets of PICI / CC, ``pretrain`` and FixMatch's end-to-end views.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ class ImageBatches:
             if im is not None:
                 arr[j] = im
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0), ok
+
+    def uint8(self, idx: np.ndarray | None = None, *, progress: bool = False, desc: str = "decode images",
+              channels_last: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows ``rows[idx]`` (all by default) as (B, C, s, s) uint8, images that do not decode all
+        zero, and a mask of those that decoded: the in-memory image sets that PICI / CC, pretrain
+        and FixMatch's end-to-end views train on, and the online views' images.
+        ``channels_last``: a (B, C, s, s) view of (B, s, s, C) memory instead of a contiguous copy
+        (the layout the view makers always augmented)."""
+        rows = self.rows if idx is None else self.rows[np.asarray(idx)]
+        s, c = self.pre.size, 1 if self.pre.grayscale else 3
+        arr = np.zeros((len(rows), s, s, c), np.uint8)
+        ok = np.zeros(len(rows), dtype=bool)
+        bar = progress_bar(len(rows), desc, unit="img", enable=progress)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for j, im in enumerate(pool.map(self._load, rows)):
+                if im is not None:
+                    arr[j], ok[j] = im, True
+                bar.update(1)
+        bar.close()
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        return (x if channels_last else x.contiguous()), ok
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]

@@ -5,7 +5,7 @@ ablation baseline CC (Contrastive Clustering, Li et al. 2021): clustering networ
 ``pici`` (paper sec. 3, Algorithm 1). Encoder F = a masked-autoencoder ViT
 (:mod:`imgclust.backbones.mae`; ``vit_size`` tiny/small/base, patch from the image size,
 32 px -> patch 4), decoder D, instance MLP G_I (128-d) and cluster MLP G_C (softmax over K)
-(:mod:`imgclust.heads.pici`, where the losses and their formulas are). Every image gives two
+(:mod:`imgclust.losses.pici`, where the losses and their formulas are). Every image gives two
 views: weak T_w = resize + normalise, strong T_s = random resized crop, flip, colour jitter,
 random grayscale, Gaussian blur (kornia, ``imgclust.data.augment.contrastive_augment``); both are
 masked (ratio 0.5) in training. Three stages, each with its own epoch count:
@@ -62,8 +62,6 @@ ACC/NMI/ARI of the cluster head and of k-means on the encoder features after the
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,12 +73,15 @@ from torch import nn
 from imgclust.backbones.base import Preprocess
 from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
 from imgclust.data.augment import contrastive_augment, seeded_augment
-from imgclust.errors import BadImageError, InputError
-from imgclust.heads.pici import ClusterMLP, InstanceMLP, cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
+from imgclust.heads.pici import ClusterMLP, InstanceMLP
+from imgclust.losses.pici import cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
-from imgclust.progress import progress_bar
+from imgclust.train.checkpoint import Checkpoint
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.train.optim import build_optimizer
 
-CKPT_FORMAT = 1
 CC_ENCODERS = ("cnn", "resnet18", "resnet34", "vit")
 CLI_KMEANS = ("dataset", "batch")
 MEAN_STD = 0.5  # per-channel normalisation (x - 0.5) / 0.5
@@ -249,17 +250,7 @@ def load_images(source: Any, rows: np.ndarray, size: int, progress: bool = False
     ``pixels`` backbone); returns the images and a mask of those that decoded."""
     pre = Preprocess(size=int(size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="squash",
                      interpolation="bilinear")
-    out = np.zeros((len(rows), size, size, 3), np.uint8)
-    ok = np.ones(len(rows), bool)
-    bar = progress_bar(len(rows), "decode images", unit="img", enable=progress)
-    for j, i in enumerate(rows):
-        try:
-            out[j] = pre.resize_image(source.read(int(i)))
-        except BadImageError:
-            ok[j] = False
-        bar.update(1)
-    bar.close()
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), ok
+    return ImageBatches(source, rows, int(size), pre, None).uint8(progress=progress)
 
 
 def _seed(*parts: int) -> int:
@@ -312,48 +303,22 @@ class _ImageContrastive(ClusteringMethod):
         return imgs, np.arange(len(x)), hashlib.sha256(imgs.numpy().tobytes()).hexdigest()
 
     # ------------------------------------------------------------------ checkpoints
-    def _ckpt_path(self, ctx: FitContext, ident: str) -> Path | None:
+    def _checkpoint(self, ctx: FitContext, ident: str, stages: list[tuple[str, int]], si: int) -> Checkpoint | None:
+        """Stage ``si``'s checkpoint (:mod:`imgclust.train.checkpoint`). Its own epoch count is not in the
+        fingerprint (a re-run with more epochs of a stage continues it), the earlier stages' counts are
+        (a stage that starts from another network starts over)."""
         if ctx.work_dir is None or not self.config.checkpoint:
             return None
         opts = {k: v for k, v in asdict(self.config).items() if not k.endswith("epochs") and k != "checkpoint"}
-        key = hashlib.sha256(json.dumps({"format": CKPT_FORMAT, "method": self.name, "k": self.n_clusters,
-                                         "seed": int(ctx.seed), "opts": opts, "data": ident},
-                                        sort_keys=True).encode()).hexdigest()[:24]
-        return Path(ctx.work_dir) / f"{self.name}-ckpt-{key}.pt"
-
-    def _save_ckpt(self, path: Path | None, net: nn.Module, opt: torch.optim.Optimizer, done: list[int],
-                   evaluated: list[bool]) -> None:
-        if path is None:
-            return
-        from imgclust.rundir import atomic_open
-
-        state = {"format": CKPT_FORMAT, "net": net.state_dict(), "opt": opt.state_dict(), "done": list(done),
-                 "evaluated": list(evaluated), "history": self.history_,
-                 "pseudo": {k: torch.from_numpy(v) for k, v in self._pseudo.items()},
-                 "stage_labels": {st: {k: torch.from_numpy(v) for k, v in d.items()}
-                                  for st, d in self.stage_labels_.items()}}
-        with atomic_open(path, "wb") as fh:
-            torch.save(state, fh)
-
-    def _load_ckpt(self, path: Path | None, net: nn.Module, opt: torch.optim.Optimizer,
-                   n_stages: int) -> tuple[list[int], list[bool]] | None:
-        if path is None or not path.is_file():
-            return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("format") != CKPT_FORMAT or len(state["done"]) != n_stages:
-                return None
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["opt"])
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError):  # torn/foreign file: start over
-            return None
-        self.history_ = state["history"]
-        self._pseudo = {k: v.numpy() for k, v in state.get("pseudo", {}).items()}
-        self.stage_labels_ = {st: {k: v.numpy() for k, v in d.items()} for st, d in state["stage_labels"].items()}
-        return [int(v) for v in state["done"]], [bool(v) for v in state["evaluated"]]
+        stage = stages[si][0]
+        return Checkpoint.in_dir(Path(ctx.work_dir), f"{self.name}-{stage}", k=self.n_clusters, seed=int(ctx.seed),
+                                 opts=opts, data=ident, before=[e for _, e in stages[:si]])
 
     # ------------------------------------------------------------------ training
     def fit(self, features: np.ndarray, ctx: FitContext) -> _ImageContrastive:
+        """Each stage is one :func:`~imgclust.train.loop.run_loop` (Adam, checkpoint + resume per
+        epoch); after a stage, its k-means / head labels are evaluated (recomputed on a resume:
+        they are a function of the network)."""
         from imgclust.features import resolve_device
 
         cfg = self.config
@@ -364,65 +329,58 @@ class _ImageContrastive(ClusteringMethod):
         device = resolve_device(ctx.device)
         torch.manual_seed(_seed(int(ctx.seed), 0))  # parameter initialisation
         net = _build_net(cfg, self.n_clusters).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = build_optimizer("adam", net, lr=cfg.lr, weight_decay=cfg.weight_decay)
         stages = self._stages()
         self.history_ = {"stages": {name: {"epochs_run": 0} for name, _ in stages}, "n_images": n,
                          "parameters": int(sum(p.numel() for p in net.parameters()))}
         self.stage_labels_ = {}
         self._pseudo = {}
-        path = self._ckpt_path(ctx, ident)
-        resumed = self._load_ckpt(path, net, opt, len(stages))
-        done, evaluated = resumed if resumed else ([0] * len(stages), [False] * len(stages))
-        self.history_["resumed_from"] = {"done": list(done)} if resumed else None
-        self.history_["checkpoint"] = None if path is None else str(path)
         aug = contrastive_augment(cfg.image_size, 3, cfg.crop_scale).to(device)
         bs = min(cfg.batch_size, n)
         steps = n // bs
         y = ctx.extras.get("labels")
+        seed = int(ctx.seed)
+        resumed: list[int] = []
+        paths: list[str] = []
         for si, (stage, epochs) in enumerate(stages):
-            hist = self.history_["stages"][stage]
-            bar = progress_bar(epochs, f"{self.name} {stage}", unit="epoch", enable=ctx.progress)
-            bar.update(min(done[si], epochs))
-            if stage == "boost" and epochs > done[si] and getattr(cfg, "cli_kmeans", "batch") == "dataset" \
-                    and not self._pseudo:
-                self._pseudo = self._dataset_pseudo_labels(net, imgs, aug, device, _seed(int(ctx.seed), si, -1))
-                self._save_ckpt(path, net, opt, done, evaluated)
-            # A later stage has started (a resumed run with a raised epoch count of an earlier
-            # stage): the stages keep their order, so this one stays as it was.
-            todo = range(done[si], epochs) if not any(done[si + 1:]) else range(0)
-            for epoch in todo:
+            ckpt = self._checkpoint(ctx, ident, stages, si)
+            state: dict[str, Any] = {}
+
+            def batches(epoch: int, si: int = si, stage: str = stage, state: dict[str, Any] = state):
+                if stage == "boost" and getattr(cfg, "cli_kmeans", "batch") == "dataset":
+                    if "pseudo_a" not in state:  # once per boosting stage; resumes with it
+                        pl = self._dataset_pseudo_labels(net, imgs, aug, device, _seed(seed, si, -1))
+                        state.update(pseudo_a=torch.from_numpy(pl["a"]), pseudo_b=torch.from_numpy(pl["b"]))
+                    self._pseudo = {"a": state["pseudo_a"].numpy(), "b": state["pseudo_b"].numpy()}
                 net.train()
-                gen = torch.Generator().manual_seed(_seed(int(ctx.seed), si, epoch))
+                gen = torch.Generator().manual_seed(_seed(seed, si, epoch))
                 perm = torch.randperm(n, generator=gen)
-                sums: dict[str, float] = {}
-                t0 = time.perf_counter()
                 for it in range(steps):
                     idx = perm[it * bs:(it + 1) * bs]
                     x = imgs[idx].to(device).float().div_(255.0)
-                    xb = seeded_augment(aug, x, _seed(int(ctx.seed), si, epoch, it))
-                    parts = self._step_losses(net, stage, _normalize(x), _normalize(xb), gen,
-                                              _seed(int(ctx.seed), si, epoch, it, 1), idx.numpy())
-                    loss = sum(parts.values())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                dt = time.perf_counter() - t0
-                for k, v in sums.items():
-                    hist.setdefault(k, []).append(round(v / max(steps, 1), 5))
-                hist.setdefault("images_per_s", []).append(round(steps * bs / max(dt, 1e-9), 2))
-                hist["epochs_run"] = int(hist["epochs_run"]) + 1
-                done[si] = epoch + 1
-                evaluated[si] = False
-                bar.set_postfix(loss=f"{sum(sums.values()) / max(steps, 1):.4f}")
-                bar.update(1)
-                self._save_ckpt(path, net, opt, done, evaluated)
-            bar.close()
-            if epochs > 0 and not evaluated[si]:
-                self._evaluate_stage(net, imgs, stage, y, device, int(ctx.seed))
-                evaluated[si] = True
-                self._save_ckpt(path, net, opt, done, evaluated)
+                    xb = seeded_augment(aug, x, _seed(seed, si, epoch, it))
+                    yield _normalize(x), _normalize(xb), gen, _seed(seed, si, epoch, it, 1), idx.numpy()
+
+            def step(batch: tuple, info: StepInfo, stage: str = stage) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                xa, xb, gen, step_seed, idx = batch
+                parts = self._step_losses(net, stage, xa, xb, gen, step_seed, idx)
+                return sum(parts.values()), parts
+
+            spec = LoopSpec(epochs=epochs, name=f"{self.name} {stage}", progress=ctx.progress)
+            res = run_loop(net, step, batches, spec, optimizer=opt, state=state, checkpoint=ckpt)
+            resumed.append(res.resumed_from or 0)
+            if ckpt is not None and ckpt.path is not None:
+                paths.append(str(ckpt.path))
+            hist = self.history_["stages"][stage]
+            for k, v in res.history.items():
+                if k != "loss":  # the sum of the parts
+                    hist[k] = [round(float(e), 5) for e in v]
+            hist["images_per_s"] = [round(steps * bs / max(t, 1e-9), 2) for t in res.epoch_s]
+            hist["epochs_run"] = len(res.history.get("loss", []))
+            if epochs > 0:
+                self._evaluate_stage(net, imgs, stage, y, device, seed)
+        self.history_["resumed_from"] = {"done": resumed} if any(resumed) else None
+        self.history_["checkpoint"] = paths[-1] if paths else None
         self.net_ = net.cpu().eval()
         self.fit_proba_ = self._proba(imgs)
         self.labels_ = self.fit_proba_.argmax(axis=1)

@@ -4,15 +4,18 @@
   ``Preprocess.resize_image``) and kept in memory as uint8; unreadable images are skipped.
 * **Optimiser**: SGD with momentum 0.9, ``lr = base_lr x batch / 256``, linear warm-up then a
   cosine decay to 0, per step (LARS of SimCLR/BYOL/Barlow Twins is not implemented: SGD is the
-  usual choice for CIFAR-sized runs, e.g. SimSiam's and solo-learn's CIFAR recipes).
+  usual choice for CIFAR-sized runs, e.g. SimSiam's and solo-learn's CIFAR recipes). The steps,
+  the schedule, the non-finite check and the checkpoints are the shared loop's
+  (:func:`imgclust.train.loop.run_loop`, :func:`imgclust.train.optim.schedule`).
 * **Momentum encoders** (BYOL, MoCo v2): ``xi <- tau xi + (1 - tau) theta``; BYOL raises
   ``tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2`` from 0.996 to 1 over the K steps,
   MoCo keeps ``m`` fixed.
-* **Checkpoint** ``checkpoint.pt`` after every epoch (atomic write: temporary file + rename):
-  model, optimiser, grad scaler, the augmentation generator's state, the epoch and the
-  history; ``resume=True`` continues at the next epoch and draws exactly the steps an
-  uninterrupted run draws (each epoch's permutation comes from ``(seed, epoch)``, the views
-  from the saved generator). The exported encoder (``backbone.pt`` + ``backbone.json``) is
+* **Checkpoint** ``checkpoint.pt`` after every epoch (:mod:`imgclust.train.checkpoint`: atomic
+  write, ``weights_only`` load, keyed by the options): model, optimiser, grad scaler, the
+  augmentation generator's state, the epoch and the history; ``resume=True`` continues at the
+  next epoch and draws exactly the steps an uninterrupted run draws (each epoch's permutation
+  comes from ``(seed, epoch)``, the views from the saved generator); a file written with other
+  options is refused. The exported encoder (``backbone.pt`` + ``backbone.json``) is
   rewritten every epoch too, so ``--backbone DIR`` works during training.
 * **Monitor** (no labels needed), on a fixed subset of up to ``monitor_size`` images after
   every epoch: the loss curve, alignment and uniformity (Wang & Isola 2020) of the encoder's
@@ -20,10 +23,15 @@
   weights ``exp(sim / 0.07)`` as in InstDisc) of those features.
 * **Mixed precision**: ``precision="bf16"`` (autocast, CPU or GPU) or ``"fp16"`` (GPU, with a
   gradient scaler); ``"auto"`` = bf16 on a GPU that supports it, fp32 on CPU.
-* **DDP**: launched with ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
-  ``DistributedDataParallel`` (NCCL on GPU, gloo on CPU — the same code path); every rank takes
-  its share of each epoch's permutation; rank 0 monitors and writes the outputs. Negatives (SimCLR, the
-  MoCo queue) and Barlow Twins' batch statistics stay per rank (no all-gather yet).
+* **Data parallel**: launched with ``torchrun`` (``WORLD_SIZE`` > 1) every rank builds the same
+  network (same seed), takes its share of each epoch's permutation, and the loop averages the
+  gradients over ranks after each backward (:func:`imgclust.train.dist.all_reduce_grads`, NCCL on
+  GPU, gloo on CPU) before the identical optimiser steps; rank 0 monitors and writes the outputs.
+  Not DDP's wrapper: one code path for every trainer of the package (the loop's), and checkpoints
+  without a ``module.`` prefix; what it gives up is DDP's overlap of communication with backward and
+  its per-forward broadcast of buffers: BatchNorm statistics and the MoCo queue stay per rank (rank
+  0's are exported, as before). Negatives (SimCLR, the MoCo queue) and Barlow Twins' batch
+  statistics stay per rank (no all-gather yet).
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ import copy
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,10 +51,14 @@ from torch import nn
 from imgclust.backbones.base import Backbone
 from imgclust.backbones.pretrained_dir import make_encoder, preprocess_for, save_pretrained
 from imgclust.data.base import ImageSource
-from imgclust.errors import BadImageError, InputError
-from imgclust.pretrain import losses
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
+from imgclust.losses import ssl as losses
 from imgclust.pretrain.recipes import METHODS, TwoViews, recipe_for
-from imgclust.rundir import atomic_open
+from imgclust.train import dist
+from imgclust.train.checkpoint import Checkpoint, fingerprint
+from imgclust.train.loop import LoopSpec, StepInfo, epoch_permutation, run_loop
+from imgclust.train.optim import build_optimizer, schedule
 
 CHECKPOINT = "checkpoint.pt"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -189,21 +200,12 @@ class SSLModel(nn.Module):
 
 def load_images(source: ImageSource, size: int, workers: int = 4, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """All readable images resized to ``size`` as uint8 (N, 3, S, S), and their source rows."""
-    pre = preprocess_for(size)
-
-    def one(i: int) -> np.ndarray | None:
-        try:
-            return pre.resize_image(source.read(i))
-        except BadImageError:
-            return None
-
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        imgs = list(ex.map(one, range(len(source))))
-    rows = np.array([i for i, im in enumerate(imgs) if im is not None], dtype=np.int64)
+    imgs, ok = ImageBatches(source, np.arange(len(source)), size, preprocess_for(size), max(1, workers)).uint8(
+        progress=progress)
+    rows = np.flatnonzero(ok).astype(np.int64)
     if len(rows) == 0:
         raise InputError(f"{source.name}: no readable images")
-    arr = np.stack([imgs[i] for i in rows])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), rows
+    return (imgs if ok.all() else imgs[torch.from_numpy(ok)]).contiguous(), rows
 
 
 def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -238,21 +240,50 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    import torch.distributed as dist
+class _Scaled:
+    """The optimiser as :func:`~imgclust.train.loop.run_loop` sees it, stepping through a gradient
+    scaler (fp16; a disabled scaler steps plainly). Its state dict holds both, so they resume together."""
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    def __init__(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.opt, self.scaler = opt, scaler
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+def _checkpoint(path: Path, cfg: PretrainConfig, resume: bool) -> Checkpoint:
+    """``OUT/checkpoint.pt`` in the one checkpoint format, keyed by the options. A file of a run with
+    other options is refused (rather than mixing two runs, or silently overwriting it); without
+    ``resume`` the old file is removed and training starts over."""
+    ckpt = Checkpoint(path, fingerprint(name="pretrain", config=cfg.to_dict()))
+    if not resume:
+        ckpt.remove()
+    elif path.is_file():
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torn: the loop ignores it and starts over
+            old = None
+        if isinstance(old, dict) and old.get("key") not in (None, ckpt.key):
+            was = old.get("state", {}).get("config", {})
+            diff = sorted(k for k in cfg.to_dict() if was.get(k) != cfg.to_dict()[k])
+            raise InputError(f"{path} was written with other options ({', '.join(diff)}); "
+                             "pass the same options, or --no-resume (or another --out) to start over")
+    return ckpt
 
 
 def pretrain(
@@ -272,10 +303,10 @@ def pretrain(
     ``cfg.epochs``; used to test resuming). Returns the summary written to ``backbone.json``.
     """
     from imgclust.features import resolve_device
-    from imgclust.progress import progress_bar
 
     out = Path(out)
-    rank, world, local_rank = _dist()
+    dist.init_from_env()
+    rank, world, local_rank = dist.rank(), dist.world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
@@ -293,38 +324,22 @@ def pretrain(
 
     g_init = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial network
         encoder = make_encoder(cfg.arch, cfg.image_size, cfg.patch_size)
         model = SSLModel(encoder, cfg, g_init).to(dev)
     pre = encoder.preprocess
     mean = torch.tensor(pre.mean, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=dev).view(1, 3, 1, 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr_peak, momentum=0.9, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    # one group, decay on every weight (SimCLR / BYOL with SGD as before the move; LARS's
+    # bias/norm exclusion is not implemented)
+    opt = build_optimizer("sgd", [{"params": params, "weight_decay": cfg.weight_decay}], lr=lr_peak, momentum=0.9,
+                          weight_decay=cfg.weight_decay)
+    scaled = _Scaled(opt, torch.amp.GradScaler("cuda", enabled=precision == "fp16"))
     views = TwoViews(recipe_for(cfg.method), cfg.image_size)
     g_aug = torch.Generator().manual_seed(cfg.seed + 1)
-
-    history: list[dict] = []
-    start_epoch = 0
-    ck_path = out / CHECKPOINT
-    if resume and ck_path.is_file():
-        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-        if ck.get("config") != cfg.to_dict():
-            diff = sorted(k for k in cfg.to_dict() if ck.get("config", {}).get(k) != cfg.to_dict()[k])
-            raise InputError(f"{ck_path} was written with other options ({', '.join(diff)}); "
-                             "pass the same options, or --no-resume (or another --out) to start over")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        g_aug.set_state(ck["generator"])
-        history, start_epoch = list(ck["history"]), int(ck["epoch"])
-    ddp_model: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # default buffer broadcast: rank 0's BatchNorm statistics (and MoCo queue) reach every rank
-        ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    ckpt = _checkpoint(out / CHECKPOINT, cfg, resume)
+    state: dict = {"config": cfg.to_dict(), "history": []}
 
     # fixed monitor subset (same for every epoch and every resume)
     mon_rng = np.random.default_rng(cfg.seed + 2)
@@ -335,11 +350,10 @@ def pretrain(
         if (lab >= 0).all() and len(np.unique(lab)) > 1:
             mon_labels = torch.from_numpy(lab.astype(np.int64))
 
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return lr_peak * (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return lr_peak * 0.5 * (1.0 + math.cos(math.pi * t))
+    # the shared warm-up + cosine schedule, except that the warm-up starts at lr_peak / warmup (not 0:
+    # a first step at lr 0 is wasted) and reaches lr_peak one step earlier, as this trainer always did
+    lr = schedule("warmup-cosine", lr_peak, total_steps, warmup=warmup_steps)
+    lr[:warmup_steps] = lr_peak * (np.arange(warmup_steps) + 1) / warmup_steps
 
     def tau_at(step: int) -> float:
         if cfg.method == "byol":
@@ -368,60 +382,50 @@ def pretrain(
         "preprocess": asdict(pre), "source": source.name, "n_images": n, "config": cfg.to_dict(),
         "precision": precision, "device": str(dev), "world_size": world,
     }
-    if start_epoch == 0 and rank == 0 and not history:
-        history.append({"epoch": 0, **monitor()})  # the random-init reference point
-    model.train()
-    end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start_epoch + stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        loss_sum, t_train, cpu_train = 0.0, 0.0, 0.0
-        bar = progress_bar(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                           enable=progress and rank == 0)
+    clock: dict = {}
+
+    def batches(epoch: int):
+        if epoch == 0 and rank == 0 and not state["history"]:
+            state["history"].append({"epoch": 0, **monitor()})  # the random-init reference point
+        clock.update(t=time.perf_counter(), cpu=time.process_time())
+        perm = epoch_permutation(n, cfg.seed, epoch)
         for s in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + s
-            t0, c0 = time.perf_counter(), time.process_time()
-            a = (s * world + rank) * cfg.batch_size
+            a = (s * world + rank) * cfg.batch_size  # this rank's share of the step's global batch
             x = images[perm[a:a + cfg.batch_size]].to(dev, non_blocking=True)
             v1, v2 = views(x, g_aug)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            with _autocast(dev, precision):
-                loss = ddp_model(_normalize(v1, mean, std), _normalize(v2, mean, std))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            model.update_target(tau_at(step + 1))
-            loss_v = float(loss.detach())
-            if not math.isfinite(loss_v):
-                raise InputError(f"the {cfg.method} loss became {loss_v} at step {step}; lower --lr")
-            loss_sum += loss_v
-            t_train += time.perf_counter() - t0
-            cpu_train += time.process_time() - c0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.3f}")
-        bar.close()
-        rec = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1),
+            yield _normalize(v1, mean, std), _normalize(v2, mean, std)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo):
+        with _autocast(dev, precision):
+            loss = model(*batch)
+        return scaled.scaler.scale(loss), {"ssl_loss": loss.detach()}
+
+    def epoch_end(epoch: int, means: dict, info: StepInfo) -> None:
+        t_train, cpu_train = time.perf_counter() - clock["t"], time.process_time() - clock["cpu"]
+        rec = {"epoch": epoch + 1, "loss": means["ssl_loss"], "lr": float(lr[(epoch + 1) * steps_per_epoch - 1]),
                "images_per_s": steps_per_epoch * cfg.batch_size * world / max(t_train, 1e-9),
                "step_s": t_train / steps_per_epoch,
                # per CPU-second of this process: the speed on dedicated cores, whatever else runs
                "images_per_cpu_s": steps_per_epoch * cfg.batch_size / max(cpu_train, 1e-9)}
         if rank == 0:
             rec.update(monitor())
-            history.append(rec)
-            save_pretrained(out, encoder, {**meta_base, "epochs_done": epoch + 1, "history": history})
-            _save_checkpoint(ck_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "generator": g_aug.get_state(), "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
-            })
-        if world > 1:
-            import torch.distributed as dist
+            state["history"].append(rec)
+            save_pretrained(out, encoder, {**meta_base, "epochs_done": epoch + 1, "history": state["history"]})
 
-            dist.barrier()
-    if rank == 0 and end_epoch == start_epoch:  # nothing left to train: make sure the export exists
+    end_epoch = cfg.epochs
+    if stop_after_epochs is not None:  # only to test resuming: the schedule still spans cfg.epochs
+        saved = ckpt.load()
+        end_epoch = min(cfg.epochs, (int(saved["epoch"]) if saved else 0) + stop_after_epochs)
+    model.train()
+    spec = LoopSpec(epochs=end_epoch, name=cfg.method, lr=lr, option="base_lr", option_value=cfg.base_lr,
+                    progress=progress and rank == 0, postfix=("ssl_loss",))
+    # Data parallel through the loop's all_reduce_grads (not DDP): see the module docstring.
+    res = run_loop(model, step, batches, spec, optimizer=scaled,  # type: ignore[arg-type]
+                   after_step=[lambda info: model.update_target(tau_at(info.step + 1))],
+                   on_epoch_end=epoch_end, generators=[g_aug], state=state, checkpoint=ckpt)
+    history = state["history"]
+    if rank == 0 and res.resumed_from == end_epoch:  # nothing left to train: make sure the export exists
         save_pretrained(out, encoder, {**meta_base, "epochs_done": end_epoch, "history": history})
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    dist.barrier()
+    dist.shutdown()
     return {**meta_base, "epochs_done": end_epoch, "history": history, "out": str(out), "rank": rank}

@@ -44,7 +44,6 @@ import math
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,11 +54,13 @@ from torch import nn
 
 from imgclust.data.augment import DEFAULT_SPEC, AugmentSpec, augment
 from imgclust.data.base import ImageSource
-from imgclust.errors import BadImageError, InputError
-from imgclust.heads.multihead import ema_update_
+from imgclust.data.batches import ImageBatches
+from imgclust.errors import InputError
+from imgclust.losses.fixmatch import FixMatchLossOutput, fixmatch_loss
 from imgclust.neighbors import load_or_mine_neighbors
-from imgclust.nonfinite import NonFiniteLoss, check_finite
-from imgclust.progress import progress_bar
+from imgclust.train.checkpoint import Checkpoint
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.train.optim import build_optimizer, ema_update_, param_groups
 
 CPU = torch.device("cpu")
 
@@ -134,41 +135,6 @@ def select_reliable(
     return ReliableSet(index.astype(np.int64), labels[index], beta, [int(c) for c in counts], empty, info)
 
 
-# --------------------------------------------------------------------------- loss
-@dataclass
-class FixMatchLossOutput:
-    loss: torch.Tensor  # scalar (backpropagate this)
-    supervised: torch.Tensor  # scalar, detached
-    unsupervised: torch.Tensor  # scalar, detached
-    mask: torch.Tensor  # (mu B,) float, 1 where the weak prediction is confident enough
-    pseudo_labels: torch.Tensor  # (mu B,) argmax of the weak predictions
-
-
-def fixmatch_loss(
-    logits_x: torch.Tensor,
-    targets_x: torch.Tensor,
-    logits_u_weak: torch.Tensor,
-    logits_u_strong: torch.Tensor,
-    *,
-    threshold: float = 0.95,
-    unsup_weight: float = 1.0,
-    temperature: float = 1.0,
-) -> FixMatchLossOutput:
-    """Eq. (6): CE on the labelled weak views + masked CE of strong views on weak pseudo-labels.
-
-    The pseudo-labels and mask come from ``logits_u_weak`` without gradient; the
-    unsupervised term is averaged over all mu B unlabelled samples (masked ones count as 0),
-    as in FixMatch.
-    """
-    sup = F.cross_entropy(logits_x.float(), targets_x.long())
-    with torch.no_grad():
-        q = torch.softmax(logits_u_weak.detach().float() / temperature, dim=-1)
-        conf, pseudo = q.max(dim=-1)
-        mask = (conf >= threshold).float()
-    unsup = (F.cross_entropy(logits_u_strong.float(), pseudo, reduction="none") * mask).mean()
-    return FixMatchLossOutput(sup + unsup_weight * unsup, sup.detach(), unsup.detach(), mask, pseudo)
-
-
 # --------------------------------------------------------------------------- training
 @dataclass
 class FixMatchConfig:
@@ -208,6 +174,7 @@ def train_fixmatch(
     progress: bool = True,
     desc: str = "fixmatch",
     lr_option: str = "lr",
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` (inputs -> logits (B, K)) with FixMatch; returns (EMA model, history).
 
@@ -217,61 +184,68 @@ def train_fixmatch(
     momentum and FixMatch's cosine decay lr * cos(7 pi t / (16 T)); weight decay on weights,
     not biases. A non-finite loss stops training at once with
     :class:`~imgclust.nonfinite.NonFiniteLoss` naming ``lr_option`` (the caller's name for ``cfg.lr``).
+
+    Runs on :func:`imgclust.train.loop.run_loop`: one loop "epoch" is one history point
+    (``every`` = steps / 50 steps), so a ``checkpoint`` (optional) resumes at such a point with
+    the model, its EMA, the optimiser and ``generator`` restored (bit-identical to a whole run).
     """
     if len(labeled_index) == 0:
         raise InputError("FixMatch needs at least one labelled (reliable) sample")
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
-    named = [(nm, p) for nm, p in model.named_parameters() if p.requires_grad]
-    no_decay = {nm for nm, p in named if p.ndim == 1 or nm.rsplit(".", 1)[-1] in ("bias", "b1", "b2")}
-    decay = [p for nm, p in named if nm not in no_decay]
-    plain = [p for nm, p in named if nm in no_decay]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt = build_optimizer("sgd", param_groups(_bias_named(model), cfg.weight_decay), lr=cfg.lr,
+                          momentum=cfg.momentum, nesterov=True)
     lab = torch.from_numpy(np.asarray(labeled_index, dtype=np.int64))
     tgt = torch.from_numpy(np.asarray(labeled_targets, dtype=np.int64))
     b, ub = cfg.batch_size, cfg.batch_size * cfg.mu
-    hist: dict[str, list[float]] = {"loss": [], "supervised": [], "unsupervised": [], "mask_rate": []}
-    acc = np.zeros(4)
     every = max(1, cfg.steps // 50)
-    bar = progress_bar(cfg.steps, desc, unit="step", enable=progress)
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * math.cos(7.0 * math.pi * step / (16.0 * cfg.steps))
-        pick = torch.randint(0, len(lab), (b,), generator=generator)
-        xi, yi = lab[pick], tgt[pick].to(device)
-        ui = torch.randint(0, n_samples, (ub,), generator=generator)
-        xw = views.sample("weak", xi, generator)
-        uw = views.sample("weak", ui, generator)
-        us = views.sample("strong", ui, generator)
-        logits = model(torch.cat([xw, uw, us]).to(device))  # one pass, as FixMatch (BatchNorm sees all)
+    # math.cos per step (not np.cos): the exact values of the loop this replaced
+    lrs = [cfg.lr * math.cos(7.0 * math.pi * step / (16.0 * cfg.steps)) for step in range(cfg.steps)]
+
+    def batches(chunk: int):
+        for _ in range(chunk * every, min((chunk + 1) * every, cfg.steps)):
+            pick = torch.randint(0, len(lab), (b,), generator=generator)
+            xi, yi = lab[pick], tgt[pick].to(device)
+            ui = torch.randint(0, n_samples, (ub,), generator=generator)
+            xw = views.sample("weak", xi, generator)
+            uw = views.sample("weak", ui, generator)
+            us = views.sample("strong", ui, generator)
+            yield torch.cat([xw, uw, us]), yi
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo):
+        x, yi = batch
+        logits = model(x.to(device))  # one pass, as FixMatch (BatchNorm sees all)
         out = fixmatch_loss(logits[:b], yi, logits[b:b + ub], logits[b + ub:], threshold=cfg.threshold,
                             unsup_weight=cfg.unsup_weight)
-        try:
-            loss_v = check_finite(out.loss, stage=desc, step=step + 1, option=lr_option, option_value=cfg.lr)
-        except NonFiniteLoss:
-            bar.close()
-            raise
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+        return out.loss, {"supervised": out.supervised, "unsupervised": out.unsupervised,
+                          "mask_rate": out.mask.mean()}
+
+    def ema_step(info: StepInfo) -> None:
         # EMA momentum warmed up as TensorFlow's ExponentialMovingAverage(num_updates): with a CPU
         # budget of a few thousand steps, 0.999 from step 0 would keep ~14% of the random init.
-        ema_update_(ema, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))
-        acc += [loss_v, float(out.supervised), float(out.unsupervised), float(out.mask.mean())]
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            n_acc = (step % every) + 1
-            for key, v in zip(hist, acc / n_acc, strict=True):
-                hist[key].append(round(float(v), 5))
-            acc[:] = 0
-            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", mask=f"{hist['mask_rate'][-1]:.2f}")
-        bar.update(1)
-    bar.close()
+        ema_update_(ema, model, min(cfg.ema, (1.0 + info.step) / (10.0 + info.step)))
+
+    t0 = time.perf_counter()
+    spec = LoopSpec(epochs=math.ceil(cfg.steps / every), name=desc, lr=lrs, option=lr_option, option_value=cfg.lr,
+                    progress=progress, postfix=("loss", "mask_rate"))
+    res = run_loop(model, step, batches, spec, optimizer=opt, after_step=[ema_step], modules={"ema": ema},
+                   generators=[generator], checkpoint=checkpoint)
     _copy_buffers(ema, model)
+    hist = {k: [round(float(v), 5) for v in res.history.get(k, [])]
+            for k in ("loss", "supervised", "unsupervised", "mask_rate")}
     info = {**hist, "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 3), "every": every}
+    if res.resumed_from is not None:
+        info["resumed_at"] = res.resumed_from * every
     return ema.eval(), info
+
+
+def _bias_named(model: nn.Module):
+    """``named_parameters`` for :func:`~imgclust.train.optim.param_groups`, with MultiHeadMLP's stacked
+    per-head biases (``b1``, ``b2``: 2-d, (H, hidden)) named as biases, so that the one no-decay rule
+    leaves them out of weight decay as FixMatch (and this loop before the move) does."""
+    for name, p in model.named_parameters():
+        yield (name + ".bias" if name.rsplit(".", 1)[-1] in ("b1", "b2") else name), p
 
 
 def _copy_buffers(dst: nn.Module, src: nn.Module) -> None:
@@ -290,26 +264,20 @@ class ImageViews:
     def __init__(self, source: ImageSource, rows: np.ndarray, preprocess: Any, spec: AugmentSpec = DEFAULT_SPEC,
                  device: torch.device = CPU, cache: bool = True) -> None:
         self.source, self.rows, self.pre, self.spec, self.device = source, np.asarray(rows), preprocess, spec, device
-        self.workers = min(8, os.cpu_count() or 1)  # decoding + resizing in threads (Pillow releases the GIL)
-        self._cache: np.ndarray | None = None
+        # decoding + resizing in threads (Pillow releases the GIL); unreadable images are all zero
+        self.batches = ImageBatches(source, self.rows, preprocess.size, preprocess, min(8, os.cpu_count() or 1))
+        self._cache: torch.Tensor | None = None
         if cache and len(self.rows) * preprocess.size ** 2 * 3 <= 512 << 20:  # small sets stay in RAM
-            self._cache = self._read_rows(self.rows)
+            self._cache = self._hwc(None)
 
-    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-        if self.workers <= 1 or len(rows) < 16:
-            return np.stack([self._read(int(r)) for r in rows])
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return np.stack(list(pool.map(self._read, (int(r) for r in rows))))
-
-    def _read(self, r: int) -> np.ndarray:
-        try:
-            return self.pre.resize_image(self.source.read(r))
-        except BadImageError:
-            return np.zeros((self.pre.size, self.pre.size, 1 if self.pre.grayscale else 3), np.uint8)
+    def _hwc(self, idx: np.ndarray | None) -> torch.Tensor:
+        """(B, s, s, C) uint8: kept channels-last, so that :meth:`images` gives the memory layout the
+        augmentations and the backbone always saw here (a permuted view)."""
+        return self.batches.uint8(idx, channels_last=True)[0].permute(0, 2, 3, 1)
 
     def images(self, idx: np.ndarray) -> torch.Tensor:
-        arr = self._cache[idx] if self._cache is not None else self._read_rows(self.rows[idx])
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        arr = self._cache[torch.as_tensor(np.asarray(idx))] if self._cache is not None else self._hwc(idx)
+        return arr.permute(0, 3, 1, 2)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div(255.0)
@@ -360,16 +328,18 @@ def distill_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     """Fit ``head`` (features -> logits) to hard labels ``targets`` with CE (Adam), e.g. the labels an
     end-to-end network gave the training images, so the model predicts from frozen features."""
     head.train()
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    opt = build_optimizer("adam", head, lr=lr)
     n = len(features)
-    for _ in range(epochs):
+
+    def batches(epoch: int):
         perm = torch.randperm(n, generator=generator)
         for s in range(0, n, batch_size):
-            i = perm[s:s + batch_size]
-            loss = F.cross_entropy(head(features[i]), targets[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            yield perm[s:s + batch_size]
+
+    def step(i: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        return F.cross_entropy(head(features[i]), targets[i])
+
+    run_loop(head, step, batches, LoopSpec(epochs=epochs, name="distill head", progress=False), optimizer=opt)
     return head.eval()
 
 

@@ -66,7 +66,6 @@ ranking keep the per-cluster values. :func:`refine_model` writes them to ``icsr.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import time
@@ -76,13 +75,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_parameters
 from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
-from imgclust.progress import progress_bar
+from imgclust.losses.icsr import weighted_cross_entropy
 from imgclust.refine.ranking import (
     DEFAULT_PERCENTS,
     METRICS,
@@ -93,6 +91,8 @@ from imgclust.refine.ranking import (
     success_rate,
 )
 from imgclust.refine.selftrain import LinearClassifier
+from imgclust.train.checkpoint import Checkpoint, data_digest
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
 from imgclust.views import VIEW_MODES, FeatureViews, make_feature_views
 
 ICSR_VIEWS = ("noise",) + VIEW_MODES
@@ -336,16 +336,20 @@ class _Loop:
     chunk: int = 8192  # rows per forward pass when relabelling
     train_mode: Any = None  # callable(net) putting the net in its training mode (default net.train())
     clip_grad: float = 0.0  # > 0: clip the gradient norm to this (end-to-end)
+    lr_option: str = "lr"  # the option a non-finite loss tells the user to lower
 
 
 def _weighted_selftrain(loop: _Loop, cfg: ICSRConfig, p0: np.ndarray, rank0: torch.Tensor, gen: torch.Generator, *,
-                        truth: np.ndarray | None, progress: bool, ckpt: _Checkpoint | None = None,
+                        truth: np.ndarray | None, progress: bool, ckpt: Checkpoint | None = None,
                         ) -> tuple[Ranking, np.ndarray, dict[str, Any]]:
     """Eqs. (7)-(11): rank, weight, train on strong views; relabel and re-rank every ``rank_every`` epochs.
 
     ``p0`` (N, K): the starting predictions (pseudo-labels and the ranking of epoch 0, on
     ``rank0``). From ``first_refresh`` on, the model's predictions on weak views replace them
     (and, without ``rank_frozen``, its embeddings of those views become the ranking space).
+    Runs on :func:`imgclust.train.loop.run_loop` (the optimiser's groups take their base
+    learning rates ``loop.lrs`` as ``lr_scale``; the schedule is x1, then x0.1 for the last
+    quarter); the pseudo-labels, the ranking and this history resume with a ``ckpt``.
     """
     n, n_clusters = p0.shape
     net, opt, views = loop.net, loop.opt, loop.views
@@ -356,15 +360,23 @@ def _weighted_selftrain(loop: _Loop, cfg: ICSRConfig, p0: np.ndarray, rank0: tor
     hist: dict[str, Any] = {"loss": [], "weights": [], "rankings": [], "views": described, "steps_per_epoch": steps,
                             "epoch_s": []}
     have_truth = truth is not None and (np.asarray(truth) >= 0).any()
-    pseudo = p0.argmax(1).astype(np.int64)
-    ranking: Ranking | None = None
-    sample_group = torch.zeros(n, dtype=torch.int64)
-    start = 0
-    if ckpt is not None and (state := ckpt.load(net, opt, gen)) is not None:
-        start, pseudo, hist = state["epoch"], state["pseudo"], state["history"]
-        ranking = state["ranking"]
-        sample_group = torch.from_numpy(ranking.group)
-        hist["resumed_at"] = start
+    cur: dict[str, Any] = {"pseudo": p0.argmax(1).astype(np.int64), "ranking": None, "restored": False}
+    state: dict[str, Any] = {}
+
+    def restore() -> None:
+        """Take the pseudo-labels, ranking and history of a loaded checkpoint (at the first epoch run,
+        or after the loop when the checkpoint had every epoch)."""
+        if cur["restored"]:
+            return
+        cur["restored"] = True
+        if "pseudo" not in state:
+            return
+        cur["pseudo"] = state["pseudo"].numpy()
+        cur["ranking"] = Ranking(group=state["group"].numpy(), order=state["order"].numpy(),
+                                 n_groups=int(state["n_groups"]), n_lists=dict(state["n_lists"]))
+        hist.clear()
+        hist.update(json.loads(state["history"]))
+        hist["resumed_at"] = int(state["epoch"])
 
     def to_norm(z: torch.Tensor) -> torch.Tensor:
         return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12) if cfg.rank_normalize else z
@@ -383,77 +395,86 @@ def _weighted_selftrain(loop: _Loop, cfg: ICSRConfig, p0: np.ndarray, rank0: tor
                 embs.append(z.float().cpu())
         return torch.cat(probs), (torch.cat(embs) if embs else torch.empty(0))
 
-    def one_epoch(targets: torch.Tensor, w_sample: torch.Tensor, scale: float) -> float:
-        for g, lr in zip(opt.param_groups, loop.lrs):
-            g["lr"] = lr * scale
+    def rank(t: int) -> None:
+        """Rank at t = 0 with the starting outputs; from ``first_refresh`` on, every ``rank_every``
+        epochs with the model's own predictions on weak views."""
+        refresh = t >= loop.first_refresh and (t - loop.first_refresh) % cfg.rank_every == 0
+        if not (t == 0 or refresh):
+            return
+        if refresh and t > 0:
+            proba, emb = relabel()
+        else:
+            proba, emb = torch.from_numpy(p0), torch.empty(0)
+        new = proba.argmax(1).numpy()
+        changed = int((new != cur["pseudo"]).sum())
+        pseudo = cur["pseudo"] = new
+        if cfg.rank_on == "proba":
+            space = proba
+        elif loop.rank_frozen is not None:
+            space = loop.rank_frozen
+        else:
+            space = to_norm(emb) if len(emb) else rank0
+        pct = percents_at(cfg, t, loop.epochs)
+        ranking = cur["ranking"] = rank_samples(space, pseudo, n_clusters, percents=pct, k_start=cfg.k_start,
+                                                k_stop=cfg.k_stop, k_step=cfg.k_step, metric=cfg.metric,
+                                                block_rows=cfg.block_rows)
+        rec: dict[str, Any] = {"epoch": t, "percents": pct, "changed": changed,
+                               "group_sizes": np.bincount(ranking.group, minlength=m + 1).tolist(),
+                               "cluster_sizes": np.bincount(pseudo, minlength=n_clusters).tolist()}
+        if have_truth:
+            sr = success_rate(ranking, pseudo, np.asarray(truth), n_clusters)
+            rec["mean_rsr"], rec["mean_purity"] = sr["mean_rsr"], sr["mean_purity"]
+            if t == 0:
+                hist["rsr_first"] = sr
+            rec["acc_pseudo"] = _acc(np.asarray(truth), pseudo)
+        hist["rankings"].append(rec)
+
+    def batches(t: int):
+        """Epoch t: (re-)rank, weight the groups (Eq. 11), then strong views of a permutation."""
+        restore()
+        cur["t0"] = time.perf_counter()
+        rank(t)
+        ts = schedule_t(cfg, t, loop.epochs)
+        w_group = group_weights(m, ts, cfg.beta0) if cfg.weighting == "icsr" else np.append(np.ones(m), 0.0)
+        cur["w_group"] = w_group
+        cur["w_sample"] = torch.from_numpy(w_group.astype(np.float32))[torch.from_numpy(cur["ranking"].group)]
+        cur["targets"] = torch.from_numpy(cur["pseudo"])
         (loop.train_mode or (lambda mod: mod.train()))(net)
         perm = torch.randperm(n, generator=gen)
-        tot = 0.0
         for it in range(steps):
             first = (it * bs) % n
             if first + bs > n and it > 0:  # more steps than one pass (small data): a fresh permutation
                 perm = torch.randperm(n, generator=gen)
                 first = 0
             rows = perm[first:first + bs]
-            logits = net(views.sample("strong", rows, gen).to(loop.device))
-            ce = F.cross_entropy(logits.float(), targets[rows].to(loop.device), reduction="none")
-            loss = (ce * w_sample[rows].to(loop.device)).mean()  # Eq. (9): low weights count less, not renormalised
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if loop.clip_grad:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], loop.clip_grad)
-            opt.step()
-            tot += float(loss.detach())
-        return tot / steps
+            yield views.sample("strong", rows, gen).to(loop.device), rows
 
-    bar = progress_bar(loop.epochs, loop.desc, unit="epoch", enable=progress, initial=start)
-    for t in range(start, loop.epochs):
-        t_epoch = time.perf_counter()
-        # Rank at t = 0 with the starting outputs; from ``first_refresh`` on, every ``rank_every``
-        # epochs with the model's own predictions on weak views.
-        refresh = t >= loop.first_refresh and (t - loop.first_refresh) % cfg.rank_every == 0
-        if t == 0 or refresh:
-            if refresh and t > 0:
-                proba, emb = relabel()
-            else:
-                proba, emb = torch.from_numpy(p0), torch.empty(0)
-            new = proba.argmax(1).numpy()
-            changed = int((new != pseudo).sum())
-            pseudo = new
-            if cfg.rank_on == "proba":
-                space = proba
-            elif loop.rank_frozen is not None:
-                space = loop.rank_frozen
-            else:
-                space = to_norm(emb) if len(emb) else rank0
-            pct = percents_at(cfg, t, loop.epochs)
-            ranking = rank_samples(space, pseudo, n_clusters, percents=pct, k_start=cfg.k_start, k_stop=cfg.k_stop,
-                                   k_step=cfg.k_step, metric=cfg.metric, block_rows=cfg.block_rows)
-            sample_group = torch.from_numpy(ranking.group)
-            rec: dict[str, Any] = {"epoch": t, "percents": pct, "changed": changed,
-                                   "group_sizes": np.bincount(ranking.group, minlength=m + 1).tolist(),
-                                   "cluster_sizes": np.bincount(pseudo, minlength=n_clusters).tolist()}
-            if have_truth:
-                sr = success_rate(ranking, pseudo, np.asarray(truth), n_clusters)
-                rec["mean_rsr"], rec["mean_purity"] = sr["mean_rsr"], sr["mean_purity"]
-                if t == 0:
-                    hist["rsr_first"] = sr
-                rec["acc_pseudo"] = _acc(np.asarray(truth), pseudo)
-            hist["rankings"].append(rec)
-        ts = schedule_t(cfg, t, loop.epochs)
-        w_group = group_weights(m, ts, cfg.beta0) if cfg.weighting == "icsr" else np.append(np.ones(m), 0.0)
-        w_sample = torch.from_numpy(w_group.astype(np.float32))[sample_group]
-        scale = 0.1 if t >= int(0.75 * loop.epochs) else 1.0
-        hist["loss"].append(round(one_epoch(torch.from_numpy(pseudo), w_sample, scale), 5))
-        hist["weights"].append([round(float(v), 5) for v in w_group[:m]])
-        hist["epoch_s"].append(round(time.perf_counter() - t_epoch, 3))
-        if not math.isfinite(hist["loss"][-1]):
-            raise InputError(f"ICSR training diverged at lr={loop.lrs[0]}; give a smaller lr")
-        if ckpt is not None and ranking is not None:
-            ckpt.save(net, opt, gen, epoch=t + 1, pseudo=pseudo, ranking=ranking, history=hist)
-        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
-        bar.update(1)
-    bar.close()
+    def step(batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo) -> torch.Tensor:
+        x, rows = batch
+        return weighted_cross_entropy(net(x), cur["targets"][rows].to(loop.device),
+                                      cur["w_sample"][rows].to(loop.device))
+
+    def epoch_end(t: int, means: dict[str, float], info: StepInfo) -> None:
+        hist["loss"].append(round(means["loss"], 5))
+        hist["weights"].append([round(float(v), 5) for v in cur["w_group"][:m]])
+        hist["epoch_s"].append(round(time.perf_counter() - cur["t0"], 3))
+        ranking = cur["ranking"]
+        state.update(epoch=t + 1, pseudo=torch.from_numpy(cur["pseudo"]), group=torch.from_numpy(ranking.group),
+                     order=torch.from_numpy(ranking.order), n_groups=int(ranking.n_groups),
+                     n_lists={int(c): int(v) for c, v in ranking.n_lists.items()},
+                     history=json.dumps(hist, default=float))  # plain text: nothing for the unpickler to trust
+
+    for g, lr in zip(opt.param_groups, loop.lrs, strict=True):
+        g["lr_scale"] = lr
+    last = int(0.75 * loop.epochs)
+    spec = LoopSpec(epochs=loop.epochs, name=loop.desc, lr=[1.0 if t < last else 0.1 for t in range(loop.epochs)
+                                                            for _ in range(steps)],
+                    clip_grad_norm=loop.clip_grad or None, option=loop.lr_option, option_value=loop.lrs[0],
+                    progress=progress)
+    run_loop(net, step, batches, spec, optimizer=opt, on_epoch_end=epoch_end, generators=[gen], state=state,
+             checkpoint=ckpt)
+    restore()  # a checkpoint of a finished run: nothing was trained
+    ranking, pseudo = cur["ranking"], cur["pseudo"]
     if ranking is None:  # epochs >= 1 always ranks at t = 0
         raise AssertionError("no ranking")
     if have_truth:
@@ -503,66 +524,17 @@ def train_icsr(
     return ICSRResult(head.to_classifier(), ranking, pseudo, hist)
 
 
-CKPT_FORMAT = 1
-
-
-class _Checkpoint:
-    """The end-to-end stage after every epoch: tuned parameters, head, optimiser, generator, pseudo-labels,
-    ranking and history, written atomically to ``path``; a re-run with the same inputs resumes from it
-    (loaded with ``weights_only=True``; a torn or foreign file is ignored and training starts over)."""
-
-    def __init__(self, path: Path, trainable: list[str]) -> None:
-        self.path, self.trainable = Path(path), list(trainable)
-
-    def save(self, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, *, epoch: int,
-             pseudo: np.ndarray, ranking: Ranking, history: dict[str, Any]) -> None:
-        from imgclust.rundir import atomic_open
-
-        own = dict(net.named_parameters())
-        state = {"format": CKPT_FORMAT, "epoch": int(epoch), "trainable": self.trainable,
-                 "params": {nm: own[nm].detach().cpu().clone() for nm in self.trainable},
-                 "opt": opt.state_dict(), "gen": gen.get_state(), "pseudo": torch.from_numpy(pseudo),
-                 "group": torch.from_numpy(ranking.group), "order": torch.from_numpy(ranking.order),
-                 "n_groups": int(ranking.n_groups), "n_lists": {int(c): int(v) for c, v in ranking.n_lists.items()},
-                 "history": json.dumps(history, default=float)}  # plain text: nothing for the unpickler to trust
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self.path, "wb") as fh:
-            torch.save(state, fh)
-
-    def load(self, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            if state.get("format") != CKPT_FORMAT or list(state["trainable"]) != self.trainable:
-                return None
-            own = dict(net.named_parameters())
-            with torch.no_grad():
-                for nm in self.trainable:
-                    own[nm].copy_(state["params"][nm])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            ranking = Ranking(group=state["group"].numpy(), order=state["order"].numpy(),
-                              n_groups=int(state["n_groups"]), n_lists=dict(state["n_lists"]))
-            return {"epoch": int(state["epoch"]), "pseudo": state["pseudo"].numpy(), "ranking": ranking,
-                    "history": json.loads(state["history"])}
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError, TypeError):
-            return None
-
-
-def _e2e_key(cfg: ICSRConfig, n_clusters: int, seed: int, source: Any, rows: np.ndarray, backbone: Any,
-             head: LinearClassifier) -> str:
+def _e2e_checkpoint(work_dir: str | Path, cfg: ICSRConfig, n_clusters: int, seed: int, source: Any,
+                    rows: np.ndarray, backbone: Any, head: LinearClassifier) -> Checkpoint:
+    """The end-to-end stage's checkpoint (:mod:`imgclust.train.checkpoint`): every option counts
+    (e2e_epochs too: the weight and lr schedules depend on it) but not ``checkpoint``, and the
+    head stage's result (the starting network) is part of the data digest."""
     from dataclasses import asdict
 
-    # every option counts (e2e_epochs too: the weight and lr schedules depend on it), but not `checkpoint`
     opts = {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}
-    h = hashlib.sha256(json.dumps({"format": CKPT_FORMAT, "k": int(n_clusters), "seed": int(seed), "opts": opts,
-                                   "source": source.fingerprint(), "backbone": backbone.cache_key()},
-                                  sort_keys=True, default=str).encode())
-    h.update(np.asarray(rows, dtype=np.int64).tobytes())
-    for t in (head.weight, head.bias):  # the head stage's result: the starting network
-        h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:24]
+    data = data_digest(np.asarray(rows, dtype=np.int64), head.weight, head.bias)
+    return Checkpoint.in_dir(work_dir, "icsr-e2e", k=int(n_clusters), seed=int(seed), opts=opts,
+                             source=source.fingerprint(), backbone=backbone.cache_key(), data=data)
 
 
 def train_icsr_end_to_end(
@@ -638,12 +610,11 @@ def train_icsr_end_to_end(
 
     loop = _Loop(net=net, opt=opt, views=views, epochs=cfg.e2e_epochs, first_refresh=0, batch_size=cfg.e2e_batch_size,
                  lrs=[cfg.e2e_lr] * 3, rank_frozen=None if cfg.rank_on == "embedding" else rank0, device=dev, desc=f"icsr end-to-end ({cfg.finetune})",
-                 chunk=max(64, 2 * cfg.e2e_batch_size), train_mode=train_mode, clip_grad=cfg.clip_grad)
-    names = ["backbone." + nm for nm, _ in tuned] + ["head.weight", "head.bias"]
+                 chunk=max(64, 2 * cfg.e2e_batch_size), train_mode=train_mode, clip_grad=cfg.clip_grad,
+                 lr_option="e2e_lr")
     ckpt = None
     if cfg.checkpoint and work_dir is not None:
-        key = _e2e_key(cfg, n_clusters, seed, source, rows, backbone, head)
-        ckpt = _Checkpoint(Path(work_dir) / f"icsr-e2e-ckpt-{key}.pt", names)
+        ckpt = _e2e_checkpoint(work_dir, cfg, n_clusters, seed, source, rows, backbone, head)
     ranking, pseudo, hist = _weighted_selftrain(loop, cfg, p0, rank0, gen, truth=truth, progress=progress, ckpt=ckpt)
     probs = predict_images(net, views, n, batch=loop.chunk)
     if not np.isfinite(probs).all():

@@ -44,6 +44,24 @@ ICCE additions (ICCE paper, sec. 3.1):
   the TEMI term. The total per head is ``L_h + lambda(t) * CE_h`` with lambda raised from 0
   on a cosine schedule (:func:`cosine_ramp`), because early teacher predictions are
   unreliable.
+
+Data parallel: the two statistics that span the batch — the prior's batch mean and the
+Sinkhorn-Knopp row/column marginals — are reduced over ranks with :mod:`imgclust.train.dist`
+(P processes with B pairs each compute what one process computes on P x B pairs); the
+agreement weight is per pair and needs nothing. In one process the code path is the
+single-process one, bit for bit.
+
+Example::
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> s = torch.randn(3, 2, 8, 4, generator=g, requires_grad=True)  # 3 heads, 8 pairs, K = 4
+    >>> t = torch.randn(3, 2, 8, 4, generator=g)
+    >>> out = temi_loss(s, t, torch.full((3, 4), 0.25), sinkhorn_iters=3, ce_weight=0.5)
+    >>> out.head_losses.shape, out.prior.sum(-1).round(decimals=4).tolist()
+    (torch.Size([3]), [1.0, 1.0, 1.0])
+    >>> out.loss.backward(); s.grad.abs().sum() > 0
+    tensor(True)
 """
 
 from __future__ import annotations
@@ -53,6 +71,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from imgclust.train import dist
 
 PRIOR_FLOOR = 1e-12  # pi_k is clamped here before the log/division (reference divides by it as is)
 
@@ -67,11 +87,34 @@ def log_sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iters: int = 
     clusters (sums to 1) and each cluster's column sums to about N/K. Same algorithm as
     DINOv2's ``sinkhorn_knopp_teacher``, computed in the log domain.
     """
+    if int(n_iters) < 0 or not temperature > 0:
+        raise ValueError(f"need n_iters >= 0 and temperature > 0; got {n_iters}, {temperature}")
+    if dist.world_size() > 1:
+        return _log_sinkhorn_knopp_dist(logits, temperature, int(n_iters))
     n, k = logits.shape[-2], logits.shape[-1]
     lq = logits.float() / temperature
     lq = lq - torch.logsumexp(lq.flatten(-2), dim=-1)[..., None, None]
     for _ in range(int(n_iters)):
         lq = lq - torch.logsumexp(lq, dim=-2, keepdim=True) - math.log(k)
+        lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True) - math.log(n)
+    return lq + math.log(n)
+
+
+def _global_logsumexp(lq: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """logsumexp over ``dim`` of the rows of every rank (the batch is split across ranks)."""
+    m = dist.all_gather_cat(lq.amax(dim=dim, keepdim=True).detach()[None], 0).amax(0)  # global max, for stability
+    s = (lq - m).exp().sum(dim=dim, keepdim=True)
+    return dist.all_reduce_sum(s).log() + m
+
+
+def _log_sinkhorn_knopp_dist(logits: torch.Tensor, temperature: float, n_iters: int) -> torch.Tensor:
+    """:func:`log_sinkhorn_knopp` with the column sums (over the batch) taken over all ranks."""
+    k = logits.shape[-1]
+    n = dist.all_reduce_sum(torch.tensor(float(logits.shape[-2]), device=logits.device)).item()
+    lq = logits.float() / temperature
+    lq = lq - _global_logsumexp(lq, (-2, -1))
+    for _ in range(n_iters):
+        lq = lq - _global_logsumexp(lq, -2) - math.log(k)
         lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True) - math.log(n)
     return lq + math.log(n)
 
@@ -96,6 +139,8 @@ def teacher_log_probs(logits: torch.Tensor, temperature: float, sinkhorn_iters: 
 def update_prior(prior: torch.Tensor, teacher_probs: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
     """pi_h <- m * pi_h + (1 - m) * mean over the batch of p_t^h; prior (H, K), probs (H, ..., K)."""
     batch_mean = teacher_probs.reshape(teacher_probs.shape[0], -1, teacher_probs.shape[-1]).mean(dim=1)
+    if dist.world_size() > 1:  # the global batch's mean (equal per-rank batches)
+        batch_mean = dist.all_reduce_mean(batch_mean.clone())
     return momentum * prior + (1.0 - momentum) * batch_mean
 
 
@@ -153,6 +198,15 @@ def temi_loss(
     if student_logits.dim() != 4 or student_logits.shape[1] != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"expected student and teacher logits (H, 2, B, K), got {tuple(student_logits.shape)} "
                          f"and {tuple(teacher_logits.shape)}")
+    if prior.shape != (student_logits.shape[0], student_logits.shape[-1]):
+        raise ValueError(f"prior must be (H, K) = {(student_logits.shape[0], student_logits.shape[-1])}; "
+                         f"got {tuple(prior.shape)}")
+    for name, v in (("student_temp", student_temp), ("teacher_temp", teacher_temp), ("beta", beta)):
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0; got {v}")
+    if not 0.0 <= prior_momentum <= 1.0 or sinkhorn_iters < 0 or ce_weight < 0:
+        raise ValueError(f"need prior_momentum in [0, 1], sinkhorn_iters >= 0 and ce_weight >= 0; got "
+                         f"{prior_momentum}, {sinkhorn_iters}, {ce_weight}")
     log_ps = F.log_softmax(student_logits.float() / student_temp, dim=-1)
     with torch.no_grad():
         log_pt = teacher_log_probs(teacher_logits.detach(), teacher_temp, sinkhorn_iters)
