@@ -48,7 +48,7 @@ from imgclust.backbones.base import (
     BackboneInfo,
     Preprocess,
 )
-from imgclust.backbones.registry import register_backbone
+from imgclust.backbones.base import register_backbone
 from imgclust.backbones.weights import (
     check_options,
     file_digest,

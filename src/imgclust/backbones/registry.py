@@ -7,20 +7,12 @@ directory made by ``imgclust pretrain``.
 
 from __future__ import annotations
 
-from imgclust.backbones.base import Backbone, BackboneInfo
+# The table itself lives in base.py, so the family modules (resnet, vit, ...) register into it
+# without importing this module, which imports pretrained_dir -> resnet/vit (issue 17: no cycle).
+from imgclust.backbones.base import _ALIASES, _REGISTRY, Backbone, BackboneInfo, register_backbone
 from imgclust.errors import InputError
 
-_REGISTRY: dict[str, BackboneInfo] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register_backbone(info: BackboneInfo) -> BackboneInfo:
-    if info.name in _REGISTRY:
-        raise ValueError(f"backbone {info.name!r} registered twice")
-    _REGISTRY[info.name] = info
-    for a in info.aliases:
-        _ALIASES[a] = info.name
-    return info
+__all__ = ["available_backbones", "build_backbone", "get_backbone_info", "register_backbone"]
 
 
 def available_backbones() -> list[BackboneInfo]:

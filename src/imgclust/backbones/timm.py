@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess
-from imgclust.backbones.registry import register_backbone
+from imgclust.backbones.base import register_backbone
 from imgclust.backbones.weights import (
     check_options,
     file_digest,
