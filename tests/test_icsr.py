@@ -11,8 +11,9 @@ import torch
 from sklearn.datasets import load_digits
 
 from imgclust.errors import InputError
-from imgclust.refine.icsr import ICSRConfig, NoiseViews, percents_at, refine_model, schedule_t, train_icsr
+from imgclust.refine.icsr import ICSRConfig, NoiseViews, percents_at, schedule_t, train_icsr
 from imgclust.refine.ranking import group_weights, k_values, m_scores, rank_samples, success_rate, vote_groups
+from imgclust.run import refine_model
 
 
 def _signal_and_noise(metric: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -341,7 +342,7 @@ def test_refine_a_model_that_classifies_images(tmp_path) -> None:
     """A from-scratch network (cc, image-level) is refined too: its own predictions of the images are
     the base clusters; ICSR's head is trained on the estimator's features."""
     from imgclust import ImageClusterer
-    from imgclust.refine.icsr import refine_estimator
+    from imgclust.run import refine_estimator
 
     imgs, y = _digit_images(120)
     est = ImageClusterer(n_clusters=10, method="cc", backbone="pixels", image_size=16, progress=False,

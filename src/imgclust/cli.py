@@ -1,4 +1,4 @@
-"""Command line: thin commands over :mod:`imgclust.api`.
+"""Command line: thin commands over :mod:`imgclust.api` (the estimator) and :mod:`imgclust.run` (the jobs).
 
 Every predictable problem ends in one line on stderr (``error: ...``) and exit status 2
 (a full disk too, naming the destination and the space needed; any other operating-system
@@ -183,8 +183,8 @@ def cluster(
         from imgclust.config import save_config as write_config
 
         write_config(portable(cfg), save_config)
-    from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
     from imgclust.outdir import fresh_run_dir, point_latest
+    from imgclust.run import cluster as run_cluster  # after the config checks: bad input fails fast
 
     fresh = out is None
     out = fresh_run_dir() if out is None else out  # never replace a previous run by default
@@ -269,10 +269,10 @@ def choose_k_cmd(
     from imgclust.threads import apply_threads
 
     apply_threads(threads)
-    from imgclust.api import ImageClusterer
-    from imgclust.choosek import choose_k, format_curve, parse_k_range
+    from imgclust.choosek import format_curve, parse_k_range
     from imgclust.data import open_source
     from imgclust.data.base import SubsetSource
+    from imgclust.run import choose_k_scores
     from imgclust.rundir import write_json
     from imgclust.validate import check_seed, check_sizes
 
@@ -287,12 +287,9 @@ def choose_k_cmd(
         if limit < 1:
             raise InputError(f"limit must be >= 1, got {limit}")
         src = SubsetSource.sample(src, limit, seed=seed)
-    est = ImageClusterer(n_clusters=2, backbone=backbone, backbone_weights=weights, image_size=image_size,
-                         cache_dir=cache_dir, batch_size=batch_size, precision=precision, device=device,
-                         seed=seed, progress=not quiet)
-    feats, valid, _, _ = est._features(src)
-    lab = None if src.labels is None else src.labels[valid]
-    res = choose_k(feats[valid], ks, sample=sample, pca_dim=pca_dim, n_runs=runs, seed=seed, progress=not quiet, labels=lab)
+    res = choose_k_scores(src, ks, backbone=backbone, weights=weights, image_size=image_size, cache_dir=cache_dir,
+                          batch_size=batch_size, precision=precision, device=device, seed=seed, sample=sample,
+                          pca_dim=pca_dim, runs=runs, progress=not quiet)
     typer.echo(format_curve(res))
     if out is not None:
         target = out / "choose_k.json" if out.is_dir() else out
@@ -363,8 +360,8 @@ def demo(
 ) -> None:
     """Cluster scikit-learn's bundled digits (1,797 images, 10 classes) with the offline
     EfficientNet-Lite0 backbone and the default method (auto), and print ACC/NMI/ARI."""
-    from imgclust.api import cluster as run_cluster
     from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
+    from imgclust.run import cluster as run_cluster
 
     cfg = RunConfig(
         k=10,
@@ -437,7 +434,7 @@ def predict(
 def refine(
     model_dir: Path = typer.Argument(..., help="a run directory (or its model/) written by `imgclust cluster`"),
     source: Optional[str] = typer.Argument(None, help="images to refine on (default: the run's own, from its run.json)"),
-    method: str = typer.Option("icsr", "--method", "-m", help="refiner: icsr"),
+    method: str = typer.Option("icsr", "--method", "-m", help="refiner (registry: imgclust.refine.base): icsr"),
     out: Path = typer.Option(Path("runs/refined"), "--out", "-o", help="run directory to write"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="refiner option key=value, e.g. epochs=60"),
     split: Optional[str] = typer.Option(None),
@@ -447,14 +444,14 @@ def refine(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Refine a fitted model (any method) and write a new run directory whose model/ `predict` uses."""
-    if method != "icsr":
-        raise InputError(f"unknown refiner {method!r}; available: icsr")
-    from imgclust.refine.icsr import refine_model
+    from imgclust.refine.base import get_refiner
+    from imgclust.run import refine_model
 
+    info = get_refiner(method)  # unknown names fail here, listing the registered refiners
     s = refine_model(model_dir, source, out, options=parse_options(option, "--option"), split=split,
-                     cache_dir=cache_dir, seed=seed, device=device, progress=not quiet)
+                     cache_dir=cache_dir, seed=seed, device=device, progress=not quiet, refiner=info.name)
     m = s.get("metrics")
-    typer.echo(f"refined {s['n_clustered']} images with icsr in {s['timings_s']['total']:.1f} s; "
+    typer.echo(f"refined {s['n_clustered']} images with {info.name} in {s['timings_s']['total']:.1f} s; "
                f"{s['changed_vs_base']} changed cluster")
     if m:
         b = m["base"]
@@ -464,7 +461,8 @@ def refine(
     if r.get("after"):
         typer.echo("R_sr(p) averaged over clusters, last ranking: "
                    + "  ".join(f"{p}% {v:.3f}" for p, v in r["after"].items()))
-    typer.echo(f"outputs: {out.resolve()}  (assignments.csv, icsr.json, run.json{', metrics.json' if m else ''}, model/)")
+    diag = f"{info.diagnostics}, " if info.diagnostics else ""
+    typer.echo(f"outputs: {out.resolve()}  (assignments.csv, {diag}run.json{', metrics.json' if m else ''}, model/)")
 
 
 @app.command()
@@ -490,7 +488,7 @@ def apply_edits_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write a new run with the edited labels and a model retrained on them (predict reflects the edits). (issue 21)"""
-    from imgclust.review.apply import apply_edits
+    from imgclust.run import apply_edits
 
     s = apply_edits(run_dir, out, seed=seed, progress=not quiet)
     e = s["edits"]

@@ -126,7 +126,7 @@ def export_model(run: str | Path, dest: str | Path, overwrite: bool = False) -> 
     except ImportError as e:
         raise InputError("export-model needs the onnx package: pip install onnx") from e
     est = ImageClusterer.load(mdir, progress=False)
-    if getattr(est.model_, "image_level", False):
+    if est.model_.image_level:
         raise InputError("this model fine-tuned its backbone; export-model supports frozen-backbone models only")
     bb = est._backbone().cpu().eval()
     head = _head(est.model_)

@@ -77,7 +77,7 @@ def apply_edits(run_dir: str | Path, out_dir: str | Path, seed: int | None = Non
         raise InputError("fewer than 2 images are left for retraining after the outlier marks")
     model = Reviewed(k)
     model.fit(feats[train], FitContext(seed=seed, device="cpu", progress=progress,
-                                       extras={"labels": rep.labels[train], "certain": rep.moved[train]}))
+                                       labels=rep.labels[train], certain=rep.moved[train]))
     proba = model.predict_proba(feats)
     conf = proba[np.arange(len(feats)), rep.labels]
     conf[rep.moved] = 1.0
