@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 import imgclust
 from imgclust.backbones import Backbone, build_backbone
@@ -142,8 +143,14 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
         The backbone features (through the cache) of images, or precomputed features as they
         are; used by the run jobs (:mod:`imgclust.run`), choose-k and the benchmarks."""
-        if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
-            feats = np.asarray(X, dtype=np.float32)
+        from scipy import sparse
+
+        if sparse.issparse(X):
+            raise InputError("sparse input is not supported: give a dense array of features (X.toarray())")
+        if isinstance(X, (list, tuple)) and _is_feature_array(np.asarray(X)):
+            X = np.asarray(X)  # a nested list of numbers: features
+        if _is_feature_array(X):
+            feats = _check_feature_array(X)
             valid = np.isfinite(feats).all(axis=1)
             return feats, valid, None, None
         source = as_source(X)
@@ -264,13 +271,14 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
         apply_threads(getattr(self, "threads", None))
         if self.model_.image_level:  # fine-tuned backbone: the method reads the images
-            if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
+            if _is_feature_array(X):
                 raise InputError("this model fine-tuned its backbone: predict needs images, not precomputed features")
             return self.model_.predict_proba_images(as_source(X), self._backbone(), batch_size=self.batch_size,
                                                     device=self.device, workers=self.workers, progress=self.progress)
         feats, valid, _, _ = self.features(X)
         if feats.ndim != 2 or feats.shape[1] != self.n_features_in_:
-            raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {self.n_features_in_}")
+            raise InputError(f"X has {feats.shape[-1]} features, but ImageClusterer is expecting {self.n_features_in_} "
+                             "features as input (the dimension of the features it was fitted on)")
         out = np.zeros((len(feats), self.model_.n_clusters), dtype=np.float32)
         if valid.any():
             out[valid] = self.model_.predict_proba(self._manifold(self._reduce(feats[valid], fit=False), fit=False))
@@ -288,7 +296,13 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if getattr(self, "model_", None) is None:
-            raise InputError("this ImageClusterer is not fitted yet: call fit() or load a saved model")
+            raise NotFittedError("this ImageClusterer is not fitted yet: call fit() or load a saved model")
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # NaN/inf rows are skipped (label -1), like unreadable images
+        tags.non_deterministic = False
+        return tags
 
     # ----------------------------------------------------------------- persistence
     def save(self, model_dir: str | Path) -> Path:
@@ -467,6 +481,26 @@ def _check_param_types(params: dict[str, Any], path: Path) -> None:
         check_types({k: str(p.annotation) for k, p in sig.items() if k != "self"}, params, "")
     except InputError as e:
         raise InputError(f"{path}: {str(e).replace('config key', 'parameter')}") from e
+
+
+class NotFittedError(InputError, _SklearnNotFittedError):
+    """predict / save before fit: scikit-learn's NotFittedError, and an InputError for the CLI's one-line message."""
+
+
+def _is_feature_array(X: Any) -> bool:
+    """A 2-D numeric array is precomputed features (images are 3-D or 4-D)."""
+    return isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "fiubcO"
+
+
+def _check_feature_array(X: np.ndarray) -> np.ndarray:
+    """Precomputed features as float32, or one clear error (scikit-learn's wording for empty input)."""
+    if X.dtype.kind == "c":
+        raise InputError("Complex data not supported: give real-valued features")
+    if X.shape[1] == 0:  # faiss would die with SIGFPE on 0-d vectors (issue 17)
+        raise InputError(f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required.")
+    if X.shape[0] == 0:
+        raise InputError(f"0 sample(s) (shape={X.shape}) while a minimum of 1 is required.")
+    return np.asarray(X, dtype=np.float32)  # object arrays: TypeError / ValueError from numpy, as sklearn expects
 
 
 def as_source(X: Any, split: str | None = None) -> ImageSource:
