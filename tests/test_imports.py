@@ -165,3 +165,16 @@ def test_lower_layers_never_import_api_run_or_cli():
         if dep in UPPER
     )
     assert not bad, "lower layers importing api/run/cli:\n" + "\n".join(bad)
+
+
+def test_no_private_names_imported_across_modules():
+    """``from imgclust.x import _private`` from another module: a private function used as an API."""
+    bad = []
+    for mod, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("imgclust") and not node.level:
+                bad += [f"{mod} imports {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")
+                        and node.module != mod and not node.module.startswith(mod + ".")
+                        and not mod.startswith(node.module + ".")]
+    assert not bad, "private names used across modules:\n" + "\n".join(sorted(bad))

@@ -123,14 +123,14 @@ class BackboneInfo:
 # The registry's table (issue 17): filled by each family module through ``register_backbone``;
 # read by :mod:`imgclust.backbones.registry`. Kept here, the lowest module, so registering a
 # family never imports the registry (which imports pretrained_dir, which imports resnet and vit).
-_REGISTRY: dict[str, BackboneInfo] = {}
-_ALIASES: dict[str, str] = {}
+REGISTRY: dict[str, BackboneInfo] = {}
+ALIASES: dict[str, str] = {}
 
 
 def register_backbone(info: BackboneInfo) -> BackboneInfo:
-    if info.name in _REGISTRY:
+    if info.name in REGISTRY:
         raise ValueError(f"backbone {info.name!r} registered twice")
-    _REGISTRY[info.name] = info
+    REGISTRY[info.name] = info
     for a in info.aliases:
-        _ALIASES[a] = info.name
+        ALIASES[a] = info.name
     return info
