@@ -13,12 +13,15 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from imgclust.config import parse_options
 from imgclust.errors import ImgclustError, InputError
+
+if TYPE_CHECKING:
+    from imgclust.config import RunConfig
 
 #: the one description of --map (cluster and report; README says the same): keep it in step with
 #: imgclust.report.embed.resolve_method
@@ -129,55 +132,10 @@ def cluster(
     threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Cluster SOURCE into K groups and write a run directory (with report.html, log.jsonl and config.toml)."""
-    from imgclust.config import RunConfig, load_config
-
-    cfg = load_config(config) if config is not None else RunConfig()
-
-    def given(name: str) -> bool:
-        src = ctx.get_parameter_source(name)
-        return config is None or getattr(src, "name", "") == "COMMANDLINE"
-
-    if source is not None:
-        cfg.source.path = source
-    elif config is None:
-        raise InputError("missing SOURCE: the images to cluster (or --config FILE that names them)")
-    if k is not None:
-        cfg.k = _parse_k(k)
-    elif config is None:
-        raise InputError("missing --k: the number of clusters K (>= 2), or 'auto'")
-    src, bb, ft = cfg.source, cfg.backbone, cfg.features
-    for name, value, obj, attr in [
-        ("method", method, cfg, "method"), ("seed", seed, cfg, "seed"),
-        ("split", split, src, "split"), ("kind", kind, src, "kind"), ("labels", labels, src, "labels"),
-        ("coarse", coarse, src, "coarse"), ("limit", limit, src, "limit"), ("max_pixels", max_pixels, src, "max_pixels"),
-        ("backbone", backbone, bb, "name"), ("weights", weights, bb, "weights"),
-        ("image_size", image_size, bb, "image_size"), ("pca", pca, ft, "pca"), ("pca_whiten", pca_whiten, ft, "pca_whiten"),
-        ("reduce", reduce, ft, "reduce"),
-        ("batch_size", batch_size, ft, "batch_size"),
-        ("precision", precision, ft, "precision"), ("engine", engine, ft, "engine"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
-        ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
-        ("k_range", k_range, cfg, "k_range"), ("report", report, cfg, "report"), ("report_map", report_map, cfg, "report_map"),
-        ("threads", _parse_threads(threads), cfg, "threads"),
-    ]:
-        if given(name):
-            setattr(obj, attr, value)
-    cfg.backbone.options.update(parse_options(backbone_option, "--backbone-option"))
-    cfg.method_options.update(parse_options(option, "--option"))
-    from imgclust.threads import apply_threads
-
-    apply_threads(cfg.threads)  # before any parallel work (also re-applied by fit)
-    from imgclust.report.embed import MAP_METHODS
-
-    if cfg.report_map not in MAP_METHODS:
-        raise InputError(f"unknown map method {cfg.report_map!r}; use one of: {', '.join(MAP_METHODS)}")
-    if cfg.k == "auto":
-        from imgclust.choosek import parse_k_range
-
-        parse_k_range(cfg.k_range)
-    from imgclust.engines import choose_engine  # issue 19: a bad engine/precision fails before any work
-    from imgclust.features import resolve_device
-
-    choose_engine(cfg.features.engine, cfg.features.precision, resolve_device(cfg.features.device))
+    options = {name: value for name, value in locals().items() if name != "ctx"}
+    cfg = _cluster_config(options, given=lambda name: config is None
+                          or getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE")
+    _check_cluster_config(cfg)  # bad input fails fast, before any image is read
     if save_config is not None:
         from imgclust.config import portable
         from imgclust.config import save_config as write_config
@@ -212,6 +170,63 @@ def _parse_k(value: str | int) -> int | str:
         except ValueError:
             raise InputError(f"--k must be an integer >= 2 or 'auto', got {value!r}") from None
     return "auto"
+
+
+# `imgclust cluster` option -> (section of RunConfig, field); "" is the RunConfig itself (issue 17:
+# the command's body is this table, not 25 assignments).
+_CLUSTER_OPTIONS = {
+    "method": ("", "method"), "seed": ("", "seed"), "k_range": ("", "k_range"), "report": ("", "report"),
+    "report_map": ("", "report_map"), "threads": ("", "threads"),
+    "split": ("source", "split"), "kind": ("source", "kind"), "labels": ("source", "labels"),
+    "coarse": ("source", "coarse"), "limit": ("source", "limit"), "max_pixels": ("source", "max_pixels"),
+    "backbone": ("backbone", "name"), "weights": ("backbone", "weights"), "image_size": ("backbone", "image_size"),
+    "pca": ("features", "pca"), "pca_whiten": ("features", "pca_whiten"), "reduce": ("features", "reduce"),
+    "batch_size": ("features", "batch_size"), "precision": ("features", "precision"), "engine": ("features", "engine"),
+    "device": ("features", "device"), "workers": ("features", "workers"), "cache_dir": ("features", "cache_dir"),
+    "chunk_rows": ("features", "chunk_rows"),
+}
+
+
+def _cluster_config(o: dict, given) -> RunConfig:
+    """The RunConfig of ``imgclust cluster``: --config FILE (if any), then the options given on the command line."""
+    from imgclust.config import RunConfig, load_config
+
+    config = o["config"]
+    cfg = load_config(config) if config is not None else RunConfig()
+    if o["source"] is not None:
+        cfg.source.path = o["source"]
+    elif config is None:
+        raise InputError("missing SOURCE: the images to cluster (or --config FILE that names them)")
+    if o["k"] is not None:
+        cfg.k = _parse_k(o["k"])
+    elif config is None:
+        raise InputError("missing --k: the number of clusters K (>= 2), or 'auto'")
+    values = {**o, "threads": _parse_threads(o["threads"])}
+    for name, (section, attr) in _CLUSTER_OPTIONS.items():
+        if given(name):
+            setattr(getattr(cfg, section) if section else cfg, attr, values[name])
+    cfg.backbone.options.update(parse_options(o["backbone_option"], "--backbone-option"))
+    cfg.method_options.update(parse_options(o["option"], "--option"))
+    return cfg
+
+
+def _check_cluster_config(cfg: RunConfig) -> None:
+    """What the CLI checks before the run (threads applied first: before any parallel work)."""
+    from imgclust.threads import apply_threads
+
+    apply_threads(cfg.threads)  # before any parallel work (also re-applied by fit)
+    from imgclust.report.embed import MAP_METHODS
+
+    if cfg.report_map not in MAP_METHODS:
+        raise InputError(f"unknown map method {cfg.report_map!r}; use one of: {', '.join(MAP_METHODS)}")
+    if cfg.k == "auto":
+        from imgclust.choosek import parse_k_range
+
+        parse_k_range(cfg.k_range)
+    from imgclust.engines import choose_engine  # issue 19: a bad engine/precision fails before any work
+    from imgclust.features import resolve_device
+
+    choose_engine(cfg.features.engine, cfg.features.precision, resolve_device(cfg.features.device))
 
 
 @app.command()
