@@ -153,7 +153,7 @@ def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float,
         metrics["nmi_geometric"] = evaluate(source.labels[est.valid_], est.labels_[est.valid_], "geometric")["nmi"]
         write_json(out / "metrics.json", metrics)
         sel = est.model_.history_.get("selection")  # issue 18: how far the label-free choice can be trusted
-        if isinstance(sel, dict) and getattr(est.model_, "candidate_labels_", None):
+        if isinstance(sel, dict) and est.model_.candidate_labels_:
             from imgclust.select import add_label_diagnostics
 
             add_label_diagnostics(sel, est.model_.candidate_labels_, source.labels[est.valid_])
@@ -276,7 +276,7 @@ def _trust(est: ImageClusterer) -> dict[str, Any] | None:
     fs = est.feature_set_
     if fs is None or int(est.valid_.sum()) < 12:
         return None
-    heads = getattr(est.model_, "head_labels_", None)
+    heads = est.model_.head_labels_  # declared by ClusteringMethod (None when the method has no heads)
     return trust_score(np.asarray(fs.features)[est.valid_], est.labels_[est.valid_], head_labels=heads, seed=est.seed)
 
 
