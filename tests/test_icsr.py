@@ -271,9 +271,9 @@ def test_end_to_end_tunes_the_backbone_and_predicts_images_after_save_and_load(t
     tuned = m.state_dict()
     names = [k for k in tuned if k.startswith("backbone.")]
     assert names and all("_blocks.14." in k or "_blocks.15." in k or "_conv_head" in k or "_bn1" in k for k in names)
-    pre = dict(est._backbone().named_parameters())
+    pre = dict(est.get_backbone().named_parameters())
     assert any(not torch.equal(tuned[k], pre[k[len("backbone."):]]) for k in names)  # the backbone really moved
-    assert not any(p.requires_grad for p in est._backbone().parameters())  # the estimator's stays frozen
+    assert not any(p.requires_grad for p in est.get_backbone().parameters())  # the estimator's stays frozen
     np.testing.assert_array_equal(labels, m.fit_proba_.argmax(1))
     np.testing.assert_array_equal(est.predict(imgs), labels)  # through the tuned network, not the frozen features
     est.save(tmp_path / "model")

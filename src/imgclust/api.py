@@ -200,6 +200,19 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             return z
         return extend(self.reduce_anchor_x_, self.reduce_anchor_z_, x)
 
+    # Public faces of the private helpers for the run jobs (issue 17: no private calls across modules).
+    def get_backbone(self) -> Backbone:
+        """The frozen backbone (built once, then reused by fit / predict)."""
+        return self._backbone()
+
+    def method_input(self, feats: np.ndarray) -> np.ndarray:
+        """What the fitted method takes for backbone-feature rows: the fitted PCA, then the manifold stage."""
+        return self._manifold(self._reduce(feats, fit=False), fit=False)
+
+    def check_fitted(self) -> None:
+        """NotFittedError (also an InputError) unless fitted or loaded."""
+        self._check_fitted()
+
     _features = features  # the old private name (cli, choosek and benchmarks called it); kept one release
 
     def fit_context(self, source: ImageSource | None, valid: np.ndarray, fs: FeatureSet | None = None,

@@ -128,7 +128,7 @@ def export_model(run: str | Path, dest: str | Path, overwrite: bool = False) -> 
     est = ImageClusterer.load(mdir, progress=False)
     if est.model_.image_level:
         raise InputError("this model fine-tuned its backbone; export-model supports frozen-backbone models only")
-    bb = est._backbone().cpu().eval()
+    bb = est.get_backbone().cpu().eval()
     head = _head(est.model_)
     net = _Portable(bb, head, getattr(est, "pca_mean_", None) if est.pca else None,
                     getattr(est, "pca_components_", None) if est.pca else None).eval()

@@ -306,7 +306,7 @@ def _small_images_note(cfg: RunConfig, source: ImageSource, est: ImageClusterer)
     if cfg.backbone.image_size is not None or cfg.backbone.name.startswith("pixels"):
         return None
     try:
-        size = int(est._backbone().preprocess.size)  # built once; fit reuses it
+        size = int(est.get_backbone().preprocess.size)  # built once; fit reuses it
     except Exception:  # noqa: BLE001 - the fit reports a bad backbone with its own message
         return None
     return small_images_note(source, cfg.backbone.name, size, False)
@@ -370,7 +370,7 @@ def refine_estimator(est: ImageClusterer, X: Any, options: dict | None = None, *
 
     info = get_refiner(refiner)
     method_cls = get_method(info.method)
-    est._check_fitted()
+    est.check_fitted()
     if est.method == info.method:  # refining a refined model: from the same base again
         base_opts = dict(est.model_.config.base_options)
         base_name = est.model_.config.base
@@ -385,7 +385,7 @@ def refine_estimator(est: ImageClusterer, X: Any, options: dict | None = None, *
         raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {est.n_features_in_}")
     if not valid.any():
         raise InputError("no readable image to refine on")
-    x = new._reduce(feats[valid], fit=False)
+    x = new.method_input(feats[valid])  # PCA, then the manifold stage (the PCA alone before issue 17)
     if est.model_.image_level:  # a fine-tuned / from-scratch network: its view of the images
         if source is None:
             raise InputError(f"this {est.method} model classifies images: refine it on images, not on features")

@@ -94,7 +94,7 @@ def apply_edits(run_dir: str | Path, out_dir: str | Path, seed: int | None = Non
     est.confidences_ = np.zeros(n_src, np.float32)
     est.confidences_[src_rows] = conf
     est.source_ = source
-    est._backbone()  # model.json records the backbone's weights digest, checked on load
+    est.get_backbone()  # model.json records the backbone's weights digest, checked on load
 
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out)
