@@ -135,3 +135,19 @@ def test_moved_run_jobs_still_import_from_api_for_one_release():
 
     with pytest.raises(AttributeError):
         api.no_such_name  # noqa: B018
+
+
+def test_refine_feeds_the_method_its_full_input_pca_and_manifold(tmp_path):
+    """A model fitted with --reduce: refine gives the method the reduced features (main crashed in a matmul)."""
+    from sklearn.datasets import load_digits
+
+    from imgclust.run import refine_estimator
+
+    x, y = load_digits(return_X_y=True)
+    x = (x[:400] / 16.0).astype(np.float32)
+    est = ImageClusterer(n_clusters=10, method="kmeans", reduce="spectral:8", progress=False,
+                         cache_dir=str(tmp_path)).fit(x)
+    new = refine_estimator(est, x, {"epochs": 3}, truth=y[:400])
+    assert new.method == "icsr" and new.labels_.shape == (400,)
+    np.testing.assert_array_equal(new.base_labels_, est.predict(x))  # the base model as it predicts
+    np.testing.assert_array_equal(new.predict(x[:50]), new.labels_[:50])
