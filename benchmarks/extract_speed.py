@@ -176,7 +176,7 @@ def acc_of(feats: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, np.n
     from imgclust.metrics import cluster_acc
 
     km = KMeans(10, {"n_init": 10})
-    km.fit(feats, FitContext(seed=seed, device="cpu", progress=False, work_dir=None, extras={}))
+    km.fit(feats, FitContext(seed=seed, device="cpu", progress=False, work_dir=None))
     return float(cluster_acc(y, km.labels_)), km.labels_
 
 

@@ -64,7 +64,7 @@ def part_cluster(args: argparse.Namespace, source, extra: dict) -> None:
         for seed in args.seeds:
             m = get_method(method)(args.k, {**opts, **(extra if method == "icbpl" else {})})
             t0 = time.perf_counter()
-            m.fit(x, FitContext(seed=seed, progress=False, work_dir=fs.path, extras={"cache_dir": args.cache_dir}))
+            m.fit(x, FitContext(seed=seed, progress=False, work_dir=fs.path, cache_dir=args.cache_dir))
             secs.append(time.perf_counter() - t0)
             res.append(evaluate(y, m.labels_))
             eps.append(m.history_.get("mean_epoch_s", float("nan")))

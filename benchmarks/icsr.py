@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from imgclust import ImageClusterer
     from imgclust.data import open_source
     from imgclust.metrics import evaluate
-    from imgclust.refine.icsr import refine_estimator
+    from imgclust.run import refine_estimator
 
     path = args.source or (str(Path(args.shared) / "data" / "cifar10-jpg.tar.gz") if args.shared else None)
     if path is None:
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         y_fit, y_held = np.asarray(fit_src.labels), np.asarray(held_src.labels)
         fit_in, held_in = fit_src, held_src
         for s_ in (fit_src, held_src):
-            fe._features(s_)  # extract once (progress bar) before the timed rows
+            fe.features(s_)  # extract once (progress bar) before the timed rows
         print(f"{path}: fit on {len(fit_src)} {args.split} images, held out {len(held_src)} {args.test_split} images, "
               f"{args.backbone} @ {args.image_size or 'default'} px (seed {args.seed})", file=sys.stderr)
     else:
         if args.e2e_option is not None:
             ap.error("--e2e-option needs --test-split (the end-to-end rows read the images)")
-        feats, valid, fs, _ = fe._features(src)
+        feats, valid, fs, _ = fe.features(src)
         x, y = np.asarray(feats, np.float32)[valid], np.asarray(src.labels)[valid]
         perm = np.random.default_rng(args.seed).permutation(len(x))
         fit, held = perm[:args.fit_size], perm[args.fit_size:]

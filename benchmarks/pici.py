@@ -46,7 +46,7 @@ def load(data: str, subset: int, shared: str | None) -> tuple[object, np.ndarray
 def run(name: str, opts: dict, data: object, y: np.ndarray, work_dir: str) -> tuple[object, float]:
     src, rows = data if isinstance(data, tuple) else (data, np.arange(len(y)))
     m = get_method(name)(10, opts)
-    ctx = FitContext(seed=0, progress=False, work_dir=work_dir, extras={"source": src, "rows": rows, "labels": y})
+    ctx = FitContext(seed=0, progress=False, work_dir=work_dir, source=src, rows=rows, truth=y)
     t0 = time.perf_counter()
     m.fit(np.zeros((len(rows), 1), np.float32), ctx)
     return m, time.perf_counter() - t0

@@ -126,7 +126,7 @@ def test_cluster_auto_then_recut(tmp_path, digits_xy):
     from imgclust.api import ImageClusterer
 
     est = ImageClusterer(n_clusters=2, backbone="pixels", image_size=8, cache_dir=str(tmp_path / "cache"), progress=False)
-    feats, valid, _, _ = est._features("digits")
+    feats, valid, _, _ = est.features("digits")
     fresh = build_hierarchy(np.asarray(feats)[valid], "4:12", seed=0)
     assert np.array_equal(got, fresh.cut(10))
     s2 = json.loads((run2 / "run.json").read_text())

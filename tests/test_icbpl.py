@@ -201,7 +201,7 @@ def test_finetuning_last_blocks_predicts_new_images_after_save_and_load(tmp_path
     names = [k for k in tuned if k.startswith("backbone.")]
     assert names and all(".net._blocks.14." in f".{k}" or ".net._blocks.15." in f".{k}" or "_conv_head" in k
                          or "_bn1" in k for k in names)
-    pre = dict(est._backbone().named_parameters())
+    pre = dict(est.get_backbone().named_parameters())
     changed = [k for k in names if not torch.equal(tuned[k], pre[k[len("backbone."):]])]
     assert changed  # the backbone really moved
     np.testing.assert_array_equal(est.predict(imgs), labels)

@@ -11,8 +11,9 @@ import torch
 from sklearn.datasets import load_digits
 
 from imgclust.errors import InputError
-from imgclust.refine.icsr import ICSRConfig, NoiseViews, percents_at, refine_model, schedule_t, train_icsr
+from imgclust.refine.icsr import ICSRConfig, NoiseViews, percents_at, schedule_t, train_icsr
 from imgclust.refine.ranking import group_weights, k_values, m_scores, rank_samples, success_rate, vote_groups
+from imgclust.run import refine_model
 
 
 def _signal_and_noise(metric: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -270,9 +271,9 @@ def test_end_to_end_tunes_the_backbone_and_predicts_images_after_save_and_load(t
     tuned = m.state_dict()
     names = [k for k in tuned if k.startswith("backbone.")]
     assert names and all("_blocks.14." in k or "_blocks.15." in k or "_conv_head" in k or "_bn1" in k for k in names)
-    pre = dict(est._backbone().named_parameters())
+    pre = dict(est.get_backbone().named_parameters())
     assert any(not torch.equal(tuned[k], pre[k[len("backbone."):]]) for k in names)  # the backbone really moved
-    assert not any(p.requires_grad for p in est._backbone().parameters())  # the estimator's stays frozen
+    assert not any(p.requires_grad for p in est.get_backbone().parameters())  # the estimator's stays frozen
     np.testing.assert_array_equal(labels, m.fit_proba_.argmax(1))
     np.testing.assert_array_equal(est.predict(imgs), labels)  # through the tuned network, not the frozen features
     est.save(tmp_path / "model")
@@ -341,7 +342,7 @@ def test_refine_a_model_that_classifies_images(tmp_path) -> None:
     """A from-scratch network (cc, image-level) is refined too: its own predictions of the images are
     the base clusters; ICSR's head is trained on the estimator's features."""
     from imgclust import ImageClusterer
-    from imgclust.refine.icsr import refine_estimator
+    from imgclust.run import refine_estimator
 
     imgs, y = _digit_images(120)
     est = ImageClusterer(n_clusters=10, method="cc", backbone="pixels", image_size=16, progress=False,

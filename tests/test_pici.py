@@ -142,7 +142,7 @@ def test_config_validation():
 def _fit(name, opts, src, y, work_dir):
     m = get_method(name)(10, opts)
     ctx = FitContext(seed=0, progress=False, work_dir=work_dir,
-                     extras={"source": src, "rows": np.arange(len(src)), "labels": y})
+                     source=src, rows=np.arange(len(src)), truth=y)
     return m.fit(np.zeros((len(src), 2), np.float32), ctx)
 
 

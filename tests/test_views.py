@@ -76,7 +76,7 @@ def test_bank_views_sample_one_of_the_stored_views(tmp_path, digits_source, pixe
     rows = np.arange(0, 60, 2)
     base = torch.from_numpy(_base(digits_source, pixels)[rows])
     ctx = FitContext(seed=0, progress=False, work_dir=tmp_path,
-                     extras={"source": digits_source, "backbone": pixels, "rows": rows})
+                     source=digits_source, backbone=pixels, rows=rows)
     views = make_feature_views(base, ctx, mode="bank", n_views=2)
     assert isinstance(views, BankViews)
     bank = build_view_bank(digits_source, pixels, tmp_path, n_views=2, seed=0, progress=False)
@@ -110,7 +110,7 @@ def test_auto_mode_without_images_warns_and_uses_plain_features():
 
 
 def test_views_refuse_pca_reduced_features(digits_source, pixels):
-    ctx = FitContext(progress=False, extras={"source": digits_source, "backbone": pixels, "rows": np.arange(60)})
+    ctx = FitContext(progress=False, source=digits_source, backbone=pixels, rows=np.arange(60))
     with pytest.raises(InputError, match="PCA"):
         make_feature_views(np.zeros((60, 10), np.float32), ctx, mode="bank")
 
@@ -137,7 +137,7 @@ def test_spice_bank_mode_and_end_to_end_mode_run_on_a_cpu(tmp_path, digits_sourc
 
     feats = np.asarray(extract_features(digits_source, cnn, use_cache=False, progress=False).features)
     ctx = FitContext(seed=0, progress=False, work_dir=tmp_path,
-                     extras={"source": digits_source, "backbone": cnn, "rows": np.arange(60)})
+                     source=digits_source, backbone=cnn, rows=np.arange(60))
     opts = {"epochs": 2, "heads": 2, "hidden": 8, "pool_size": 60, "n_views": 1, "semi_steps": 5,
             "semi_batch_size": 8, "mu": 2, "reliable_neighbors": 5, "reliable_threshold": 0.5, "distill_epochs": 2,
             "semi_min_clusters": 0.0}

@@ -8,10 +8,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # lazy: `import imgclust` stays fast for the CLI's --help
-    if name in ("ImageClusterer", "cluster"):
+    if name == "ImageClusterer":
         from imgclust import api
 
-        return getattr(api, name)
+        return api.ImageClusterer
+    if name == "cluster":  # the run-directory job (issue 17: imgclust.run)
+        from imgclust import run
+
+        return run.cluster
     if name in ("RunConfig", "load_config"):
         from imgclust import config
 

@@ -1,4 +1,4 @@
-"""The user-facing estimator, scikit-learn style, and the one-call run that the CLI uses.
+"""The user-facing estimator, scikit-learn style (the run-directory jobs are in :mod:`imgclust.run`).
 
 >>> from imgclust import ImageClusterer
 >>> est = ImageClusterer(n_clusters=10, backbone="pixels", image_size=8)
@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import platform
-import resource
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,17 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 import imgclust
 from imgclust.backbones import Backbone, build_backbone
 from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig, check_types
 from imgclust.data import ArraySource, ImageSource, open_source
-from imgclust.data.base import SubsetSource
 from imgclust.errors import InputError
 from imgclust.features import FeatureSet, extract_features
 from imgclust.methods import ClusteringMethod, FitContext, get_method
-from imgclust.metrics import evaluate
-from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json, write_csv, write_json
+from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json, write_json
 
 MODEL_FORMAT = 1
 MODEL_JSON_MAX_BYTES = 64 << 20  # a model.json is a few KB; cluster metadata grows with K only
@@ -142,10 +138,19 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         return self.backbone_
 
     # ----------------------------------------------------------------- features
-    def _features(self, X: Any) -> tuple[np.ndarray, np.ndarray, FeatureSet | None, ImageSource | None]:
-        """(features of all rows, valid mask, feature set, source) for any accepted X."""
-        if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
-            feats = np.asarray(X, dtype=np.float32)
+    def features(self, X: Any) -> tuple[np.ndarray, np.ndarray, FeatureSet | None, ImageSource | None]:
+        """(features of all rows, valid mask, feature set, source) for any accepted X.
+
+        The backbone features (through the cache) of images, or precomputed features as they
+        are; used by the run jobs (:mod:`imgclust.run`), choose-k and the benchmarks."""
+        from scipy import sparse
+
+        if sparse.issparse(X):
+            raise InputError("sparse input is not supported: give a dense array of features (X.toarray())")
+        if isinstance(X, (list, tuple)) and _is_feature_array(np.asarray(X)):
+            X = np.asarray(X)  # a nested list of numbers: features
+        if _is_feature_array(X):
+            feats = _check_feature_array(X)
             valid = np.isfinite(feats).all(axis=1)
             return feats, valid, None, None
         source = as_source(X)
@@ -195,21 +200,36 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             return z
         return extend(self.reduce_anchor_x_, self.reduce_anchor_z_, x)
 
-    def _fit_extras(self, source: ImageSource | None, valid: np.ndarray) -> dict[str, Any]:
-        """What a method that needs more than features may use (see :class:`FitContext`).
+    # Public faces of the private helpers for the run jobs (issue 17: no private calls across modules).
+    def get_backbone(self) -> Backbone:
+        """The frozen backbone (built once, then reused by fit / predict)."""
+        return self._backbone()
 
-        ``source`` and ``backbone`` are None when fitting on precomputed features;
-        ``rows[i]`` is the source index of feature row ``i`` (valid images only).
+    def method_input(self, feats: np.ndarray) -> np.ndarray:
+        """What the fitted method takes for backbone-feature rows: the fitted PCA, then the manifold stage."""
+        return self._manifold(self._reduce(feats, fit=False), fit=False)
+
+    def check_fitted(self) -> None:
+        """NotFittedError (also an InputError) unless fitted or loaded."""
+        self._check_fitted()
+
+    _features = features  # the old private name (cli, choosek and benchmarks called it); kept one release
+
+    def fit_context(self, source: ImageSource | None, valid: np.ndarray, fs: FeatureSet | None = None,
+                    **fields: Any) -> FitContext:
+        """The :class:`FitContext` of a fit on ``source`` (None: precomputed features).
+
+        ``backbone`` is None when fitting on precomputed features; ``rows[i]`` is the source
+        index of feature row ``i`` (valid images only). ``fields``: more typed fields
+        (``base_proba``, ``truth``, ...) and overrides (``seed``, ``progress``).
         """
-        return {
-            "source": source,
-            "backbone": None if source is None else self._backbone(),
-            "rows": np.flatnonzero(valid),
-            "cache_dir": self.cache_dir,
-            "batch_size": self.batch_size,
-            "precision": self.precision,
-            "workers": self.workers,
-        }
+        base: dict[str, Any] = dict(
+            seed=self.seed, device=self.device, progress=self.progress,
+            work_dir=None if fs is None or fs.path is None else fs.path,
+            source=source, backbone=None if source is None else self._backbone(), rows=np.flatnonzero(valid),
+            cache_dir=self.cache_dir, batch_size=self.batch_size, precision=self.precision, workers=self.workers,
+        )
+        return FitContext(**{**base, **fields})
 
     # ----------------------------------------------------------------- sklearn API
     def fit(self, X: Any, y: Any = None) -> ImageClusterer:
@@ -223,7 +243,7 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         from imgclust.reduce import ReduceSpec
 
         ReduceSpec.parse(self.reduce)  # a bad --reduce fails before any feature extraction
-        feats, valid, fs, source = self._features(X)
+        feats, valid, fs, source = self.features(X)
         t1 = time.perf_counter()
         n_valid = int(valid.sum())
         if n_valid < int(self.n_clusters):
@@ -234,14 +254,11 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         x = self._manifold(x, fit=True, cache_dir=None if fs is None else fs.path)
         method_cls = get_method(self.method)
         model: ClusteringMethod = method_cls(int(self.n_clusters), self.method_options)
-        ctx = FitContext(seed=self.seed, device=self.device, progress=self.progress,
-                         work_dir=None if fs is None or fs.path is None else fs.path,
-                         extras=self._fit_extras(source, valid))
-        model.fit(x, ctx)
+        model.fit(x, self.fit_context(source, valid, fs))
         t2 = time.perf_counter()
         # A method that fine-tuned its backbone (``image_level``, e.g. icbpl finetune=last_blocks)
-        # no longer matches the cached features: it reports the probabilities of its own pass.
-        proba = model.fit_proba_ if getattr(model, "image_level", False) else model.predict_proba(x)
+        # no longer matches the cached features: fit_proba is the probabilities of its own pass.
+        proba = model.fit_proba(x)
         self.model_ = model
         self.n_features_in_ = feats.shape[1]
         self.labels_ = np.full(len(feats), -1, dtype=np.int64)
@@ -266,14 +283,15 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         from imgclust.threads import apply_threads
 
         apply_threads(getattr(self, "threads", None))
-        if getattr(self.model_, "image_level", False):  # fine-tuned backbone: the method reads the images
-            if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
+        if self.model_.image_level:  # fine-tuned backbone: the method reads the images
+            if _is_feature_array(X):
                 raise InputError("this model fine-tuned its backbone: predict needs images, not precomputed features")
             return self.model_.predict_proba_images(as_source(X), self._backbone(), batch_size=self.batch_size,
                                                     device=self.device, workers=self.workers, progress=self.progress)
-        feats, valid, _, _ = self._features(X)
+        feats, valid, _, _ = self.features(X)
         if feats.ndim != 2 or feats.shape[1] != self.n_features_in_:
-            raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {self.n_features_in_}")
+            raise InputError(f"X has {feats.shape[-1]} features, but ImageClusterer is expecting {self.n_features_in_} "
+                             "features as input (the dimension of the features it was fitted on)")
         out = np.zeros((len(feats), self.model_.n_clusters), dtype=np.float32)
         if valid.any():
             out[valid] = self.model_.predict_proba(self._manifold(self._reduce(feats[valid], fit=False), fit=False))
@@ -291,7 +309,13 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if getattr(self, "model_", None) is None:
-            raise InputError("this ImageClusterer is not fitted yet: call fit() or load a saved model")
+            raise NotFittedError("this ImageClusterer is not fitted yet: call fit() or load a saved model")
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # NaN/inf rows are skipped (label -1), like unreadable images
+        tags.non_deterministic = False
+        return tags
 
     # ----------------------------------------------------------------- persistence
     def save(self, model_dir: str | Path) -> Path:
@@ -472,6 +496,26 @@ def _check_param_types(params: dict[str, Any], path: Path) -> None:
         raise InputError(f"{path}: {str(e).replace('config key', 'parameter')}") from e
 
 
+class NotFittedError(InputError, _SklearnNotFittedError):
+    """predict / save before fit: scikit-learn's NotFittedError, and an InputError for the CLI's one-line message."""
+
+
+def _is_feature_array(X: Any) -> bool:
+    """A 2-D numeric array is precomputed features (images are 3-D or 4-D)."""
+    return isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "fiubcO"
+
+
+def _check_feature_array(X: np.ndarray) -> np.ndarray:
+    """Precomputed features as float32, or one clear error (scikit-learn's wording for empty input)."""
+    if X.dtype.kind == "c":
+        raise InputError("Complex data not supported: give real-valued features")
+    if X.shape[1] == 0:  # faiss would die with SIGFPE on 0-d vectors (issue 17)
+        raise InputError(f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required.")
+    if X.shape[0] == 0:
+        raise InputError(f"0 sample(s) (shape={X.shape}) while a minimum of 1 is required.")
+    return np.asarray(X, dtype=np.float32)  # object arrays: TypeError / ValueError from numpy, as sklearn expects
+
+
 def as_source(X: Any, split: str | None = None) -> ImageSource:
     if isinstance(X, ImageSource):
         return X
@@ -494,324 +538,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------- one-call run
-def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrite: bool = True) -> dict[str, Any]:
-    """Run a whole clustering job and write its directory; returns the run summary.
-
-    Writes ``assignments.csv`` (id, path, cluster, confidence[, label]), ``skipped.csv``
-    (images that could not be read, with the reason), ``metrics.json`` when labels are
-    known, ``run.json`` (config, seed, versions, data fingerprint, feature-cache digest,
-    empty clusters, timings, peak memory) and the fitted model under ``model/``.
-
-    Every file is written atomically. ``run.json`` is written last and the previous one is
-    removed just before the first output is replaced, so a directory holding ``run.json``
-    is a complete run; temporary files a killed run left behind are removed on the next run.
-
-    Everything is validated before any image is read or any file written
-    (:func:`imgclust.validate.check_run_config`), and ``out_dir`` must follow the
-    output-directory policy of :mod:`imgclust.outdir` (``overwrite``: replace a finished run).
-    """
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    from imgclust.outdir import check_out_dir
-    from imgclust.validate import check_run_config
-
-    check_out_dir(out, overwrite, cfg.source.path if isinstance(cfg.source.path, str) else None)
-    backbone = check_run_config(cfg)  # method, options, backbone (+ options), K, seed, ranges: before any work
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a directory")
-    clean_stale_tmp(out)
-    clean_stale_tmp(out / "model")
-    if cfg.k != "auto" and (not isinstance(cfg.k, int) or cfg.k < 2):
-        raise InputError(f"K must be at least 2 (or 'auto'), got {cfg.k!r}")
-    from imgclust.runlog import LOG_NAME, RunLog
-
-    log = RunLog(out / LOG_NAME, fresh=False)  # JSON lines, one per event; appended: a re-run keeps the old record
-    log.event("run_start", out_dir=str(out), config=cfg.to_dict())
-    from imgclust.progress import record_progress
-
-    with record_progress(log):  # every progress bar of the run also writes "progress" events to log.jsonl
-        return _cluster_run(cfg, out, progress, log, t0, backbone)
+# --------------------------------------------------------------------- moved to imgclust.run
+# Issue 17: the run-directory jobs live in imgclust.run (which imports this module). The old
+# names still resolve from here for one release (deprecated); imported by name on first use, so
+# this module never imports run.py at load time and the flow stays one-way.
+_MOVED_TO_RUN = ("cluster", "refine_model", "refine_estimator", "choose_k_scores", "apply_edits",
+                 "_cluster_run", "_choose_k", "_trust", "_write_report", "_small_images_note", "_versions")
 
 
-def _cluster_run(cfg: RunConfig, out: Path, progress: bool, log: Any, t0: float, backbone: Backbone) -> dict[str, Any]:
-    s = cfg.source
-    if s.max_pixels is not None and s.max_pixels < 1:
-        raise InputError(f"max pixels must be >= 1, got {s.max_pixels}")
-    source = open_source(s.path, split=s.split, kind=s.kind, labels=s.labels, coarse=s.coarse, max_pixels=s.max_pixels)
-    if s.limit is not None:
-        if s.limit < 1:
-            raise InputError(f"limit must be >= 1, got {s.limit}")
-        source = SubsetSource.sample(source, s.limit, seed=cfg.seed)
-    if cfg.k != "auto" and cfg.k > len(source):
-        raise InputError(f"K={cfg.k} is larger than the number of images ({len(source)})")
-    t_open = time.perf_counter() - t0
-    from imgclust.config import portable
-    from imgclust.data.notices import mixed_splits_note
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_RUN:
+        import importlib
 
-    notes = [n for n in (mixed_splits_note(source, s.split),) if n]
-    for n in notes:  # said at once (before the long steps), logged, and kept in run.json
-        warnings.warn(n, stacklevel=2)
-        log.event("note", message=n)
-
-    fp = source.fingerprint()
-    if s.fingerprint is not None and s.fingerprint != fp:  # re-run of a recorded config on other images
-        msg = (f"the images at {s.path} changed since the config was written (fingerprint {fp[:12]}, "
-               f"recorded {s.fingerprint[:12]}); results will differ from that run")
-        warnings.warn(msg, stacklevel=2)
-        log.event("warning", message=msg)
-    cfg = portable(cfg, fp)  # absolute paths + fingerprint: config.toml re-runs from any folder (issue 24)
-    cfg_requested, k_choice, tree, t_choose_k = cfg, None, None, None
-    if cfg.k == "auto":  # merge tree of an over-clustering (imgclust.hierarchy); classic criteria beside it
-        import dataclasses
-
-        t_ck = time.perf_counter()
-        with log.stage("choose_k") as info:
-            k_choice, tree = _choose_k(cfg, source, progress)
-            info["k"] = k_choice["k"]
-        t_choose_k = time.perf_counter() - t_ck
-        cfg = dataclasses.replace(cfg, k=k_choice["k"])
-    est = ImageClusterer.from_config(cfg, progress=progress)
-    est.backbone_ = backbone  # built (and checked) above
-    small = _small_images_note(cfg, source, est)
-    if small:
-        warnings.warn(small, stacklevel=2)
-        log.event("note", message=small)
-        notes.append(small)
-    with log.stage("fit") as info:
-        est.fit(source)
-        info.update(est.timings_)
-    log.history("method", est.model_.history_)
-    for fb in (est.model_.history_ or {}).get("fallbacks") or []:
-        log.event("warning", stage=fb.get("stage"), message=f"{fb.get('message')}; kept {fb.get('kept')}")
-    t_write = time.perf_counter()
-    ids = source.ids()
-    paths = [source.path(i) or "" for i in range(len(source))]
-    has_labels = source.labels is not None
-    header = ["id", "path", "cluster", "confidence"] + (["label"] if has_labels else [])
-    rows = []
-    for i in np.flatnonzero(est.valid_):
-        row = [ids[i], paths[i], int(est.labels_[i]), f"{est.confidences_[i]:.4f}"]
-        if has_labels:
-            lab = int(source.labels[i])
-            row.append(source.class_names[lab] if source.class_names and lab >= 0 else lab)
-        rows.append(row)
-    (out / "run.json").unlink(missing_ok=True)  # outputs change from here on: not a complete run until rewritten
-    for stale in ("report.html", "choose_k.json", "hierarchy.json"):  # derived from the previous run: never shown beside this one
-        (out / stale).unlink(missing_ok=True)
-    if k_choice is not None:
-        write_json(out / "choose_k.json", k_choice)
-    if tree is not None:  # `imgclust recut` re-cuts it; leaves in assignments.csv row order
-        h = tree.to_dict(include_leaves=False)
-        h["leaves"] = tree.leaves.astype(int).tolist()
-        h["rows"] = None if est.valid_.all() else np.flatnonzero(est.valid_).tolist()
-        write_json(out / "hierarchy.json", h)
-    trust = _trust(est)
-    write_csv(out / "assignments.csv", header, rows)
-    write_csv(out / "skipped.csv", ["id", "path", "reason"], [(ids[i], paths[i], r) for i, _, r in est.skipped_])
-    metrics = None
-    if has_labels and (source.labels[est.valid_] >= 0).any():
-        metrics = evaluate(source.labels[est.valid_], est.labels_[est.valid_])
-        metrics["nmi_geometric"] = evaluate(source.labels[est.valid_], est.labels_[est.valid_], "geometric")["nmi"]
-        write_json(out / "metrics.json", metrics)
-        sel = est.model_.history_.get("selection")  # issue 18: how far the label-free choice can be trusted
-        if isinstance(sel, dict) and getattr(est.model_, "candidate_labels_", None):
-            from imgclust.select import add_label_diagnostics
-
-            add_label_diagnostics(sel, est.model_.candidate_labels_, source.labels[est.valid_])
-    est.save(out / "model")
-    fs = est.feature_set_
-    if fs is not None and int(est.valid_.sum()) >= 2:  # issue 21: near-duplicates and outliers (imgclust.duplicates)
-        from imgclust.duplicates import find_quality, thumb_vectors, write_quality
-
-        with log.stage("duplicates") as info:
-            vr = np.flatnonzero(est.valid_)
-            q = find_quality(np.asarray(fs.features)[vr], thumbs=thumb_vectors(source, vr), seed=cfg.seed)
-            write_quality(out, q, [ids[i] for i in vr], [paths[i] for i in vr], est.labels_[vr])
-            info.update(groups=q.info["n_groups"], outliers=q.info["n_outliers"])
-    n_distinct = None
-    if est.empty_clusters_ and fs is not None:  # explain them: how many different feature vectors?
-        n_distinct = _n_distinct_rows(np.asarray(fs.features)[est.valid_])
-    src_desc = source.describe()
-    summary = {
-        "imgclust_version": imgclust.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "seed": cfg.seed,
-        "config": cfg_requested.to_dict(),
-        "k_selection": None if k_choice is None else {"k": k_choice["k"], "per_criterion": k_choice["per_criterion"],
-                                                      "file": "choose_k.json",
-                                                      "candidates": (k_choice.get("hierarchy") or {}).get("candidates", [k_choice["k"]]),
-                                                      "classic_k": k_choice["classic_k"],
-                                                      "hierarchy": "hierarchy.json" if tree is not None else None},
-        "trust": trust,
-        "data_fingerprint": src_desc.get("fingerprint"),
-        "source": src_desc,
-        "backbone": est.backbone_.describe(),
-        "n_images": len(source),
-        "n_clustered": int(est.valid_.sum()),
-        "n_skipped": len(est.skipped_),
-        "cluster_sizes": np.bincount(est.labels_[est.valid_], minlength=cfg.k).tolist(),
-        "empty_clusters": est.empty_clusters_,
-        "n_distinct_features": n_distinct,
-        "metrics": metrics,
-        "features": {
-            "cache": None if fs is None or fs.path is None else str(fs.path),
-            "key": None if fs is None else fs.key,
-            "sha256": None if fs is None else fs.sha256,
-            "from_cache": bool(fs and fs.from_cache),
-            "cache_status": None if fs is None else fs.cache_status,
-            "resumed_from": 0 if fs is None else fs.resumed_from,
-            "rows_computed": 0 if fs is None else fs.rows_computed,
-            "images_per_second": None if fs is None else fs.images_per_second,
-        },
-        "timings_s": {
-            "open_source": round(t_open, 3),
-            **({} if t_choose_k is None else {"choose_k": round(t_choose_k, 3)}),
-            "features": round(est.timings_["features_s"], 3),
-            "method": round(est.timings_["method_s"], 3),
-            "write": round(time.perf_counter() - t_write, 3),
-            "total": round(time.perf_counter() - t0, 3),
-        },
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "versions": _versions(),
-        "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads(), **_thread_limit()},
-        "method_history": est.model_.history_,
-        # stages that failed and were replaced by an earlier good result (e.g. SPICE-Semi -> SPICE-Self)
-        "fallbacks": list((est.model_.history_ or {}).get("fallbacks") or []),
-        "notes": notes,
-        "out_dir": str(out.resolve()),
-    }
-    from imgclust.config import save_config
-
-    save_config(cfg_requested, out / "config.toml")  # `imgclust cluster --config <run>/config.toml` re-runs it
-    write_json(out / "run.json", summary)  # last of the run's outputs; report.html is a view written after it
-    log.event("stage_end", stage="write", seconds=round(time.perf_counter() - t_write, 3))
-    if cfg.report:
-        t_rep = time.perf_counter()
-        summary["report"] = _write_report(out, source, est, cfg, log, t0, progress)
-        # The total covers every step, the report too (issue 24: "in 1011 s" for a 25 min run);
-        # run.json is rewritten (atomically) with it.
-        summary["timings_s"]["report"] = round(time.perf_counter() - t_rep, 3)
-        summary["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
-        write_json(out / "run.json", {k: v for k, v in summary.items() if k != "report"})
-    log.event("run_end", seconds=round(time.perf_counter() - t0, 3))
-    log.close()
-    return summary
+        return getattr(importlib.import_module("imgclust.run"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _choose_k(cfg: RunConfig, source: ImageSource, progress: bool) -> tuple[dict[str, Any], Any]:
-    """``k = "auto"``: the merge tree of a k-means over-clustering of the backbone features picks K
-    (:mod:`imgclust.hierarchy`); the classic criteria (:mod:`imgclust.choosek`) are scored beside
-    it as a second opinion. Features go through the cache, so the fit that follows reads them back.
-    Labels, when the source has them, only add check columns."""
-    import dataclasses
-
-    from imgclust.choosek import choose_k, parse_k_range
-    from imgclust.hierarchy import build_hierarchy
-
-    probe = ImageClusterer.from_config(dataclasses.replace(cfg, k=2), progress=progress)
-    feats, valid, _, _ = probe._features(source)
-    x = np.asarray(feats)[valid]
-    ks = [k for k in parse_k_range(cfg.k_range) if k < len(x)]
-    if len(ks) < 2:
-        raise InputError(f"K range {cfg.k_range} leaves fewer than two candidates below the {len(x)} readable images")
-    labels = None if source.labels is None else np.asarray(source.labels)[valid]
-    try:
-        tree = build_hierarchy(x, ks, seed=cfg.seed)
-    except InputError as e:  # too few images to over-cluster beyond the range: the classic criteria decide
-        res = choose_k(x, ks, seed=cfg.seed, progress=progress, labels=labels)
-        res["classic_k"] = res["k"]
-        res["rule"] = f"classic criteria alone ({e})"
-        return res, None
-    res = choose_k(x, ks, seed=cfg.seed, progress=progress, labels=labels)
-    res["classic_k"] = res["k"]
-    res["k"] = int(tree.k)
-    res["rule"] = f"{tree.info['rule']} (imgclust.hierarchy); the classic curve below is a second opinion"
-    res["hierarchy"] = {"k": int(tree.k), "candidates": tree.candidates, "file": "hierarchy.json"}
-    return res, tree
-
-
-def _trust(est: ImageClusterer) -> dict[str, Any] | None:
-    """The label-free trust score of the fitted labels (imgclust.trust); None when it cannot be computed."""
-    from imgclust.trust import trust_score
-
-    fs = est.feature_set_
-    if fs is None or int(est.valid_.sum()) < 12:
-        return None
-    heads = getattr(est.model_, "head_labels_", None)
-    return trust_score(np.asarray(fs.features)[est.valid_], est.labels_[est.valid_], head_labels=heads, seed=est.seed)
-
-
-def _write_report(out: Path, source: ImageSource, est: ImageClusterer, cfg: RunConfig, log: Any,
-                  t0: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """report.html from what is in memory; a failure is logged and reported, never fatal to the run."""
-    from imgclust.report import build_report
-
-    fs = est.feature_set_
-    try:
-        with log.stage("report") as info:
-            import os
-
-            map_method = os.environ.get("IMGCLUST_REPORT_MAP") or cfg.report_map  # e.g. "pca" in test suites
-            rep = build_report(out, source=source, features=None if fs is None else fs.features,
-                               rows=np.flatnonzero(est.valid_), map_method=map_method, seed=cfg.seed, run_t0=t0,
-                               progress=progress)
-            info.update(bytes=rep["bytes"], map_method=rep["map_method"])
-        return rep
-    except Exception as e:  # noqa: BLE001 - the clustering is done and saved; the report is a view of it
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _small_images_note(cfg: RunConfig, source: ImageSource, est: ImageClusterer) -> str | None:
-    from imgclust.data.notices import small_images_note
-
-    if cfg.backbone.image_size is not None or cfg.backbone.name.startswith("pixels"):
-        return None
-    try:
-        size = int(est._backbone().preprocess.size)  # built once; fit reuses it
-    except Exception:  # noqa: BLE001 - the fit reports a bad backbone with its own message
-        return None
-    return small_images_note(source, cfg.backbone.name, size, False)
-
-
-def _n_distinct_rows(x: np.ndarray) -> int:
-    import hashlib
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return len({hashlib.sha1(memoryview(r)).digest() for r in x})
-
-
-def _thread_limit() -> dict[str, Any]:
-    from imgclust.threads import current_threads
-
-    return current_threads()
-
-
-def _faiss_threads() -> int | None:
-    try:
-        import faiss
-
-        return int(faiss.omp_get_max_threads())
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _versions() -> dict[str, str]:
-    import faiss
-    import PIL
-    import scipy
-    import sklearn
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "faiss": getattr(faiss, "__version__", "?"),
-        "pillow": PIL.__version__,
-    }
-
-
-__all__ = ["ImageClusterer", "cluster", "as_source", "RunConfig", "SourceConfig", "BackboneConfig", "FeatureConfig", "asdict"]
+__all__ = ["ImageClusterer", "as_source", "RunConfig", "SourceConfig", "BackboneConfig", "FeatureConfig", "asdict"]

@@ -1,4 +1,4 @@
-"""Command line: thin commands over :mod:`imgclust.api`.
+"""Command line: thin commands over :mod:`imgclust.api` (the estimator) and :mod:`imgclust.run` (the jobs).
 
 Every predictable problem ends in one line on stderr (``error: ...``) and exit status 2
 (a full disk too, naming the destination and the space needed; any other operating-system
@@ -13,12 +13,15 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from imgclust.config import parse_options
 from imgclust.errors import ImgclustError, InputError
+
+if TYPE_CHECKING:
+    from imgclust.config import RunConfig
 
 #: the one description of --map (cluster and report; README says the same): keep it in step with
 #: imgclust.report.embed.resolve_method
@@ -129,62 +132,17 @@ def cluster(
     threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Cluster SOURCE into K groups and write a run directory (with report.html, log.jsonl and config.toml)."""
-    from imgclust.config import RunConfig, load_config
-
-    cfg = load_config(config) if config is not None else RunConfig()
-
-    def given(name: str) -> bool:
-        src = ctx.get_parameter_source(name)
-        return config is None or getattr(src, "name", "") == "COMMANDLINE"
-
-    if source is not None:
-        cfg.source.path = source
-    elif config is None:
-        raise InputError("missing SOURCE: the images to cluster (or --config FILE that names them)")
-    if k is not None:
-        cfg.k = _parse_k(k)
-    elif config is None:
-        raise InputError("missing --k: the number of clusters K (>= 2), or 'auto'")
-    src, bb, ft = cfg.source, cfg.backbone, cfg.features
-    for name, value, obj, attr in [
-        ("method", method, cfg, "method"), ("seed", seed, cfg, "seed"),
-        ("split", split, src, "split"), ("kind", kind, src, "kind"), ("labels", labels, src, "labels"),
-        ("coarse", coarse, src, "coarse"), ("limit", limit, src, "limit"), ("max_pixels", max_pixels, src, "max_pixels"),
-        ("backbone", backbone, bb, "name"), ("weights", weights, bb, "weights"),
-        ("image_size", image_size, bb, "image_size"), ("pca", pca, ft, "pca"), ("pca_whiten", pca_whiten, ft, "pca_whiten"),
-        ("reduce", reduce, ft, "reduce"),
-        ("batch_size", batch_size, ft, "batch_size"),
-        ("precision", precision, ft, "precision"), ("engine", engine, ft, "engine"), ("device", device, ft, "device"), ("workers", workers, ft, "workers"),
-        ("cache_dir", cache_dir, ft, "cache_dir"), ("chunk_rows", chunk_rows, ft, "chunk_rows"),
-        ("k_range", k_range, cfg, "k_range"), ("report", report, cfg, "report"), ("report_map", report_map, cfg, "report_map"),
-        ("threads", _parse_threads(threads), cfg, "threads"),
-    ]:
-        if given(name):
-            setattr(obj, attr, value)
-    cfg.backbone.options.update(parse_options(backbone_option, "--backbone-option"))
-    cfg.method_options.update(parse_options(option, "--option"))
-    from imgclust.threads import apply_threads
-
-    apply_threads(cfg.threads)  # before any parallel work (also re-applied by fit)
-    from imgclust.report.embed import MAP_METHODS
-
-    if cfg.report_map not in MAP_METHODS:
-        raise InputError(f"unknown map method {cfg.report_map!r}; use one of: {', '.join(MAP_METHODS)}")
-    if cfg.k == "auto":
-        from imgclust.choosek import parse_k_range
-
-        parse_k_range(cfg.k_range)
-    from imgclust.engines import choose_engine  # issue 19: a bad engine/precision fails before any work
-    from imgclust.features import resolve_device
-
-    choose_engine(cfg.features.engine, cfg.features.precision, resolve_device(cfg.features.device))
+    options = {name: value for name, value in locals().items() if name != "ctx"}
+    cfg = _cluster_config(options, given=lambda name: config is None
+                          or getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE")
+    _check_cluster_config(cfg)  # bad input fails fast, before any image is read
     if save_config is not None:
         from imgclust.config import portable
         from imgclust.config import save_config as write_config
 
         write_config(portable(cfg), save_config)
-    from imgclust.api import cluster as run_cluster  # after the config checks: bad input fails fast
     from imgclust.outdir import fresh_run_dir, point_latest
+    from imgclust.run import cluster as run_cluster  # after the config checks: bad input fails fast
 
     fresh = out is None
     out = fresh_run_dir() if out is None else out  # never replace a previous run by default
@@ -212,6 +170,63 @@ def _parse_k(value: str | int) -> int | str:
         except ValueError:
             raise InputError(f"--k must be an integer >= 2 or 'auto', got {value!r}") from None
     return "auto"
+
+
+# `imgclust cluster` option -> (section of RunConfig, field); "" is the RunConfig itself (issue 17:
+# the command's body is this table, not 25 assignments).
+_CLUSTER_OPTIONS = {
+    "method": ("", "method"), "seed": ("", "seed"), "k_range": ("", "k_range"), "report": ("", "report"),
+    "report_map": ("", "report_map"), "threads": ("", "threads"),
+    "split": ("source", "split"), "kind": ("source", "kind"), "labels": ("source", "labels"),
+    "coarse": ("source", "coarse"), "limit": ("source", "limit"), "max_pixels": ("source", "max_pixels"),
+    "backbone": ("backbone", "name"), "weights": ("backbone", "weights"), "image_size": ("backbone", "image_size"),
+    "pca": ("features", "pca"), "pca_whiten": ("features", "pca_whiten"), "reduce": ("features", "reduce"),
+    "batch_size": ("features", "batch_size"), "precision": ("features", "precision"), "engine": ("features", "engine"),
+    "device": ("features", "device"), "workers": ("features", "workers"), "cache_dir": ("features", "cache_dir"),
+    "chunk_rows": ("features", "chunk_rows"),
+}
+
+
+def _cluster_config(o: dict, given) -> RunConfig:
+    """The RunConfig of ``imgclust cluster``: --config FILE (if any), then the options given on the command line."""
+    from imgclust.config import RunConfig, load_config
+
+    config = o["config"]
+    cfg = load_config(config) if config is not None else RunConfig()
+    if o["source"] is not None:
+        cfg.source.path = o["source"]
+    elif config is None:
+        raise InputError("missing SOURCE: the images to cluster (or --config FILE that names them)")
+    if o["k"] is not None:
+        cfg.k = _parse_k(o["k"])
+    elif config is None:
+        raise InputError("missing --k: the number of clusters K (>= 2), or 'auto'")
+    values = {**o, "threads": _parse_threads(o["threads"])}
+    for name, (section, attr) in _CLUSTER_OPTIONS.items():
+        if given(name):
+            setattr(getattr(cfg, section) if section else cfg, attr, values[name])
+    cfg.backbone.options.update(parse_options(o["backbone_option"], "--backbone-option"))
+    cfg.method_options.update(parse_options(o["option"], "--option"))
+    return cfg
+
+
+def _check_cluster_config(cfg: RunConfig) -> None:
+    """What the CLI checks before the run (threads applied first: before any parallel work)."""
+    from imgclust.threads import apply_threads
+
+    apply_threads(cfg.threads)  # before any parallel work (also re-applied by fit)
+    from imgclust.report.embed import MAP_METHODS
+
+    if cfg.report_map not in MAP_METHODS:
+        raise InputError(f"unknown map method {cfg.report_map!r}; use one of: {', '.join(MAP_METHODS)}")
+    if cfg.k == "auto":
+        from imgclust.choosek import parse_k_range
+
+        parse_k_range(cfg.k_range)
+    from imgclust.engines import choose_engine  # issue 19: a bad engine/precision fails before any work
+    from imgclust.features import resolve_device
+
+    choose_engine(cfg.features.engine, cfg.features.precision, resolve_device(cfg.features.device))
 
 
 @app.command()
@@ -269,10 +284,10 @@ def choose_k_cmd(
     from imgclust.threads import apply_threads
 
     apply_threads(threads)
-    from imgclust.api import ImageClusterer
-    from imgclust.choosek import choose_k, format_curve, parse_k_range
+    from imgclust.choosek import format_curve, parse_k_range
     from imgclust.data import open_source
     from imgclust.data.base import SubsetSource
+    from imgclust.run import choose_k_scores
     from imgclust.rundir import write_json
     from imgclust.validate import check_seed, check_sizes
 
@@ -287,12 +302,9 @@ def choose_k_cmd(
         if limit < 1:
             raise InputError(f"limit must be >= 1, got {limit}")
         src = SubsetSource.sample(src, limit, seed=seed)
-    est = ImageClusterer(n_clusters=2, backbone=backbone, backbone_weights=weights, image_size=image_size,
-                         cache_dir=cache_dir, batch_size=batch_size, precision=precision, device=device,
-                         seed=seed, progress=not quiet)
-    feats, valid, _, _ = est._features(src)
-    lab = None if src.labels is None else src.labels[valid]
-    res = choose_k(feats[valid], ks, sample=sample, pca_dim=pca_dim, n_runs=runs, seed=seed, progress=not quiet, labels=lab)
+    res = choose_k_scores(src, ks, backbone=backbone, weights=weights, image_size=image_size, cache_dir=cache_dir,
+                          batch_size=batch_size, precision=precision, device=device, seed=seed, sample=sample,
+                          pca_dim=pca_dim, runs=runs, progress=not quiet)
     typer.echo(format_curve(res))
     if out is not None:
         target = out / "choose_k.json" if out.is_dir() else out
@@ -363,8 +375,8 @@ def demo(
 ) -> None:
     """Cluster scikit-learn's bundled digits (1,797 images, 10 classes) with the offline
     EfficientNet-Lite0 backbone and the default method (auto), and print ACC/NMI/ARI."""
-    from imgclust.api import cluster as run_cluster
     from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
+    from imgclust.run import cluster as run_cluster
 
     cfg = RunConfig(
         k=10,
@@ -437,7 +449,7 @@ def predict(
 def refine(
     model_dir: Path = typer.Argument(..., help="a run directory (or its model/) written by `imgclust cluster`"),
     source: Optional[str] = typer.Argument(None, help="images to refine on (default: the run's own, from its run.json)"),
-    method: str = typer.Option("icsr", "--method", "-m", help="refiner: icsr"),
+    method: str = typer.Option("icsr", "--method", "-m", help="refiner (registry: imgclust.refine.base): icsr"),
     out: Path = typer.Option(Path("runs/refined"), "--out", "-o", help="run directory to write"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="refiner option key=value, e.g. epochs=60"),
     split: Optional[str] = typer.Option(None),
@@ -447,14 +459,14 @@ def refine(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Refine a fitted model (any method) and write a new run directory whose model/ `predict` uses."""
-    if method != "icsr":
-        raise InputError(f"unknown refiner {method!r}; available: icsr")
-    from imgclust.refine.icsr import refine_model
+    from imgclust.refine.base import get_refiner
+    from imgclust.run import refine_model
 
+    info = get_refiner(method)  # unknown names fail here, listing the registered refiners
     s = refine_model(model_dir, source, out, options=parse_options(option, "--option"), split=split,
-                     cache_dir=cache_dir, seed=seed, device=device, progress=not quiet)
+                     cache_dir=cache_dir, seed=seed, device=device, progress=not quiet, refiner=info.name)
     m = s.get("metrics")
-    typer.echo(f"refined {s['n_clustered']} images with icsr in {s['timings_s']['total']:.1f} s; "
+    typer.echo(f"refined {s['n_clustered']} images with {info.name} in {s['timings_s']['total']:.1f} s; "
                f"{s['changed_vs_base']} changed cluster")
     if m:
         b = m["base"]
@@ -464,7 +476,8 @@ def refine(
     if r.get("after"):
         typer.echo("R_sr(p) averaged over clusters, last ranking: "
                    + "  ".join(f"{p}% {v:.3f}" for p, v in r["after"].items()))
-    typer.echo(f"outputs: {out.resolve()}  (assignments.csv, icsr.json, run.json{', metrics.json' if m else ''}, model/)")
+    diag = f"{info.diagnostics}, " if info.diagnostics else ""
+    typer.echo(f"outputs: {out.resolve()}  (assignments.csv, {diag}run.json{', metrics.json' if m else ''}, model/)")
 
 
 @app.command()
@@ -490,7 +503,7 @@ def apply_edits_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write a new run with the edited labels and a model retrained on them (predict reflects the edits). (issue 21)"""
-    from imgclust.review.apply import apply_edits
+    from imgclust.run import apply_edits
 
     s = apply_edits(run_dir, out, seed=seed, progress=not quiet)
     e = s["edits"]

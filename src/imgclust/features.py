@@ -158,15 +158,19 @@ def extract_features(
     return extract_to_entry(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
 
 
-def extract_to_entry(source: ImageSource, backbone: Backbone, entry: Path, *, key: str,
+def extract_to_entry(source: ImageSource, backbone: Backbone, entry: Path | None, *, key: str,
                      verify_cache: bool | None = None, **opts: Any) -> FeatureSet:
     """Load the finished cache entry ``entry``, or compute / resume it (``opts``: see ``_extract``).
+
+    ``entry`` None: compute in memory, no cache (issue 17: the public way for :mod:`imgclust.views`).
 
     One process at a time per entry: a second run of the same extraction waits and then gets
     the cache hit instead of writing the same memmap concurrently. An entry marked complete
     that fails verification is wiped and recomputed. Other caches built from features (the
     view bank of :mod:`imgclust.views`) store their entries through this too.
     """
+    if entry is None:
+        return _extract(source, backbone, None, **opts)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(entry.parent / f"{entry.name}.lock"):
         status = "fresh"

@@ -15,7 +15,7 @@
   our outputs; the source must not change).
 * ``log.jsonl`` is appended to, never truncated: a failed re-run keeps the earlier record.
 
-The Python API (:func:`imgclust.api.cluster`) applies the same rules with ``overwrite=True``
+The Python API (:func:`imgclust.run.cluster`) applies the same rules with ``overwrite=True``
 by default (library callers re-running into their own directory keep working); foreign
 non-empty directories are refused there too.
 """

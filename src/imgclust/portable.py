@@ -126,9 +126,9 @@ def export_model(run: str | Path, dest: str | Path, overwrite: bool = False) -> 
     except ImportError as e:
         raise InputError("export-model needs the onnx package: pip install onnx") from e
     est = ImageClusterer.load(mdir, progress=False)
-    if getattr(est.model_, "image_level", False):
+    if est.model_.image_level:
         raise InputError("this model fine-tuned its backbone; export-model supports frozen-backbone models only")
-    bb = est._backbone().cpu().eval()
+    bb = est.get_backbone().cpu().eval()
     head = _head(est.model_)
     net = _Portable(bb, head, getattr(est, "pca_mean_", None) if est.pca else None,
                     getattr(est, "pca_components_", None) if est.pca else None).eval()

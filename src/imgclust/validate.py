@@ -3,7 +3,7 @@
 Issue 22: ``--method nosuch`` used to fail only after feature extraction (minutes on real
 data), unknown backbone options were silently ignored, and out-of-range numbers
 (``--seed -1``, ``--pca -5``, ``--workers -2``) ended in tracebacks. :func:`check_run_config`
-runs first in :func:`imgclust.api.cluster` and checks, without touching any image: K and the
+runs first in :func:`imgclust.run.cluster` and checks, without touching any image: K and the
 K range, the seed, every numeric range, the method and its options, the backbone name and
 its options (by building the backbone; building loads local weights, which extraction would
 do a moment later anyway), the device, and that one backbone batch fits a memory bound.

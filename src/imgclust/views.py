@@ -56,7 +56,7 @@ from imgclust.data.augment import DEFAULT_SPEC, KINDS, AugmentSpec, augment
 from imgclust.data.base import ImageSource, as_rgb
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
-from imgclust.features import _extract, extract_to_entry, resolve_device
+from imgclust.features import extract_to_entry, resolve_device
 
 VIEWS_FORMAT = 1
 VIEW_MODES = ("auto", "bank", "online", "none")
@@ -217,9 +217,7 @@ def build_view_bank(
 
 def _view_entry(source: ViewSource, backbone: ViewBackbone, entry: Path | None, *, key: str, **opts: Any):
     """One view as a feature-cache entry, with the locking / verification / resume of ``extract_features``."""
-    if entry is None:
-        return _extract(source, backbone, None, **opts)
-    return extract_to_entry(source, backbone, entry, key=key, **opts)
+    return extract_to_entry(source, backbone, entry, key=key, **opts)  # entry None: in memory, no cache
 
 
 # --------------------------------------------------------------------------- providers
@@ -315,8 +313,8 @@ def make_feature_views(features: np.ndarray | torch.Tensor, ctx: Any, *, mode: s
     dev = device or resolve_device(getattr(ctx, "device", "cpu"))
     x = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features, np.float32))
     x = x.to(dev)
-    extras = getattr(ctx, "extras", {}) or {}
-    source, backbone, rows = extras.get("source"), extras.get("backbone"), extras.get("rows")
+    # ctx: a methods.base.FitContext (duck-typed: this lower layer does not import methods)
+    source, backbone, rows = (getattr(ctx, key, None) for key in ("source", "backbone", "rows"))
     if mode == "none":
         return FeatureViews(x)
     if source is None or backbone is None or rows is None:
@@ -336,11 +334,11 @@ def make_feature_views(features: np.ndarray | torch.Tensor, ctx: Any, *, mode: s
     if mode == "auto":
         mode = "online" if dev.type == "cuda" else "bank"
     if mode == "online":
-        return OnlineViews(x, source, backbone, rows, spec, image_size, extras.get("precision", "fp32"))
+        return OnlineViews(x, source, backbone, rows, spec, image_size, getattr(ctx, "precision", "fp32"))
     bank = build_view_bank(source, backbone, getattr(ctx, "work_dir", None), n_views=n_views,
                            seed=getattr(ctx, "seed", 0), spec=spec, image_size=image_size,
-                           batch_size=extras.get("batch_size", 64), device=str(dev),
-                           precision=extras.get("precision", "fp32"), workers=extras.get("workers"),
+                           batch_size=getattr(ctx, "batch_size", 64), device=str(dev),
+                           precision=getattr(ctx, "precision", "fp32"), workers=getattr(ctx, "workers", None),
                            progress=getattr(ctx, "progress", True))
     fallback = x.cpu().numpy()
     return BankViews(x, bank.gather("weak", rows, fallback), bank.gather("strong", rows, fallback), bank.info)

@@ -182,7 +182,7 @@ def test_two_processes_never_write_one_entry_at_once(digits, tmp_path):
 
 def test_run_directory_interrupted_while_writing_is_never_taken_for_complete(tmp_path, monkeypatch):
     """run.json is removed before outputs change and written last; every file is whole."""
-    import imgclust.api as api
+    import imgclust.run as api  # the run-directory job (issue 17: moved from imgclust.api)
     from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig
 
     cfg = RunConfig(k=3, source=SourceConfig(path="digits", limit=300), backbone=BackboneConfig(name="pixels", image_size=8),

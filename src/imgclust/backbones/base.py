@@ -118,3 +118,19 @@ class BackboneInfo:
     offline: bool  # True when it works without downloading anything (weights ship in a package)
     family: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+# The registry's table (issue 17): filled by each family module through ``register_backbone``;
+# read by :mod:`imgclust.backbones.registry`. Kept here, the lowest module, so registering a
+# family never imports the registry (which imports pretrained_dir, which imports resnet and vit).
+REGISTRY: dict[str, BackboneInfo] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_backbone(info: BackboneInfo) -> BackboneInfo:
+    if info.name in REGISTRY:
+        raise ValueError(f"backbone {info.name!r} registered twice")
+    REGISTRY[info.name] = info
+    for a in info.aliases:
+        ALIASES[a] = info.name
+    return info

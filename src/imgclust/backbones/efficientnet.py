@@ -12,8 +12,7 @@ import importlib
 
 import torch
 
-from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess
-from imgclust.backbones.registry import register_backbone
+from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess, register_backbone
 from imgclust.backbones.weights import file_digest, load_state_dict, load_strict, strip_wrappers
 from imgclust.errors import WeightsError
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess
-from imgclust.backbones.registry import register_backbone
+from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess, register_backbone
 from imgclust.errors import InputError
 
 

@@ -7,42 +7,34 @@ directory made by ``imgclust pretrain``.
 
 from __future__ import annotations
 
-from imgclust.backbones.base import Backbone, BackboneInfo
+# The table itself lives in base.py, so the family modules (resnet, vit, ...) register into it
+# without importing this module, which imports pretrained_dir -> resnet/vit (issue 17: no cycle).
+from imgclust.backbones.base import ALIASES, REGISTRY, Backbone, BackboneInfo, register_backbone
 from imgclust.errors import InputError
 
-_REGISTRY: dict[str, BackboneInfo] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register_backbone(info: BackboneInfo) -> BackboneInfo:
-    if info.name in _REGISTRY:
-        raise ValueError(f"backbone {info.name!r} registered twice")
-    _REGISTRY[info.name] = info
-    for a in info.aliases:
-        _ALIASES[a] = info.name
-    return info
+__all__ = ["available_backbones", "build_backbone", "get_backbone_info", "register_backbone"]
 
 
 def available_backbones() -> list[BackboneInfo]:
     _load_families()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
 
 
 def get_backbone_info(name: str) -> BackboneInfo:
     _load_families()
-    key = _ALIASES.get(name, name)
-    if key.startswith("timm:") and "timm" in _REGISTRY:
-        return _REGISTRY["timm"]
-    if key not in _REGISTRY:
+    key = ALIASES.get(name, name)
+    if key.startswith("timm:") and "timm" in REGISTRY:
+        return REGISTRY["timm"]
+    if key not in REGISTRY:
         from imgclust.backbones.pretrained_dir import dir_backbone_info  # a dir from `imgclust pretrain`
 
         info = dir_backbone_info(name)
         if info is not None:
             return info
         raise InputError(
-            f"unknown backbone {name!r}; available: {', '.join(sorted(_REGISTRY))} (or timm:<model_name>)"
+            f"unknown backbone {name!r}; available: {', '.join(sorted(REGISTRY))} (or timm:<model_name>)"
         )
-    return _REGISTRY[key]
+    return REGISTRY[key]
 
 
 def build_backbone(name: str, weights: str | None = None, **options) -> Backbone:

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess
-from imgclust.backbones.registry import register_backbone
+from imgclust.backbones.base import Backbone, BackboneInfo, Preprocess, register_backbone
 from imgclust.backbones.weights import (
     check_options,
     file_digest,

@@ -49,8 +49,8 @@ from imgclust.backbones.base import (
     Backbone,
     BackboneInfo,
     Preprocess,
+    register_backbone,
 )
-from imgclust.backbones.registry import register_backbone
 from imgclust.backbones.weights import (
     check_options,
     freeze,

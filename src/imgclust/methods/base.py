@@ -13,10 +13,11 @@ and its learned state as a flat dict of tensors so it can be saved and re-loaded
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,17 +25,56 @@ import torch
 from imgclust.errors import InputError
 from imgclust.neighbors import l2_normalize  # noqa: F401 - re-exported: methods import it from here
 
+if TYPE_CHECKING:
+    from imgclust.backbones.base import Backbone
+    from imgclust.data.base import ImageSource
+
+
+# FitContext's typed fields for what the old ``extras`` dict carried (issue 17), under the same keys.
+_EXTRAS_KEYS = ("source", "backbone", "rows", "cache_dir", "batch_size", "precision", "workers",
+                "base_proba", "truth", "labels", "certain")
+
 
 @dataclass
 class FitContext:
+    """What a method may use besides the features (issue 17: typed fields, no string-keyed dict).
+
+    Set by :meth:`imgclust.api.ImageClusterer.fit` (and the refine / apply-edits jobs). A method
+    reads only the fields its :attr:`ClusteringMethod.inputs` declares it needs.
+    """
+
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
     work_dir: Path | None = None  # where a method may cache neighbours, checkpoints, ...
-    # Set by ImageClusterer.fit: "source" (ImageSource or None for precomputed features),
-    # "backbone" (Backbone or None), "rows" (source index of each feature row), "cache_dir",
-    # "batch_size", "precision", "workers" (feature-extraction settings, to extract views).
-    extras: dict[str, Any] = field(default_factory=dict)
+    # -- the images behind the feature rows (None when fitting on precomputed features)
+    source: ImageSource | None = None
+    backbone: Backbone | None = None
+    rows: np.ndarray | None = None  # source index of each feature row (valid images only)
+    # -- feature-extraction settings, for methods that extract views or fine-tune the backbone
+    cache_dir: str | None = None
+    batch_size: int = 64
+    precision: str = "fp32"
+    workers: int | None = None
+    # -- refiners (:mod:`imgclust.refine.base`): the fitted model's probabilities of the rows
+    base_proba: np.ndarray | None = None
+    # -- true labels of the rows (-1 unknown): diagnostics only (R_sr, per-stage ACC), never training
+    truth: np.ndarray | None = None
+    # -- apply-edits (:mod:`imgclust.methods.reviewed`): the edited labels and which ones a person set
+    labels: np.ndarray | None = None
+    certain: np.ndarray | None = None
+    # Deprecated (one release): the old string-keyed dict; its keys are copied into the fields above.
+    extras: InitVar[dict[str, Any] | None] = None
+
+    def __post_init__(self, extras: dict[str, Any] | None) -> None:
+        if extras:
+            unknown = sorted(set(extras) - set(_EXTRAS_KEYS))
+            if unknown:
+                raise TypeError(f"FitContext: unknown extras {unknown}; allowed: {list(_EXTRAS_KEYS)}")
+            warnings.warn("FitContext(extras=...) is deprecated: pass the typed fields (source=, rows=, ...)",
+                          DeprecationWarning, stacklevel=3)
+            for key, value in extras.items():
+                setattr(self, key, value)
 
 
 @dataclass
@@ -58,10 +98,27 @@ class MethodConfig:
 
 
 class ClusteringMethod(ABC):
-    """Learns K clusters from features; predicts probabilities for new features."""
+    """Learns K clusters from features; predicts probabilities for new features.
+
+    The protocol the estimator (:mod:`imgclust.api`) calls, and nothing else:
+
+    * :attr:`inputs` — what ``fit`` needs besides the feature rows: ``"features"`` (nothing
+      more) or ``"images"`` (it reads ``ctx.source`` / ``ctx.rows`` / ``ctx.backbone``);
+    * :meth:`fit` (sets ``labels_``), :meth:`predict_proba` on features;
+    * :meth:`fit_proba` — the probabilities of the rows it was fitted on;
+    * :attr:`image_level` — True when the model classifies *images* (it fine-tuned or learned
+      its own network, so cached backbone features no longer describe what it sees): then
+      :meth:`fit_proba` is its own pass over the fit images and new images go through
+      :meth:`predict_proba_images`;
+    * :meth:`state_dict` / :meth:`load_state_dict` — tensors only.
+    """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # Optional results other stages read (None when a method has none): per-head labels (trust
+    # score), candidate labels of a label-free choice (selection diagnostics).
+    head_labels_: Any = None
+    candidate_labels_: Any = None
 
     def __init__(self, n_clusters: int, config: MethodConfig | dict | None = None) -> None:
         if n_clusters < 2:
@@ -69,7 +126,18 @@ class ClusteringMethod(ABC):
         self.n_clusters = int(n_clusters)
         self.config = config if isinstance(config, MethodConfig) else self.Config.from_dict(config)
         self.labels_: np.ndarray | None = None
+        self.fit_proba_: np.ndarray | None = None  # image-level methods: their probabilities of the fit images
         self.history_: dict[str, Any] = {}
+
+    @property
+    def inputs(self) -> str:
+        """``"features"`` or ``"images"``: what :meth:`fit` needs (override when options decide)."""
+        return "images" if self.image_level else "features"
+
+    @property
+    def image_level(self) -> bool:
+        """True when the fitted model classifies images rather than cached backbone features."""
+        return False
 
     @abstractmethod
     def fit(self, features: np.ndarray, ctx: FitContext) -> ClusteringMethod:
@@ -81,6 +149,19 @@ class ClusteringMethod(ABC):
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.predict_proba(features).argmax(axis=1)
+
+    def fit_proba(self, features: np.ndarray) -> np.ndarray:
+        """(N, K) probabilities of the rows ``fit`` saw (``features`` are those rows)."""
+        if not self.image_level:
+            return self.predict_proba(features)
+        if self.fit_proba_ is None:
+            raise InputError(f"{self.name}: not fitted on images in this process (fit_proba_ is empty)")
+        return self.fit_proba_
+
+    def predict_proba_images(self, source: Any, backbone: Any, batch_size: int = 64, device: str = "auto",
+                             workers: int | None = None, progress: bool = True) -> np.ndarray:
+        """(N, K) probabilities of the images of ``source``; only image-level models have it."""
+        raise InputError(f"{self.name} classifies backbone features, not images")
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ Fine-tuning (paper sec. 3.4 and Table 9: the best choice differs per data set):
 
 * ``finetune="last_blocks"`` (the paper's "last two conv layers") and ``"all"``: images are
   decoded and augmented on the fly (kornia) and run through a trainable copy of the
-  backbone (``ctx.extras["backbone"]``) at ``image_size`` (default: the backbone's own);
+  backbone (``ctx.backbone``) at ``image_size`` (default: the backbone's own);
   only the last ``finetune_blocks`` blocks (EfficientNet: MBConv blocks + the head conv;
   ViT: transformer blocks + final norm; ResNet: stages layer4, layer3, ...) or all layers
   get gradients, at ``backbone_lr`` (1e-4; the projection keeps ``lr``). BatchNorm layers
@@ -265,6 +265,11 @@ class ICBPL(ClusteringMethod):
         """True when the backbone was fine-tuned: the model classifies images, not cached features."""
         return self.config.finetune != "head"
 
+    @property
+    def inputs(self) -> str:
+        """Images for fine-tuning and for the image view bank (``aug="views"``); features otherwise."""
+        return "images" if self.image_level or self.config.aug == "views" else "features"
+
     # ------------------------------------------------------------------ training
     def fit(self, features: np.ndarray, ctx: FitContext) -> ICBPL:
         cfg = self.config
@@ -280,7 +285,7 @@ class ICBPL(ClusteringMethod):
         device = resolve_device(ctx.device)
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
         c_np = load_or_build_pedcc(self.n_clusters, cfg.latent_dim, cfg.pedcc, seed=cfg.pedcc_seed,
-                                   cache_dir=ctx.extras.get("cache_dir"))
+                                   cache_dir=ctx.cache_dir)
         centroids = torch.from_numpy(c_np).to(device)
         nbrs = _fixed_neighbors(x_np, cfg.k, ctx.work_dir, ctx.seed, ctx.progress, cached=True)
         t_prep = time.perf_counter() - t0
@@ -391,8 +396,7 @@ class ICBPL(ClusteringMethod):
 
     # ------------------------------------------------------------------ images (view bank, fine-tuning)
     def _image_context(self, ctx: FitContext, n: int, what: str) -> tuple[Any, Any, np.ndarray]:
-        source, backbone = ctx.extras.get("source"), ctx.extras.get("backbone")
-        rows = ctx.extras.get("rows")
+        source, backbone, rows = ctx.source, ctx.backbone, ctx.rows
         if source is None or backbone is None:
             raise InputError(f"icbpl {what} needs the images: fit on an image source, not on precomputed features")
         rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -424,11 +428,11 @@ class ICBPL(ClusteringMethod):
 
         device = resolve_device(ctx.device)
         bb = copy.deepcopy(backbone).to(device).eval()
-        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
+        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.workers)
         channels = 1 if images.pre.grayscale else 3
         aug = contrastive_augment(size, channels, cfg.crop_scale)
         bank = np.zeros((cfg.views, len(x_np), x_np.shape[1]), np.float32)
-        bs = int(ctx.extras.get("batch_size") or 64)
+        bs = int(ctx.batch_size or 64)
         t0 = time.perf_counter()
         bar = progress_bar(cfg.views * len(rows), "icbpl view bank", unit="img", enable=ctx.progress)
         with ThreadPoolExecutor(max_workers=images.workers) as pool:
@@ -470,7 +474,7 @@ class ICBPL(ClusteringMethod):
         for _, p in train_params:
             p.requires_grad_(True)
         size = cfg.image_size or backbone.preprocess.size
-        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
+        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.workers)
         aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
         opt = build_optimizer("adam", [{"params": list(head.parameters()), "lr": cfg.lr},
                                        {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],

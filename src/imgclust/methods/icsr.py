@@ -50,25 +50,23 @@ class ICSR(ClusteringMethod):
         return self.config.mode == "end_to_end"
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> ICSR:
-        """``ctx.extras["base_proba"]`` (N, K): the fitted model to refine; without it the base method is fitted here.
+        """``ctx.base_proba`` (N, K): the fitted model to refine; without it the base method is fitted here.
 
-        ``ctx.extras["truth"]`` (or the labels of ``ctx.extras["source"]``) feed the R_sr diagnostics only.
+        ``ctx.truth`` (or the labels of ``ctx.source``) feed the R_sr diagnostics only.
         """
         cfg = self.config
         x = np.ascontiguousarray(features, dtype=np.float32)
-        extras = ctx.extras or {}
-        base_proba = extras.get("base_proba")
+        base_proba = ctx.base_proba
         base_info: dict[str, Any] = {"method": cfg.base, "options": dict(cfg.base_options)}
         if base_proba is None:
             if cfg.base == self.name:
                 raise InputError("icsr cannot use itself as its base method")
             base = get_method(cfg.base)(self.n_clusters, cfg.base_options)
             base.fit(x, ctx)
-            base_proba = base.fit_proba_ if getattr(base, "image_level", False) else base.predict_proba(x)
+            base_proba = base.fit_proba(x)
             base_info["history"] = base.history_
         base_proba = np.asarray(base_proba, dtype=np.float32)
-        truth = extras.get("truth")
-        source, rows = extras.get("source"), extras.get("rows")
+        truth, source, rows = ctx.truth, ctx.source, ctx.rows
         if truth is None and source is not None and rows is not None and getattr(source, "labels", None) is not None:
             truth = np.asarray(source.labels)[np.asarray(rows)]
         views = make_views(torch.from_numpy(x), cfg, ctx)
@@ -79,7 +77,7 @@ class ICSR(ClusteringMethod):
 
             head_hist = hist
             res = train_icsr_end_to_end(res.classifier, x, self.n_clusters, cfg, source=source,
-                                        backbone=extras.get("backbone"),
+                                        backbone=ctx.backbone,
                                         rows=np.arange(len(x)) if rows is None else np.asarray(rows),
                                         device=resolve_device(ctx.device), work_dir=ctx.work_dir, truth=truth,
                                         seed=ctx.seed, progress=ctx.progress)

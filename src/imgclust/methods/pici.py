@@ -34,7 +34,7 @@ uses ResNet-34) or ``vit`` (the MAE encoder without masking). CC's own defaults:
 3e-4, batch 256, tau_I = 0.5, tau_C = 1.0.
 
 **Input.** These methods read the images, not the cached features: the estimator passes
-``ctx.extras["source"]`` / ``["rows"]`` and the method decodes every training image once to
+``ctx.source`` / ``ctx.rows`` and the method decodes every training image once to
 ``image_size`` (``uint8`` in memory: N x 3 x S^2 bytes, 3 MB per 1,000 images at 32 px)
 and normalises with mean = std = 0.5. The features the estimator extracts are then unused,
 so run them with the cheap ``pixels`` backbone at the same size:
@@ -55,7 +55,7 @@ keep their order). Every epoch draws its order, masks and augmentations from a g
 
 **History.** ``history_["stages"]``: per stage its losses per epoch, ``images_per_s``
 (training images per second, two views each, forward + backward; use it to size a GPU run)
-and, when the caller puts ground truth in ``ctx.extras["labels"]`` (the benchmark does), the
+and, when the caller puts ground truth in ``ctx.truth`` (the benchmark does), the
 ACC/NMI/ARI of the cluster head and of k-means on the encoder features after the stage.
 """
 
@@ -283,9 +283,9 @@ class _ImageContrastive(ClusteringMethod):
     def _training_images(self, features: np.ndarray, ctx: FitContext) -> tuple[torch.Tensor, np.ndarray, str]:
         cfg = self.config
         s = cfg.image_size
-        source = ctx.extras.get("source")
+        source = ctx.source
         if source is not None:
-            rows = ctx.extras.get("rows")
+            rows = ctx.rows
             rows = np.arange(len(features)) if rows is None else np.asarray(rows, dtype=np.int64)
             if len(rows) != len(features):
                 raise InputError(f"{self.name}: {len(rows)} source rows for {len(features)} feature rows")
@@ -338,7 +338,7 @@ class _ImageContrastive(ClusteringMethod):
         aug = contrastive_augment(cfg.image_size, 3, cfg.crop_scale).to(device)
         bs = min(cfg.batch_size, n)
         steps = n // bs
-        y = ctx.extras.get("labels")
+        y = ctx.truth
         seed = int(ctx.seed)
         resumed: list[int] = []
         paths: list[str] = []

@@ -53,13 +53,12 @@ class Reviewed(ClusteringMethod):
         self.memory_y_ = np.zeros(0, np.int64)
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> Reviewed:
-        """``ctx.extras``: ``labels`` (N,) edited labels, ``certain`` (N,) bool (moved by the user)."""
-        extras = ctx.extras or {}
-        if "labels" not in extras:
+        """``ctx.labels`` (N,) edited labels, ``ctx.certain`` (N,) bool (moved by the user)."""
+        if ctx.labels is None:
             raise InputError("the 'reviewed' method is fitted by `imgclust apply-edits`, not by `cluster`")
         x = np.ascontiguousarray(features, dtype=np.float32)
-        y = np.asarray(extras["labels"], dtype=np.int64)
-        certain = np.asarray(extras.get("certain", np.zeros(len(y), bool)), dtype=bool)
+        y = np.asarray(ctx.labels, dtype=np.int64)
+        certain = np.asarray(np.zeros(len(y), bool) if ctx.certain is None else ctx.certain, dtype=bool)
         w = np.where(certain, float(self.config.certain_weight), 1.0).astype(np.float32)
         st = self_train(x, y, self.n_clusters, weights=w, epochs=int(self.config.epochs), seed=ctx.seed,
                         progress=ctx.progress)

@@ -408,6 +408,11 @@ class SPICE(SPICESelf):
         super().__init__(n_clusters, config)
         self.semi_: SingleHead | None = None
 
+    @property
+    def inputs(self) -> str:
+        """Images for ``semi_mode=end_to_end`` and for image views (``views=bank|online``)."""
+        return "images" if self.config.semi_mode == "end_to_end" or self.config.views in ("bank", "online") else "features"
+
     def fit(self, features: np.ndarray, ctx: FitContext) -> SPICE:
         from imgclust.features import resolve_device
         from imgclust.refine.fixmatch import (
@@ -495,7 +500,7 @@ class SPICE(SPICESelf):
         )
 
         cfg = self.config
-        source, backbone, rows = (ctx.extras.get(key) for key in ("source", "backbone", "rows"))
+        source, backbone, rows = ctx.source, ctx.backbone, ctx.rows
         if source is None or backbone is None or rows is None:
             raise InputError("semi_mode=end_to_end needs the images (fit on a folder, archive or source)")
         if device.type != "cuda":

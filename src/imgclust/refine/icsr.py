@@ -60,7 +60,7 @@ backbone features (no PCA).
 Diagnostics: when the true labels are known (used for nothing else), every ranking records
 the ranking success rate R_sr(p) for p = 20/40/60/80 % averaged over clusters (paper Eq. 15,
 Figure 3), next to the clusters' purity (what a random p % would give); the first and the last
-ranking keep the per-cluster values. :func:`refine_model` writes them to ``icsr.json``.
+ranking keep the per-cluster values. :func:`imgclust.run.refine_model` writes them to ``icsr.json``.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_parameters
 from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
 from imgclust.losses.icsr import weighted_cross_entropy
+from imgclust.refine.base import RefinerInfo, register_refiner
 from imgclust.refine.ranking import (
     DEFAULT_PERCENTS,
     METRICS,
@@ -636,178 +637,14 @@ def _acc(truth: np.ndarray, labels: np.ndarray) -> float:
     return round(float(evaluate(truth[ok], labels[ok])["acc"]), 5) if ok.any() else float("nan")
 
 
-# --------------------------------------------------------------------------- refining a fitted model
-def refine_estimator(est: Any, X: Any, options: dict | None = None, *, truth: np.ndarray | None = None,
-                     seed: int | None = None, progress: bool | None = None) -> Any:
-    """A copy of the fitted :class:`~imgclust.ImageClusterer` ``est``, refined by ICSR on ``X``.
-
-    ``X``: anything ``est`` accepts (images or precomputed features of the data to refine on,
-    usually the data it was fitted on). The returned estimator has method ``icsr`` (the base
-    method recorded in its options), its ``labels_`` / ``confidences_`` on ``X``, and
-    ``base_labels_`` (the base model's clusters). ``truth`` (true labels of ``X``, -1 unknown;
-    default: the source's labels when known) feeds the R_sr diagnostics only.
-    """
-    import copy
-
-    from imgclust.methods import FitContext
-    from imgclust.methods.icsr import ICSR
-
-    est._check_fitted()
-    if est.method == ICSR.name:
-        base_opts = dict(est.model_.config.base_options)
-        base_name = est.model_.config.base
-    else:
-        base_opts, base_name = dict(est.method_options or {}), est.method
-    opts = {**(options or {}), "base": base_name, "base_options": base_opts}
-    new = copy.copy(est)
-    new.progress = est.progress if progress is None else progress
-    seed = est.seed if seed is None else int(seed)
-    feats, valid, fs, source = new._features(X)
-    if feats.ndim != 2 or feats.shape[1] != est.n_features_in_:
-        raise InputError(f"features have {feats.shape[-1]} dimensions, this model was fitted on {est.n_features_in_}")
-    if not valid.any():
-        raise InputError("no readable image to refine on")
-    x = new._reduce(feats[valid], fit=False)
-    if getattr(est.model_, "image_level", False):  # a fine-tuned / from-scratch network: its view of the images
-        if source is None:
-            raise InputError(f"this {est.method} model classifies images: refine it on images, not on features")
-        base_proba = np.asarray(est.predict_proba(source), dtype=np.float32)[valid]
-    else:
-        base_proba = est.model_.predict_proba(x)
-    if truth is None and source is not None and source.labels is not None:
-        truth = np.asarray(source.labels)
-    extras = new._fit_extras(source, valid) if source is not None else {"source": None, "backbone": None,
-                                                                          "rows": np.flatnonzero(valid)}
-    extras.update(base_proba=base_proba, truth=None if truth is None else np.asarray(truth)[valid])
-    model = ICSR(int(est.n_clusters), opts)
-    ctx = FitContext(seed=seed, device=est.device, progress=new.progress,
-                     work_dir=None if fs is None or fs.path is None else fs.path, extras=extras)
-    t0 = time.perf_counter()
-    model.fit(x, ctx)
-    proba = model.fit_proba_ if model.image_level else model.predict_proba(x)
-    new.method, new.method_options, new.seed = ICSR.name, model.config.to_dict(), seed
-    new.model_ = model
-    new.labels_ = np.full(len(feats), -1, dtype=np.int64)
-    new.labels_[valid] = proba.argmax(1)
-    new.base_labels_ = np.full(len(feats), -1, dtype=np.int64)
-    new.base_labels_[valid] = base_proba.argmax(1)
-    new.confidences_ = np.zeros(len(feats), dtype=np.float32)
-    new.confidences_[valid] = proba.max(1)
-    new.valid_, new.feature_set_, new.source_ = valid, fs, source
-    new.skipped_ = list(fs.skipped) if fs is not None else [
-        (int(i), str(i), "non-finite features (NaN or inf)") for i in np.flatnonzero(~valid)]
-    sizes = np.bincount(new.labels_[valid], minlength=int(est.n_clusters))
-    new.empty_clusters_ = [int(c) for c in np.flatnonzero(sizes == 0)]
-    new.timings_ = {"method_s": time.perf_counter() - t0}
-    return new
+# --------------------------------------------------------------------------- the refiner entry
+def _outputs(options: dict[str, Any], hist: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``icsr.json`` (options, history, R_sr(p) before / after) and run.json's ``mean_rsr``."""
+    diag = {"options": options, "history": hist, "rsr_before": hist.get("rsr_first"), "rsr_after": hist.get("rsr_last")}
+    return diag, {"mean_rsr": {"before": (hist.get("rsr_first") or {}).get("mean_rsr"),
+                               "after": (hist.get("rsr_last") or {}).get("mean_rsr")}}
 
 
-def _resolve_model_dir(model_dir: str | Path) -> tuple[Path, Path | None]:
-    """(model dir, run dir or None) for a run directory or its ``model/``."""
-    d = Path(model_dir)
-    if (d / "model").is_dir() and not (d / "model.json").exists():
-        return d / "model", d
-    run = d.parent if (d.parent / "run.json").is_file() else None
-    return d, run
-
-
-def refine_model(model_dir: str | Path, source: Any = None, out_dir: str | Path = "runs/refined", *,
-                 options: dict | None = None, split: str | None = None, cache_dir: str | None = None,
-                 seed: int | None = None, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Refine a saved model with ICSR and write a new run directory; returns its summary (run.json).
-
-    ``model_dir``: a run directory or its ``model/``. ``source``: the images to refine on
-    (default: the source recorded in the run's ``run.json``, same split and subset). Writes
-    ``assignments.csv`` (id, path, cluster, confidence, base_cluster[, label]), ``skipped.csv``,
-    ``metrics.json`` (refined, with the base model's metrics under ``base``) when labels are
-    known, ``icsr.json`` (options, training history, R_sr(p) diagnostics), ``model/`` (a
-    model of method ``icsr`` that ``imgclust predict`` uses) and ``run.json`` last.
-    """
-    from imgclust import __version__
-    from imgclust.api import ImageClusterer, _versions, as_source
-    from imgclust.data import open_source
-    from imgclust.data.base import SubsetSource
-    from imgclust.metrics import evaluate
-    from imgclust.rundir import clean_stale_tmp, read_json, write_csv, write_json
-
-    t0 = time.perf_counter()
-    mdir, run_dir = _resolve_model_dir(model_dir)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a directory")
-    if out.resolve() in (mdir.resolve(), *(() if run_dir is None else (run_dir.resolve(),))):
-        raise InputError("the refined run needs its own output directory (not the base run's)")
-    from imgclust.outdir import check_out_dir
-    from imgclust.validate import check_seed
-
-    check_out_dir(out, overwrite=True)  # a non-empty folder that is not a run is never written into
-    if seed is not None:
-        check_seed(seed)
-    over: dict[str, Any] = {"cache_dir": cache_dir} if cache_dir else {}
-    if device:
-        over["device"] = device
-    est = ImageClusterer.load(mdir, progress=progress, **over)
-    base_run = read_json(run_dir / "run.json") if run_dir is not None else None
-    if source is None:
-        s = ((base_run or {}).get("config") or {}).get("source")
-        if not s or not s.get("path"):
-            raise InputError(f"no SOURCE given and {mdir} has no run.json naming its images; give SOURCE")
-        src = open_source(s["path"], split=s.get("split"), kind=s.get("kind", "auto"), labels=s.get("labels", "auto"),
-                          coarse=bool(s.get("coarse", False)), max_pixels=s.get("max_pixels"))
-        if s.get("limit") is not None:
-            src = SubsetSource.sample(src, int(s["limit"]), seed=int(base_run.get("seed", 0)))
-    elif isinstance(source, (str, Path)):
-        src = open_source(source, split=split)
-    else:
-        src = as_source(source)
-    new = refine_estimator(est, src, options, seed=seed, progress=progress)
-    model: Any = new.model_
-    clean_stale_tmp(out)
-    (out / "run.json").unlink(missing_ok=True)  # not a complete run until rewritten
-    ids, valid = src.ids(), new.valid_
-    has_labels = src.labels is not None
-    header = ["id", "path", "cluster", "confidence", "base_cluster"] + (["label"] if has_labels else [])
-    rows = []
-    for i in np.flatnonzero(valid):
-        row = [ids[i], src.path(i) or "", int(new.labels_[i]), f"{new.confidences_[i]:.4f}", int(new.base_labels_[i])]
-        if has_labels:
-            lab = int(src.labels[i])
-            row.append(src.class_names[lab] if src.class_names and lab >= 0 else lab)
-        rows.append(row)
-    write_csv(out / "assignments.csv", header, rows)
-    write_csv(out / "skipped.csv", ["id", "path", "reason"],
-              [(ids[i], src.path(i) or "", r) for i, _, r in new.skipped_])
-    metrics = None
-    if has_labels and (src.labels[valid] >= 0).any():
-        y = np.asarray(src.labels)[valid]
-        metrics = evaluate(y, new.labels_[valid])
-        metrics["base"] = evaluate(y, new.base_labels_[valid])
-        write_json(out / "metrics.json", metrics)
-    hist = model.history_
-    diag = {"options": model.config.to_dict(), "history": hist,
-            "rsr_before": hist.get("rsr_first"), "rsr_after": hist.get("rsr_last")}
-    write_json(out / "icsr.json", diag)
-    new.save(out / "model")
-    summary = {
-        "imgclust_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "kind": "refine",
-        "refined_from": str(mdir.resolve()),
-        "seed": new.seed,
-        "config": {**((base_run or {}).get("config") or {}), "method": "icsr", "method_options": model.config.to_dict()},
-        "source": src.describe(),
-        "n_images": len(src),
-        "n_clustered": int(valid.sum()),
-        "n_skipped": len(new.skipped_),
-        "cluster_sizes": np.bincount(new.labels_[valid], minlength=int(new.n_clusters)).tolist(),
-        "empty_clusters": new.empty_clusters_,
-        "changed_vs_base": int((new.labels_[valid] != new.base_labels_[valid]).sum()),
-        "metrics": metrics,
-        "mean_rsr": {"before": (hist.get("rsr_first") or {}).get("mean_rsr"),
-                     "after": (hist.get("rsr_last") or {}).get("mean_rsr")},
-        "timings_s": {"refine": round(new.timings_["method_s"], 3), "total": round(time.perf_counter() - t0, 3)},
-        "versions": _versions(),
-        "out_dir": str(out.resolve()),
-    }
-    write_json(out / "run.json", summary)
-    return summary
+register_refiner(RefinerInfo(
+    name="icsr", method="icsr", diagnostics="icsr.json", outputs=_outputs,
+    description="rank samples inside clusters by neighbourhood density, then weighted self-training (ICSR)"))

@@ -79,15 +79,11 @@ def open_run_source(run: dict[str, Any]) -> ImageSource:
     Raises InputError when it cannot be opened, or when its fingerprint differs from the
     one recorded in run.json (the images changed since the run).
     """
-    from imgclust.data import open_source
-    from imgclust.data.base import SubsetSource
+    from imgclust.data.recorded import open_recorded_source
 
     cfg = run.get("config") or {}
     s = cfg.get("source") or {}
-    src = open_source(s.get("path", ""), split=s.get("split"), kind=s.get("kind", "auto"), labels=s.get("labels", "auto"),
-                      coarse=bool(s.get("coarse", False)), max_pixels=s.get("max_pixels"))
-    if s.get("limit"):
-        src = SubsetSource.sample(src, int(s["limit"]), seed=int(cfg.get("seed", 0)))
+    src = open_recorded_source({"path": "", **s}, seed=int(cfg.get("seed", 0)))
     want = run.get("data_fingerprint")
     if want and src.fingerprint() != want:
         raise InputError(f"the source {s.get('path')!r} changed since this run (fingerprint differs)")

@@ -77,7 +77,7 @@ def apply_edits(run_dir: str | Path, out_dir: str | Path, seed: int | None = Non
         raise InputError("fewer than 2 images are left for retraining after the outlier marks")
     model = Reviewed(k)
     model.fit(feats[train], FitContext(seed=seed, device="cpu", progress=progress,
-                                       extras={"labels": rep.labels[train], "certain": rep.moved[train]}))
+                                       labels=rep.labels[train], certain=rep.moved[train]))
     proba = model.predict_proba(feats)
     conf = proba[np.arange(len(feats)), rep.labels]
     conf[rep.moved] = 1.0
@@ -94,7 +94,7 @@ def apply_edits(run_dir: str | Path, out_dir: str | Path, seed: int | None = Non
     est.confidences_ = np.zeros(n_src, np.float32)
     est.confidences_[src_rows] = conf
     est.source_ = source
-    est._backbone()  # model.json records the backbone's weights digest, checked on load
+    est.get_backbone()  # model.json records the backbone's weights digest, checked on load
 
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out)
