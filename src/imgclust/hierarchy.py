@@ -242,6 +242,28 @@ def elbows(score: dict[int, float], ks: Sequence[int], n_candidates: int = 3) ->
     return [k for k in ranked[:n_candidates] if score[k] > 0] or ranked[:1]
 
 
+GAIN_SHARE = 0.97  # chosen on the development sets (0.97 / 0.98 / 0.99 compared; table in docs/notes/issue-23.md)
+
+
+def elbow_votes(mod: dict[int, float], persist: dict[int, float], ks: Sequence[int],
+                gain_share: float = GAIN_SHARE) -> dict[str, int]:
+    """Three label-free readings of the merge tree over ``ks``, each one K.
+
+    * ``modularity_argmax``: the cut with the highest Q (CNM's stopping point; tends high when
+      classes have sub-modes: 16 on Fashion-MNIST train pixels, true 10);
+    * ``gain_97``: the smallest K whose Q reaches ``gain_share`` of the way from the lowest to
+      the highest Q of the range: the diminishing-returns elbow (tends low: 6 on the synthetic set,
+      true 8);
+    * ``most_persistent``: the cut that wins the most resolutions gamma (Reichardt & Bornholdt).
+    """
+    ks = sorted(ks)
+    q = np.array([mod[k] for k in ks])
+    lo, hi = float(q.min()), float(q.max())
+    return {"modularity_argmax": int(max(ks, key=lambda k: (mod[k], -k))),
+            "gain_97": int(ks[int(np.argmax(q >= lo + gain_share * (hi - lo)))]),
+            "most_persistent": int(elbows(persist, ks)[0])}
+
+
 def build_hierarchy(
     features: np.ndarray,
     k_range: str | Sequence[int] = "2:20",
@@ -303,16 +325,19 @@ def build_hierarchy(
     if len(usable) < 2:
         raise InputError(f"the K range {ks} has fewer than two values at or below the {kmax} leaves")
     persist = resolution_persistence(inner, expect, range(1, kmax + 1))
-    pick = max(usable, key=lambda k: (mod[k], -k))  # CNM's own stopping point: no merge raises Q any more
-    cands = [pick] + [k for k in elbows(persist, usable) if k != pick][:2]
+    votes = elbow_votes(mod, persist, usable)
+    pick = int(np.median(list(votes.values())))  # the median of three votes (an odd count: always one of them)
+    cands = [pick] + sorted({v for v in votes.values() if v != pick}, key=lambda k: (-persist[k], k))
+    cands += [k for k in elbows(persist, usable, n_candidates=len(usable)) if k not in cands][: max(0, 3 - len(cands))]
     tree = MergeTree(leaves=leaf, n_leaves=kmax, merges=merges, delta_q=gains, modularity=mod, candidates=cands,
                      k=pick, persistence={k: persist[k] for k in usable})
     tree.info = {"leaf_source": leaf_src, "k_range": usable, "n_scored": int(len(rows)), "n_images": int(n),
                  "pca_dim": int(xs.shape[1]), "n_neighbors": n_neighbors, "seed": seed,
                  "links": "kNN graph" + (" + head co-association" if head_labels is not None else ""),
-                 "rule": "the cut of the merge tree with the highest modularity; candidates: it and the cuts that "
-                         "win the most resolutions gamma in [0.32, 3.2]",
-                 "modularity_argmax": int(pick),
+                 "rule": "median of three votes (modularity argmax, 97 % of the modularity gain, most persistent "
+                         "resolution); candidates: the votes, then the cuts that win the most resolutions",
+                 "votes": {name: int(v) for name, v in votes.items()},
+                 "modularity_argmax": int(votes["modularity_argmax"]),
                  "most_persistent": int(elbows(persist, usable)[0]),
                  "seconds": round(time.perf_counter() - t0, 3)}
     return tree
