@@ -4,6 +4,7 @@ JPEG draft decoding, and the feature-cache key policy."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -131,6 +132,15 @@ def test_int8_is_calibrated_once_on_the_given_images(tmp_path, engine):
     assert e2.reused and len(calls) == 1  # cached: no second calibration
     e3 = build_engine(bb, engine, "int8", "cpu", cache_root=tmp_path, calibration=calib, calibration_id="other")
     assert not e3.reused and len(calls) == 2  # other images -> other quantised model
+    if engine == "openvino":  # the recipe keeps the first and last convolutions in fp32 (no FakeQuantize input)
+        import openvino as ov
+
+        m = ov.Core().read_model(str(e.artifact / "model.xml"))
+        convs = [op for op in m.get_ordered_ops() if op.get_type_name() == "Convolution"]
+        fed = [{i.get_source_output().get_node().get_type_name() for i in op.inputs()} for op in convs]
+        assert "FakeQuantize" not in fed[0] and "FakeQuantize" not in fed[-1], fed
+        assert any(op.get_type_name() == "FakeQuantize" for op in m.get_ordered_ops())  # the middle is int8
+        assert json.loads((e.artifact / "meta.json").read_text())["int8_recipe"] == "fp32-ends"
 
 
 def test_auto_choice_and_bad_combinations(tmp_path):

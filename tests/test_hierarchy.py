@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from imgclust.errors import InputError
-from imgclust.hierarchy import MergeTree, agglomerate, build_hierarchy, resolution_persistence
+from imgclust.hierarchy import MergeTree, agglomerate, build_hierarchy, elbow_votes, resolution_persistence
 from imgclust.metrics import cluster_acc
 from imgclust.trust import trust_score
 
@@ -40,6 +40,19 @@ def test_finds_the_groups_of_unequal_size(unequal_blobs, blob_tree):
     assert blob_tree.k == 6 and blob_tree.candidates[0] == 6, (blob_tree.candidates, blob_tree.persistence)
     assert cluster_acc(y, blob_tree.cut(6)) > 0.99  # the small groups are not swallowed by the big ones
     assert blob_tree.n_leaves == 36  # 3 x the top of the range
+
+
+def test_votes_pick_the_median_and_are_all_marked(blob_tree):
+    v = blob_tree.info["votes"]
+    assert blob_tree.k == sorted(v.values())[1]  # the median of the three votes
+    assert set(v.values()) <= set(blob_tree.candidates) and len(blob_tree.candidates) <= 3
+    # a hand-made modularity curve: rises steeply to K=5, creeps up to its maximum at K=9
+    ks = list(range(2, 13))
+    mod = dict(zip(ks, [0.40, 0.60, 0.70, 0.800, 0.803, 0.806, 0.808, 0.810, 0.809, 0.805, 0.80]))
+    persist = {k: (0.6 if k == 7 else 0.4 if k == 9 else 0.0) for k in ks}
+    # 97 % of the way from 0.40 to 0.81 is 0.7977: first reached at K=5
+    assert elbow_votes(mod, persist, ks) == {"modularity_argmax": 9, "gain_97": 5, "most_persistent": 7}
+    assert elbow_votes(mod, persist, ks, gain_share=0.99)["gain_97"] == 7  # 0.8059 first reached at K=7
 
 
 def test_cuts_are_nested_and_numbered_by_size(blob_tree):

@@ -92,8 +92,9 @@ def hierarchy_section(run_dir: str | Path, run: dict[str, Any]) -> str:
                 f'<td>{float(mod.get(str(k), "nan")):.4f}</td></tr>' for k, v in pers.items())
             out.append(
                 f'<p>The {h["n_leaves"]} pieces of an over-clustering, merged two at a time by the largest modularity gain '
-                f'on the images\' nearest-neighbour graph, down to 2 clusters. Marked: the cut with the highest modularity, '
-                f'then the cuts that stay best over the widest range of resolutions: '
+                f'on the images\' nearest-neighbour graph, down to 2 clusters. Three readings of the tree vote (the cut with '
+                f'the highest modularity, the first cut reaching 97 % of the modularity gain, the cut that stays best over '
+                f'the widest range of resolutions); the median vote is the pick. Marked: '
                 f'<b>{", ".join(map(str, h.get("candidates", [])))}</b>. '
                 f'This run is cut at K = {h.get("k")}. Another cut, in seconds and without re-training: '
                 f'<code>imgclust recut {_e(run.get("out_dir", "RUN"))} --k N --out DIR</code>.</p>{svg}'
