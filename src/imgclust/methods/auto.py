@@ -25,7 +25,12 @@ from imgclust.errors import InputError
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, get_method, register_method
 from imgclust.select import CRITERIA, select
 
-DEFAULT_CANDIDATES = ["kmeans", "spectral-kmeans"]
+DEFAULT_CANDIDATES = ["kmeans", "spectral-kmeans"]  # fewer than LARGE_FROM images
+# From LARGE_FROM images on (issue 18, papers' protocol on CIFAR-10 train, see docs/notes/issue-18.md):
+# UMAP (on the top-64 PCs) with 3 seeds combined by consensus and self-trained on the original
+# features. Below, UMAP's ~40 s numba compile dominates and spectral is as good (digits).
+LARGE_CANDIDATES = ["kmeans", "umap-kmeans?runs=3&pca=64"]
+LARGE_FROM = 5000
 
 
 def parse_candidate(spec: str) -> tuple[str, dict]:
@@ -40,7 +45,10 @@ def parse_candidate(spec: str) -> tuple[str, dict]:
 
 @dataclass
 class AutoConfig(MethodConfig):
-    candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    # None (default): chosen by data size — DEFAULT_CANDIDATES below ``large_from`` images,
+    # LARGE_CANDIDATES from there on; a list: exactly these.
+    candidates: list[str] | None = None
+    large_from: int = LARGE_FROM
     criterion: str = "generalization"  # generalization | knn | anmi (see imgclust.select)
     # Any other option (e.g. ``n_init=20``, as given to the former default ``kmeans``) is
     # forwarded to every candidate that has it; one no candidate has is an error.
@@ -49,7 +57,7 @@ class AutoConfig(MethodConfig):
     @classmethod
     def from_dict(cls, d: dict | None) -> AutoConfig:
         d = dict(d or {})
-        own = {k: d.pop(k) for k in ("candidates", "criterion", "forward") if k in d}
+        own = {k: d.pop(k) for k in ("candidates", "criterion", "forward", "large_from") if k in d}
         fwd = {**dict(own.pop("forward", None) or {}), **d}
         return super().from_dict({**own, "forward": fwd})  # type: ignore[return-value]
 
@@ -61,19 +69,33 @@ class AutoConfig(MethodConfig):
         have = {f.name for f in fields(get_method(name).Config)}
         return name, {**{k: v for k, v in self.forward.items() if k in have}, **opts}
 
+    def pool(self) -> list[str]:
+        """Every candidate this configuration can fit, in a fixed order (saved models index it)."""
+        if self.candidates is not None:
+            return list(self.candidates)
+        return DEFAULT_CANDIDATES + [c for c in LARGE_CANDIDATES if c not in DEFAULT_CANDIDATES]
+
+    def for_size(self, n: int) -> list[str]:
+        """The candidates fitted on ``n`` images."""
+        if self.candidates is not None:
+            return list(self.candidates)
+        return list(LARGE_CANDIDATES if n >= self.large_from else DEFAULT_CANDIDATES)
+
     def __post_init__(self) -> None:
-        if not isinstance(self.candidates, list) or not self.candidates:
+        if self.candidates is not None and (not isinstance(self.candidates, list) or not self.candidates):
             raise InputError("candidates must be a non-empty list of method names")
+        if not isinstance(self.large_from, int) or self.large_from < 1:
+            raise InputError(f"large_from must be a positive integer; got {self.large_from!r}")
         from dataclasses import fields
 
         used: set[str] = set()
-        for c in self.candidates:
+        for c in self.pool():
             name, opts = self.candidate_options(c)
             get_method(name).Config.from_dict(opts)  # unknown method / option -> one-line error now
             used |= {f.name for f in fields(get_method(name).Config)}
         unknown = sorted(set(self.forward) - used)
         if unknown:
-            raise InputError(f"unknown option(s) {unknown} for auto and its candidates {self.candidates}")
+            raise InputError(f"unknown option(s) {unknown} for auto and its candidates {self.pool()}")
         if self.criterion not in CRITERIA:
             raise InputError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
 
@@ -94,7 +116,7 @@ class Auto(ClusteringMethod):
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> Auto:
         models, seconds, specs, skipped = [], [], [], {}
-        for spec in self.config.candidates:
+        for spec in self.config.for_size(len(features)):
             name, opts = self.config.candidate_options(spec)
             t0 = time.perf_counter()
             try:
@@ -118,7 +140,7 @@ class Auto(ClusteringMethod):
             for row, s in zip(sel["candidates"], seconds):
                 row["seconds"] = s
         sel["skipped"] = skipped
-        self.chosen_index_ = self.config.candidates.index(sel["chosen"])
+        self.chosen_index_ = self.config.pool().index(sel["chosen"])
         self.chosen_ = models[specs.index(sel["chosen"])]
         self.labels_ = np.asarray(self.chosen_.labels_)
         self.history_ = {"selection": sel, "chosen_history": self.chosen_.history_}
@@ -139,10 +161,10 @@ class Auto(ClusteringMethod):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         idx = state.get("chosen_index")
-        if idx is None or idx.numel() != 1 or not 0 <= int(idx) < len(self.config.candidates):
+        if idx is None or idx.numel() != 1 or not 0 <= int(idx) < len(self.config.pool()):
             raise InputError("not an auto state: chosen_index missing or out of range")
         self.chosen_index_ = int(idx)
-        name, opts = self.config.candidate_options(self.config.candidates[self.chosen_index_])
+        name, opts = self.config.candidate_options(self.config.pool()[self.chosen_index_])
         m = get_method(name)(self.n_clusters, opts)
         m.load_state_dict({k[len("chosen."):]: v for k, v in state.items() if k.startswith("chosen.")})
         self.chosen_ = m
