@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             cands = getattr(m, "candidate_labels_", None) or {}
             for cname, clab in cands.items():  # auto: every candidate's own result, fitted once
                 sub = extras.setdefault(f"{name}:{cname}", {"acc": [], "nmi": [], "crit": [], "chosen": 0})
-                cm = m.chosen_ if cname == m.history_["selection"]["chosen"] else None
+                chosen = cname == m.history_["selection"]["chosen"]
+                cm = m.candidate_models_.get(cname)
                 lab_c = clab if ev == args.fit_split else (cm.predict(xe) if cm is not None else None)
                 if lab_c is not None:
                     sub["acc"].append(float(cluster_acc(ye, lab_c)))
                     sub["nmi"].append(float(nmi(ye, lab_c)))
                 sub["crit"].append(generalization_score(x, clab, seed=0))
-                sub["chosen"] += int(cm is not None)
+                sub["chosen"] += int(chosen)
         rows.append({"row": name, "method": method, "options": opts, "acc": accs, "nmi": nmis, "crit": crits,
                      "seconds": secs})
 

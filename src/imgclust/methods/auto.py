@@ -9,6 +9,15 @@ scores land in ``history_["selection"]`` (hence in ``run.json``); when the run h
 ``imgclust cluster`` adds each candidate's ACC and the Spearman correlation of criterion
 and ACC, so a user sees whether the choice can be trusted.
 
+The candidate set depends on the data size unless ``candidates=[...]`` is given:
+below ``large_from`` (5,000) images ``kmeans`` vs ``spectral-kmeans`` (seconds; UMAP's
+~40 s numba compile would dominate, and on digits spectral is as good as UMAP: 0.899 vs
+0.883 ACC); from 5,000 on ``kmeans`` vs ``umap-kmeans?runs=3&pca=64`` (UMAP on the top 64
+principal components — PCA first cuts UMAP's kNN search ~20x on 1,280-d features — with 3
+seeds combined by consensus, then self-trained on the original features: every candidate's
+final labelling is then linear in the feature space, so the linear-probe criterion compares
+like with like). Measurements: ``docs/notes/issue-18.md``.
+
 Candidates are written ``method`` or ``method?key=value&key=value`` (values parsed as in
 ``--option``), e.g. ``spectral-kmeans?runs=3`` or ``temi?head=mlp&heads=2``.
 """
@@ -113,6 +122,7 @@ class Auto(ClusteringMethod):
         self.chosen_: ClusteringMethod | None = None
         self.chosen_index_: int = -1
         self.candidate_labels_: dict[str, np.ndarray] = {}
+        self.candidate_models_: dict[str, ClusteringMethod] = {}  # fitted this session (not saved): benchmarks
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> Auto:
         models, seconds, specs, skipped = [], [], [], {}
@@ -128,6 +138,7 @@ class Auto(ClusteringMethod):
             models.append(m)
             specs.append(spec)
             self.candidate_labels_[spec] = np.asarray(m.labels_)
+            self.candidate_models_[spec] = m
         if not models:
             raise InputError(f"no auto candidate could run: {skipped}")
         if len(models) == 1 or len(features) < 8:  # nothing to choose, or too few images to score
