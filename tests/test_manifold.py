@@ -111,10 +111,14 @@ def test_auto_picks_its_candidates_by_data_size_and_pca_feeds_the_embedding(digi
     assert cfg.for_size(cfg.large_from) == LARGE_CANDIDATES
     assert cfg.pool()[:len(DEFAULT_CANDIDATES)] == DEFAULT_CANDIDATES  # saved small-data models keep their index
     assert get_method("auto")(10, {"candidates": ["kmeans"]}).config.for_size(10**6) == ["kmeans"]
+    assert (cfg.criterion_for_size(10), cfg.criterion_for_size(cfg.large_from)) == ("generalization", "balanced")
+    assert get_method("auto")(10, {"criterion": "knn"}).config.criterion_for_size(10**6) == "knn"
     x, y = digits_xy
     # small data fits the small set (the large set's UMAP candidate is too slow for a unit test; the rule is above)
     m = get_method("auto")(10).fit(x, FitContext(seed=0, progress=False, work_dir=tmp_path))
     assert [c["name"] for c in m.history_["selection"]["candidates"]] == DEFAULT_CANDIDATES
+    assert m.history_["selection"]["criterion"] == "generalization"
+    assert all("balanced" in c for c in m.history_["selection"]["candidates"])
     ctx = FitContext(seed=0, progress=False, work_dir=tmp_path)
     p = get_method("spectral-kmeans")(10, {"pca": 16, "self_train": False}).fit(x, ctx)
     assert p.history_["pca"] == 16 and p.history_["reduce"][0]["cache"] == "written"
