@@ -127,3 +127,18 @@ def test_auto_picks_its_candidates_by_data_size_and_pca_feeds_the_embedding(digi
     assert p2.history_["reduce"][0]["cache"] == "hit" and np.array_equal(p2.labels_, p.labels_)
     with pytest.raises(InputError):
         get_method("spectral-kmeans")(10, {"pca": -1})
+
+
+def test_auto_large_set_runs_end_to_end_and_reloads(digits_xy, tmp_path):
+    x, y = digits_xy
+    x, y = x[:600], y[:600]
+    m = get_method("auto")(10, {"large_from": 500}).fit(x, FitContext(seed=0, progress=False, work_dir=tmp_path))
+    sel = m.history_["selection"]
+    assert sel["criterion"] == "balanced"
+    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "umap-kmeans?runs=3&pca=64"]
+    best = max(sel["candidates"], key=lambda c: c["balanced"])
+    assert sel["chosen"] == best["name"]
+    assert cluster_acc(y, m.labels_) > 0.75
+    again = get_method("auto")(10, {"large_from": 500})
+    again.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(again.predict(x), m.predict(x))
