@@ -38,6 +38,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "spectral-kmeans": ("spectral-kmeans", {"self_train": False}),
     "umap-kmeans+st": ("umap-kmeans", {}),
     "umap-kmeans-r3+st": ("umap-kmeans", {"runs": 3}),
+    "umap64-kmeans": ("umap-kmeans", {"self_train": False, "pca": 64}),
+    "umap64-kmeans-r3+st": ("umap-kmeans", {"runs": 3, "pca": 64}),
+    "umap64-kmeans-r5+st": ("umap-kmeans", {"runs": 5, "pca": 64}),
     "spectral-kmeans+st": ("spectral-kmeans", {}),
     "spectral-kmeans-r3+st": ("spectral-kmeans", {"runs": 3}),
     "temi": ("temi", {}),
@@ -117,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             cands = getattr(m, "candidate_labels_", None) or {}
             for cname, clab in cands.items():  # auto: every candidate's own result, fitted once
                 sub = extras.setdefault(f"{name}:{cname}", {"acc": [], "nmi": [], "crit": [], "chosen": 0})
-                cm = m.chosen_ if cname == m.history_["selection"]["chosen"] else None
+                chosen = cname == m.history_["selection"]["chosen"]
+                cm = m.candidate_models_.get(cname)
                 lab_c = clab if ev == args.fit_split else (cm.predict(xe) if cm is not None else None)
                 if lab_c is not None:
                     sub["acc"].append(float(cluster_acc(ye, lab_c)))
                     sub["nmi"].append(float(nmi(ye, lab_c)))
                 sub["crit"].append(generalization_score(x, clab, seed=0))
-                sub["chosen"] += int(cm is not None)
+                sub["chosen"] += int(chosen)
         rows.append({"row": name, "method": method, "options": opts, "acc": accs, "nmi": nmis, "crit": crits,
                      "seconds": secs})
 

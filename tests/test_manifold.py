@@ -101,3 +101,44 @@ def test_cli_default_method_is_auto_and_records_the_choice(tmp_path):
     kmeans_acc = sel["candidates"][0]["acc"]
     assert run["metrics"]["acc"] >= kmeans_acc - 0.01  # the default is never more than 1 point below k-means here
     assert "Choice of method" in (out / "report.html").read_text()
+
+
+def test_auto_picks_its_candidates_by_data_size_and_pca_feeds_the_embedding(digits_xy, tmp_path):
+    from imgclust.methods.auto import DEFAULT_CANDIDATES, LARGE_CANDIDATES
+
+    cfg = get_method("auto")(10).config
+    assert cfg.for_size(cfg.large_from - 1) == DEFAULT_CANDIDATES
+    assert cfg.for_size(cfg.large_from) == LARGE_CANDIDATES
+    assert cfg.pool()[:len(DEFAULT_CANDIDATES)] == DEFAULT_CANDIDATES  # saved small-data models keep their index
+    assert get_method("auto")(10, {"candidates": ["kmeans"]}).config.for_size(10**6) == ["kmeans"]
+    assert (cfg.criterion_for_size(10), cfg.criterion_for_size(cfg.large_from)) == ("generalization", "balanced")
+    assert get_method("auto")(10, {"criterion": "knn"}).config.criterion_for_size(10**6) == "knn"
+    x, y = digits_xy
+    # small data fits the small set (the large set's UMAP candidate is too slow for a unit test; the rule is above)
+    m = get_method("auto")(10).fit(x, FitContext(seed=0, progress=False, work_dir=tmp_path))
+    assert [c["name"] for c in m.history_["selection"]["candidates"]] == DEFAULT_CANDIDATES
+    assert m.history_["selection"]["criterion"] == "generalization"
+    assert all("balanced" in c for c in m.history_["selection"]["candidates"])
+    ctx = FitContext(seed=0, progress=False, work_dir=tmp_path)
+    p = get_method("spectral-kmeans")(10, {"pca": 16, "self_train": False}).fit(x, ctx)
+    assert p.history_["pca"] == 16 and p.history_["reduce"][0]["cache"] == "written"
+    assert cluster_acc(y, p.labels_) > 0.8
+    p2 = get_method("spectral-kmeans")(10, {"pca": 16, "self_train": False}).fit(x, ctx)  # PCA is deterministic
+    assert p2.history_["reduce"][0]["cache"] == "hit" and np.array_equal(p2.labels_, p.labels_)
+    with pytest.raises(InputError):
+        get_method("spectral-kmeans")(10, {"pca": -1})
+
+
+def test_auto_large_set_runs_end_to_end_and_reloads(digits_xy, tmp_path):
+    x, y = digits_xy
+    x, y = x[:600], y[:600]
+    m = get_method("auto")(10, {"large_from": 500}).fit(x, FitContext(seed=0, progress=False, work_dir=tmp_path))
+    sel = m.history_["selection"]
+    assert sel["criterion"] == "balanced"
+    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "umap-kmeans?runs=3&pca=64"]
+    best = max(sel["candidates"], key=lambda c: c["balanced"])
+    assert sel["chosen"] == best["name"]
+    assert cluster_acc(y, m.labels_) > 0.75
+    again = get_method("auto")(10, {"large_from": 500})
+    again.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(again.predict(x), m.predict(x))

@@ -23,7 +23,7 @@ def corrupt(y, share, k, seed):
     return out
 
 
-@pytest.mark.parametrize("criterion", ["generalization", "knn", "anmi"])
+@pytest.mark.parametrize("criterion", ["generalization", "knn", "anmi", "balanced"])
 def test_selector_picks_the_clean_clustering(blobs, criterion):
     x, y = blobs
     degenerate = np.where(np.arange(len(y)) < 10, np.arange(len(y)) % 6, 0)  # almost one cluster

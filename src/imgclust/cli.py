@@ -100,7 +100,7 @@ def cluster(
     k: Optional[str] = typer.Option(None, "--k", "-k", help="number of clusters K (>= 2), or 'auto' to choose it from --k-range; required unless --config sets it"),
     k_range: str = typer.Option("2:20", help="candidates for --k auto: lo:hi, lo:hi:step or a list 5,10,20"),
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="feature extractor (see `imgclust backbones`)"),
-    method: str = typer.Option("auto", "--method", "-m", help="clustering method (see `imgclust methods`); default auto: the best of kmeans and spectral-kmeans, chosen without labels"),
+    method: str = typer.Option("auto", "--method", "-m", help="clustering method (see `imgclust methods`); default auto: kmeans vs spectral-kmeans (< 5,000 images) or vs UMAP x3 + consensus + self-training, chosen without labels"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to write (default: a fresh runs/<timestamp>, then linked as runs/latest)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the finished run already in --out (a folder that is not a run is never replaced)"),
     split: Optional[str] = typer.Option(None, help="train | test | all | unlabeled, or a sub-folder name"),

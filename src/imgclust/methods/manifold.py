@@ -42,6 +42,7 @@ from imgclust.refine.selftrain import DEFAULT_LRS, DEFAULT_WDS, LinearClassifier
 @dataclass
 class ManifoldConfig(MethodConfig):
     reduce: str = "umap:10"  # umap:D | spectral:D
+    pca: int = 0  # > 0: PCA (seeded, fixed) to this many dims before the embedding (UMAP's cost ~ N x D)
     n_neighbors: int = 30  # UMAP neighbourhood
     min_dist: float = 0.0  # UMAP (N2D: 0)
     graph_k: int = 15  # spectral: kNN graph degree
@@ -60,6 +61,8 @@ class ManifoldConfig(MethodConfig):
             raise InputError("this method needs reduce=umap:D or spectral:D")
         if self.clusterer not in ("kmeans", "gmm"):
             raise InputError(f"clusterer must be kmeans or gmm; got {self.clusterer!r}")
+        if not isinstance(self.pca, int) or self.pca < 0:
+            raise InputError(f"pca must be a non-negative integer (0 = off); got {self.pca!r}")
         for name in ("n_neighbors", "graph_k", "n_init", "runs", "st_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
@@ -81,6 +84,18 @@ def cluster_embedding(z: np.ndarray, k: int, clusterer: str, n_init: int, seed: 
     from sklearn.cluster import KMeans
 
     return KMeans(k, n_init=n_init, random_state=seed).fit_predict(z)
+
+
+def pca_project(x: np.ndarray, dim: int) -> np.ndarray:
+    """Top-``dim`` principal components of L2-normalised ``x`` (fixed seed: same input -> same
+    output, so the reduce cache hits across the method's seeds). Cosine geometry is kept
+    approximately; the UMAP layout then costs ~dim/D of the full-width kNN search."""
+    from sklearn.decomposition import PCA
+
+    from imgclust.neighbors import l2_normalize
+
+    z = PCA(dim, svd_solver="randomized", random_state=0).fit_transform(l2_normalize(x).astype(np.float64))
+    return np.ascontiguousarray(z, dtype=np.float32)
 
 
 @register_method
@@ -106,19 +121,24 @@ class UMAPKMeans(ClusteringMethod):
         if len(x) < max(k, 4):
             raise InputError(f"K={k} needs at least {max(k, 4)} images for {self.name}; got {len(x)}")
         spec = cfg.spec()
-        if spec.dim >= x.shape[1]:
-            spec = ReduceSpec(spec.kind, max(1, x.shape[1] - 1), spec.n_neighbors, spec.min_dist, spec.metric,
+        self.history_ = {}
+        xr = x
+        if 0 < cfg.pca < min(x.shape):
+            xr = pca_project(x, cfg.pca)
+            self.history_["pca"] = cfg.pca
+        if spec.dim >= xr.shape[1]:
+            spec = ReduceSpec(spec.kind, max(1, xr.shape[1] - 1), spec.n_neighbors, spec.min_dist, spec.metric,
                               spec.graph_k)
         t0 = time.perf_counter()
         runs, infos = [], []
         for r in range(cfg.runs):
-            z, info = reduce_features(x, spec, seed=int(ctx.seed) + r, cache_dir=ctx.work_dir, progress=ctx.progress)
+            z, info = reduce_features(xr, spec, seed=int(ctx.seed) + r, cache_dir=ctx.work_dir, progress=ctx.progress)
             if r == 0:
                 self.embedding_ = z
             runs.append(cluster_embedding(z, k, cfg.clusterer, cfg.n_init, int(ctx.seed) + r))
             infos.append(info)
         self.run_labels_ = np.stack(runs).astype(np.int32)
-        self.history_ = {"reduce": infos, "reduce_cluster_s": round(time.perf_counter() - t0, 3)}
+        self.history_.update({"reduce": infos, "reduce_cluster_s": round(time.perf_counter() - t0, 3)})
         if cfg.runs > 1:
             from imgclust.consensus import consensus
 

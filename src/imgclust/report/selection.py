@@ -14,7 +14,7 @@ def selection_section(run: dict[str, Any]) -> str:
     e = lambda x: html.escape(str(x), quote=True)  # noqa: E731
     cands = sel["candidates"]
     has_acc = any("acc" in c for c in cands)
-    head = ("<tr><th>candidate</th><th>generalization</th><th>kNN</th><th>ANMI</th><th>s</th>"
+    head = ("<tr><th>candidate</th><th>generalization</th><th>kNN</th><th>ANMI</th><th>balanced</th><th>s</th>"
             + ("<th>ACC</th><th>NMI</th>" if has_acc else "") + "</tr>")
 
     def f(v: Any) -> str:
@@ -23,7 +23,7 @@ def selection_section(run: dict[str, Any]) -> str:
     trs = []
     for c in cands:
         cls = ' class="pick"' if c["name"] == sel.get("chosen") else ""
-        tds = "".join(f"<td>{f(c.get(k))}</td>" for k in ("generalization", "knn", "anmi", "seconds"))
+        tds = "".join(f"<td>{f(c.get(k))}</td>" for k in ("generalization", "knn", "anmi", "balanced", "seconds"))
         if has_acc:
             tds += f"<td>{f(c.get('acc'))}</td><td>{f(c.get('nmi'))}</td>"
         trs.append(f"<tr{cls}><td>{e(c['name'])}</td>{tds}</tr>")
@@ -33,5 +33,6 @@ def selection_section(run: dict[str, Any]) -> str:
         if rho is not None else " (Too few candidates for a rank correlation with ACC.)")
     return (f'<section id="selection"><h2>Choice of method: {e(sel.get("chosen"))}</h2>'
             f'<p>Chosen without labels by the <b>{e(sel.get("criterion"))}</b> criterion (imgclust.select: held-out, '
-            f'chance-corrected agreement of a linear classifier with each candidate\'s clusters).{e(trust)}</p>'
+            f'chance-corrected agreement of a linear classifier (generalization) or of the 10 nearest neighbours (kNN) '
+            f'with each candidate\'s clusters; balanced = their mean).{e(trust)}</p>'
             f'<table class="num">{head}{"".join(trs)}</table></section>')
