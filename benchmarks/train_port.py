@@ -7,7 +7,7 @@ saves the labels, so two checkouts can be compared label for label::
     PYTHONPATH=/path/to/old/src python benchmarks/train_port.py --out /tmp/before
     PYTHONPATH=src              python benchmarks/train_port.py --out /tmp/after --compare /tmp/before
 
-``--source digits --backbone pixels --image-size 8`` runs on scikit-learn's digits instead of
+``--source digits --split train --backbone pixels --image-size 8`` runs on scikit-learn's digits instead of
 CIFAR-10 test (the default: ``$IMGCLUST_SHARED/data/cifar10-jpg.tar.gz``, EfficientNet-Lite0
 features from the cache). No checkpoint is written (no work directory).
 """
