@@ -27,16 +27,27 @@ def _digits(crash_at=None):
                 os._exit(9)  # what SIGKILL / the OOM killer does: no cleanup at all
             return super().read(i)
 
-    return Src((d.images * 255 / 16).astype(np.uint8), d.target, name="digits")
+    return Src((d.images[:512] * 255 / 16).astype(np.uint8), d.target[:512], name="digits512")
 
 
 def extract(args):
     from imgclust.backbones import build_backbone
     from imgclust.features import extract_features
 
-    crash = args.get("crash_at") if int(os.environ.get("RANK", "0")) == args.get("crash_rank", -1) else None
-    fs = extract_features(_digits(crash), build_backbone("efficientnet-lite0", image_size=32),
-                          cache_dir=args["cache"], batch_size=64, chunk_rows=128, progress=False, engine="torch")
+    if int(os.environ.get("RANK", "0")) == args.get("crash_rank", -1):
+        import imgclust.features_dist as fd
+
+        record, calls = fd._record, []
+
+        def record_then_die(*a, **k):  # killed (os._exit: no cleanup, like SIGKILL) after N flushed chunks
+            record(*a, **k)
+            calls.append(1)
+            if len(calls) == args["crash_after_chunks"]:
+                os._exit(9)
+
+        fd._record = record_then_die
+    fs = extract_features(_digits(), build_backbone("efficientnet-lite0", image_size=32),
+                          cache_dir=args["cache"], batch_size=64, chunk_rows=64, progress=False, engine="torch")
     return {"sha256": fs.sha256, "rows_computed": fs.rows_computed, "resumed_from": fs.resumed_from,
             "status": fs.cache_status, "path": str(fs.path)}
 
