@@ -53,22 +53,39 @@ def extract(args):
 
 
 def prior(args):
-    from imgclust.heads.dist_stats import global_batch_prior_update
-
-    g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(args["global_batch"], args["k"], generator=g), dim=1)
+    """temi_loss on this rank's slice of one fixed global batch: the prior and the SK-centred teacher."""
+    from imgclust.heads.temi import temi_loss
     from imgclust.train import dist
 
-    mine = probs[list(dist.shard(len(probs)))]
-    prior = torch.full((args["k"],), 1.0 / args["k"])
-    out = global_batch_prior_update(prior, mine, momentum=0.9)
-    return {"prior": out.tolist()}
+    g = torch.Generator().manual_seed(0)
+    h, b, k = 3, args["global_batch"], args["k"]
+    s_all = torch.randn(h, 2, b, k, generator=g)
+    t_all = torch.randn(h, 2, b, k, generator=g) * 3
+    prior = torch.softmax(torch.randn(h, k, generator=g), -1)
+    mine = dist.shard(b)
+    s_mine = s_all[:, :, mine.start:mine.stop].clone().requires_grad_(True)
+    out = temi_loss(s_mine, t_all[:, :, mine.start:mine.stop], prior, sinkhorn_iters=3, ce_weight=0.5)
+    out.loss.backward()
+    grad = s_mine.grad.contiguous()
+    grad_all = dist.all_gather_cat(grad, dim=2) / dist.world_size()  # each rank's loss is a mean over its rows
+    return {"prior": out.prior.tolist(), "grad": grad_all.tolist(),
+            "loss": float(dist.all_reduce_mean(out.loss.detach().clone()))}
 
 
 def heads(args):
-    from imgclust.heads.dist_train import fit_heads_for_test
+    """TEMI / ICCE heads on the 1,797 digits (64-d pixel features), 1 or 2 processes, same global batch."""
+    from sklearn.datasets import load_digits
 
-    return fit_heads_for_test(args)
+    import imgclust.methods  # noqa: F401  (registers the methods)
+    from imgclust.methods.base import FitContext, get_method
+
+    x = load_digits().data.astype(np.float32)
+    m = get_method(args["method"])(10, args["config"])
+    m.fit(x, FitContext(seed=0, progress=False))
+    st = m.state_dict()
+    return {"labels": m.labels_.tolist(), "head_losses": [float(v) for v in m.head_losses_],
+            "best_head": m.best_head_, "prior": m.prior_.tolist(),
+            "teacher": {k: v.tolist() for k, v in st.items() if k.startswith("teacher.") and v.is_floating_point()}}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def start_ranks(task: str, args: dict, out: Path, world: int) -> list[subprocess
     return procs
 
 
-def run_ranks(task: str, args: dict, out: Path, world: int, timeout: float = 120) -> dict:
+def run_ranks(task: str, args: dict, out: Path, world: int, timeout: float = 900) -> dict:
     """Run ``task`` on ``world`` ranks to completion; rank 0's result."""
     procs = start_ranks(task, args, out, world)
     logs = []

@@ -44,6 +44,12 @@ ICCE additions (ICCE paper, sec. 3.1):
   the TEMI term. The total per head is ``L_h + lambda(t) * CE_h`` with lambda raised from 0
   on a cosine schedule (:func:`cosine_ramp`), because early teacher predictions are
   unreliable.
+
+Data-parallel (issue 20): under ``torchrun`` each rank passes its B_r rows of the global batch;
+the teacher logits of all ranks are all-gathered so the prior EMA and the Sinkhorn-Knopp
+marginals are those of the global batch (tested equal to one process on the same batch); the
+agreement weight is per pair and the loss a per-rank mean, so averaging gradients over ranks
+(``dist.all_reduce_grads``) gives the global batch's gradient when every rank has as many rows.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from imgclust.train import dist
 
 PRIOR_FLOOR = 1e-12  # pi_k is clamped here before the log/division (reference divides by it as is)
 
@@ -155,10 +163,17 @@ def temi_loss(
                          f"and {tuple(teacher_logits.shape)}")
     log_ps = F.log_softmax(student_logits.float() / student_temp, dim=-1)
     with torch.no_grad():
-        log_pt = teacher_log_probs(teacher_logits.detach(), teacher_temp, sinkhorn_iters)
+        # --- issue 20: data-parallel. The teacher's batch statistics (Sinkhorn-Knopp marginals,
+        # the prior's batch mean) span the GLOBAL batch: every rank's teacher logits are gathered
+        # (H x 2 x B x K floats, small next to the features), the statistics computed on all of
+        # them, and this rank keeps its own rows. One process: the identity.
+        t_all = dist.all_gather_cat(teacher_logits.detach(), dim=2)
+        log_pt_all = teacher_log_probs(t_all, teacher_temp, sinkhorn_iters)
+        new_prior = update_prior(prior.detach(), log_pt_all.exp(), prior_momentum)
+        b = teacher_logits.shape[2]
+        log_pt = log_pt_all[:, :, dist.rank() * b:(dist.rank() + 1) * b] if t_all is not teacher_logits else log_pt_all
         pt = log_pt.exp()
-        new_prior = update_prior(prior.detach(), pt, prior_momentum)
-        weight = agreement_weight(pt)
+        weight = agreement_weight(pt)  # per pair: nothing to reduce
         log_pt_other = log_pt.flip(1)  # the teacher on the other view of each pair
         log_prior = new_prior.clamp(min=PRIOR_FLOOR).log()[:, None, None, :]
     pmi = torch.logsumexp(beta * (log_ps + log_pt_other) - log_prior, dim=-1)  # (H, 2, B)

@@ -51,6 +51,7 @@ from imgclust.heads.mlp import MultiHeadMLP, build_heads
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
 from imgclust.progress import progress_bar
+from imgclust.train import dist
 
 
 @dataclass
@@ -183,6 +184,13 @@ class TEMI(ClusteringMethod):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         bs = min(cfg.batch_size, n)
         steps_per_epoch = n // bs  # drop the last incomplete batch, as TEMI's loader
+        # --- issue 20: data-parallel under torchrun: every rank draws the same global batch (same
+        # generator) and trains on its slice; gradients averaged (heads/temi.py gathers the statistics).
+        world = dist.world_size()
+        if bs % world:
+            raise InputError(f"{self.name}: batch size {bs} must be a multiple of the {world} processes")
+        mine = dist.shard(bs)
+        bl = len(mine)
         total = steps_per_epoch * cfg.epochs
         lr_at = _cosine_schedule(cfg.lr, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch)
         prior = torch.full((cfg.heads, self.n_clusters), 1.0 / self.n_clusters, device=device)
@@ -204,17 +212,19 @@ class TEMI(ClusteringMethod):
             for it in range(steps_per_epoch):
                 rows = perm[it * bs:(it + 1) * bs]
                 pair = sample_neighbors(indptr, indices, rows, gen)
+                rows, pair = rows[mine.start:mine.stop], pair[mine.start:mine.stop]  # issue 20: this rank's slice
                 xb = x[torch.cat([rows, pair]).to(device)]  # view 0: images, view 1: their neighbours
                 for g in opt.param_groups:
                     g["lr"] = float(lr_at[step])
-                s_logits = student(xb).reshape(cfg.heads, 2, bs, self.n_clusters)
+                s_logits = student(xb).reshape(cfg.heads, 2, bl, self.n_clusters)
                 with torch.no_grad():
-                    t_logits = teacher(xb).reshape(cfg.heads, 2, bs, self.n_clusters)
+                    t_logits = teacher(xb).reshape(cfg.heads, 2, bl, self.n_clusters)
                 out = temi_loss(s_logits, t_logits, prior, student_temp=cfg.student_temp,
                                 teacher_temp=cfg.teacher_temp, beta=cfg.beta, prior_momentum=cfg.prior_momentum,
                                 sinkhorn_iters=sk_iters, ce_weight=cosine_ramp(step, total, cfg.ce_weight))
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
+                dist.all_reduce_grads(student.parameters())  # issue 20 (no-op in one process)
                 opt.step()
                 ema_update_(teacher, student, cfg.momentum)
                 prior = out.prior
@@ -222,6 +232,7 @@ class TEMI(ClusteringMethod):
                 pmi_sum += float(out.pmi.mean())
                 ce_sum += float(out.ce.mean())
                 step += 1
+            dist.all_reduce_mean(head_sum)  # issue 20: every rank picks the same best head
             head_mean = (head_sum / steps_per_epoch).cpu().numpy()
             if not np.isfinite(head_mean).all():
                 raise InputError(f"{self.name}: the loss became non-finite; lower lr (now {cfg.lr}) or check the features")
