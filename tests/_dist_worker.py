@@ -54,7 +54,7 @@ def extract(args):
 
 def prior(args):
     """temi_loss on this rank's slice of one fixed global batch: the prior and the SK-centred teacher."""
-    from imgclust.heads.temi import temi_loss
+    from imgclust.losses.temi import temi_loss
     from imgclust.train import dist
 
     g = torch.Generator().manual_seed(0)

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
-from imgclust.heads import (
-    MultiHeadClassifier,
+from imgclust.heads import MultiHeadClassifier, ema_update_
+from imgclust.losses.temi import (
     agreement_weight,
     cosine_ramp,
-    ema_update_,
     pseudo_label_ce,
     sinkhorn_knopp,
     teacher_log_probs,

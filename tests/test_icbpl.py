@@ -9,7 +9,8 @@ import torch
 
 from imgclust import ImageClusterer
 from imgclust.errors import InputError
-from imgclust.heads.icbpl_losses import (
+from imgclust.heads.pedcc import build_pedcc
+from imgclust.losses.icbpl import (
     aug_cosine_loss,
     icbpl_loss,
     knn_cosine_loss,
@@ -17,7 +18,6 @@ from imgclust.heads.icbpl_losses import (
     mmd_loss,
     tile_centroids,
 )
-from imgclust.heads.pedcc import build_pedcc
 from imgclust.methods import FitContext, available_methods, get_method
 from imgclust.methods.icbpl import _fixed_neighbors, _overlap
 from imgclust.metrics import cluster_acc

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from imgclust import ImageClusterer
 from imgclust.errors import InputError
-from imgclust.heads.spice import (
-    MultiHeadMLP,
+from imgclust.heads.spice import MultiHeadMLP
+from imgclust.losses.spice import (
     cluster_loss,
     double_softmax_ce,
     dsce_bounds,

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from imgclust.errors import InputError
+from imgclust.train.optim import ema_update_  # noqa: F401  (the one EMA update; re-exported here)
 
 NORMS = ("none", "l2", "standardize", "batchnorm")
 
@@ -102,15 +103,3 @@ class MultiHeadClassifier(SharedInputNorm):
     def forward_head(self, x: torch.Tensor, head: int) -> torch.Tensor:
         """Logits of one head: (B, K)."""
         return torch.addmm(self.bias[head], self.normalize(x), self.weight[head])
-
-
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student, for every parameter (one fused call).
-
-    Buffers (BatchNorm running statistics) are not averaged: the teacher, like TEMI's, runs in
-    training mode on the same batches and keeps its own.
-    """
-    t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
-    torch._foreach_lerp_(t, s, 1.0 - float(momentum))

@@ -1,41 +1,11 @@
-"""SPICE-Self: batched MLP heads, prototype pseudo-labelling and the double-softmax CE, as pure functions.
+"""SPICE-Self's heads: H two-layer MLP heads as one batched module (SPICE, Niu et al., IEEE TIP 2022).
 
-Notation of the SPICE paper (Niu et al., "SPICE: Semantic Pseudo-labeling for Image
-Clustering", IEEE TIP 2022), section 3.2. For a pool of M images with embeddings
-F = [f_i] (M x D; here the L2-normalised frozen features of the original images) and head
-predictions P = [P_ic] (M x k) on their weakly augmented views:
-
-Eq. (1), the n_t = r M / k most confident samples of each cluster (r = 0.5)::
-
-    id_c = indices of the n_t largest P_ic over i
-
-Eq. (2), the cluster prototypes::
-
-    gamma_c = (1 / n_t) sum_{i in id_c} f_i
-
-Eq. (3), pseudo-labels: the n = M / k samples most cosine-similar to gamma_c get label c.
-With *overlap* assignment (the paper's default, better in its Table 4) a sample may be
-among the nearest of several prototypes and then appears once per label; with
-*non-overlap* assignment every sample gets at most one label (clusters take their nearest
-free samples in turn, in a random order per pool, as the reference code's
-``select_samples_v2`` does in the fixed order 0..k-1).
-
-Eq. (4), the double-softmax cross-entropy on the labelled strong views (mini-batch m_2)::
-
-    p_i  = softmax(z_i)              (the head's output, z_i its logits)
-    p'_i = softmax(p_i)              = e^{p_i} / sum_j e^{p_j}
-    L_DSCE = -(1 / m_2) sum_i log p'_{i, L_i}
-
-Since p_i in [0, 1], p'_ic lies in [1 / (k - 1 + e), e / (k - 1 + e)], so each term lies in
-[log(k - 1 + e) - 1, log(k - 1 + e)] and never reaches 0: the loss keeps pushing p_i
-towards one-hot. The ablation variants (paper Table 4): plain CE on z, and CE on z / T
-(temperature CE, T = 0.2).
-
-The heads: SPICE's CLSHead is an MLP Linear(D, E) - ReLU - Linear(E, k) with a softmax
-output (reference ``mlp.py``: E = D = 512 for its MoCo features). :class:`MultiHeadMLP`
-holds H such heads as stacked weights, so H heads cost two batched matrix products
-(``einsum``), never a Python loop over heads. Each head is trained on *its own* pseudo-
-labelled samples, so the training input is per head, (H, B, D).
+SPICE's CLSHead is an MLP Linear(D, E) - ReLU - Linear(E, k) with a softmax output (reference
+``mlp.py``: E = D = 512 for its MoCo features). :class:`MultiHeadMLP` holds H such heads as
+stacked weights, so H heads cost two batched matrix products (``einsum``), never a Python loop
+over heads. Each head is trained on *its own* pseudo-labelled samples, so the training input
+is per head, (H, B, D). The losses and the prototype pseudo-labelling are pure functions in
+:mod:`imgclust.losses.spice`.
 """
 
 from __future__ import annotations
@@ -48,7 +18,6 @@ from torch import nn
 
 from imgclust.errors import InputError
 
-LOSSES = ("dsce", "ce", "tce")
 HEAD_NORMS = ("none", "l2", "standardize")
 
 
@@ -112,85 +81,3 @@ class MultiHeadMLP(nn.Module):
         """Logits of one head for shared inputs (B, D): (B, K)."""
         h = F.relu(torch.addmm(self.b1[head], self.normalize(x), self.w1[head]))
         return torch.addmm(self.b2[head], h, self.w2[head])
-
-
-# --------------------------------------------------------------------------- losses
-def double_softmax_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample DS-CE, Eq. (4): -log softmax(softmax(z))[L]; logits (..., K), targets (...) -> (...)."""
-    p = torch.softmax(logits.float(), dim=-1)
-    return -torch.log_softmax(p, dim=-1).gather(-1, targets[..., None].long()).squeeze(-1)
-
-
-def dsce_bounds(n_clusters: int) -> tuple[float, float]:
-    """The range of one DS-CE term: [log(k - 1 + e) - 1, log(k - 1 + e)] (paper, after Eq. (4))."""
-    c = math.log(n_clusters - 1 + math.e)
-    return c - 1.0, c
-
-
-def cluster_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "dsce", temperature: float = 0.2) -> torch.Tensor:
-    """Per-sample loss of SPICE-Self's training step: ``dsce`` (default), ``ce`` or ``tce`` (CE on z / T)."""
-    if kind == "dsce":
-        return double_softmax_ce(logits, targets)
-    if kind == "ce":
-        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten().long(), reduction="none").view(targets.shape)
-    if kind == "tce":
-        z = logits.float() / temperature
-        return F.cross_entropy(z.flatten(0, -2), targets.flatten().long(), reduction="none").view(targets.shape)
-    raise InputError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}")
-
-
-def cluster_probs(logits: torch.Tensor, kind: str = "dsce", temperature: float = 0.2) -> torch.Tensor:
-    """The head's cluster probabilities p: softmax(z), or softmax(z / T) for the temperature CE."""
-    z = logits.float() / temperature if kind == "tce" else logits.float()
-    return torch.softmax(z, dim=-1)
-
-
-# --------------------------------------------------------------------------- pseudo-labels
-def prototypes(probs: torch.Tensor, embeddings: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
-    """Eqs. (1)-(2): per head, the mean embedding of each cluster's n_t = r M / k most confident samples.
-
-    ``probs`` (H, M, K), ``embeddings`` (M, D) -> prototypes (H, K, D). Computed as one matrix
-    product with a (H*K, M) averaging matrix, so memory stays O(H K M + K D) even for M = N.
-    """
-    h, m, k = probs.shape
-    n_t = max(1, min(m, int(ratio * m / k)))
-    top = probs.topk(n_t, dim=1).indices  # (H, n_t, K): the n_t largest P_ic per (head, cluster)
-    weights = torch.zeros(h, k, m, dtype=embeddings.dtype, device=embeddings.device)
-    weights.scatter_(2, top.permute(0, 2, 1), 1.0 / n_t)
-    return torch.einsum("hkm,md->hkd", weights, embeddings)
-
-
-def prototype_pseudo_labels(
-    probs: torch.Tensor,
-    embeddings: torch.Tensor,
-    ratio: float = 0.5,
-    overlap: bool = True,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (3): the n = M // k samples nearest (cosine) to each prototype get its label.
-
-    ``probs`` (H, M, K) head predictions on the pool's weak views; ``embeddings`` (M, D)
-    L2-normalised features of the original images. Returns ``(index, label)``, each (H, K*n)
-    int64: position in the pool and pseudo-label, grouped by cluster (label c occupies
-    columns c*n .. (c+1)*n - 1). With ``overlap=False`` a sample is labelled at most once per
-    head: the clusters take their nearest free samples in turn, in a random cluster order
-    (``generator``).
-    """
-    h, m, k = probs.shape
-    n = max(1, m // k)
-    gamma = F.normalize(prototypes(probs, embeddings, ratio), dim=-1)
-    sim = torch.einsum("hkd,md->hkm", gamma, embeddings)  # cosine similarity (embeddings are unit rows)
-    labels = torch.arange(k, device=probs.device).repeat_interleave(n).expand(h, k * n)
-    if overlap:
-        idx = sim.topk(n, dim=2).indices  # (H, K, n)
-        return idx.reshape(h, k * n), labels.clone()
-    order = torch.randperm(k, generator=generator).tolist()
-    taken = torch.zeros(h, m, dtype=torch.bool, device=probs.device)
-    idx = torch.empty(h, k, n, dtype=torch.long, device=probs.device)
-    heads = torch.arange(h, device=probs.device)[:, None]
-    for c in order:  # K small steps, each vectorised over heads
-        s = sim[:, c].masked_fill(taken, float("-inf"))
-        pick = s.topk(min(n, m), dim=1).indices
-        idx[:, c] = pick
-        taken[heads, pick] = True
-    return idx.reshape(h, k * n), labels.clone()

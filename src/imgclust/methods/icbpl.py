@@ -10,7 +10,7 @@ pairwise cosine -1/(K-1), when d >= K - 1). Training minimises eq. (7),
     L = lambda1 MMD^2({z, z~}, PEDCC) + lambda2 mean d(z, z~) + lambda3 mean_m d(z, z_m)
         + lambda4 mean min_j d(z, c_j),                    d(a, b) = 1 - cos(a, b),
 
-(:mod:`imgclust.heads.icbpl_losses`): Loss1 pulls the batch distribution onto the K points
+(:mod:`imgclust.losses.icbpl`): Loss1 pulls the batch distribution onto the K points
 (uniformly, so clusters stay balanced), Loss2 makes an image and its augmented view agree,
 Loss3 pulls an image towards its k = 4 nearest neighbours (Table 4: k = 4 best), Loss4 pulls
 each feature onto its nearest centre. Neighbours are mined on the pretrained features, then
@@ -99,8 +99,8 @@ from imgclust.backbones.finetune import finetuned_copy, trainable_parameters
 from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
-from imgclust.heads.icbpl_losses import icbpl_loss
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
+from imgclust.losses.icbpl import icbpl_loss
 from imgclust.methods.base import (
     ClusteringMethod,
     FitContext,
@@ -109,6 +109,9 @@ from imgclust.methods.base import (
 )
 from imgclust.neighbors import load_or_mine_neighbors, mine_neighbors
 from imgclust.progress import progress_bar
+from imgclust.train.checkpoint import Checkpoint, data_digest
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.train.optim import build_optimizer
 
 FINETUNE = ("head", "last_blocks", "all")
 AUGS = ("feature", "views")
@@ -147,8 +150,11 @@ class ICBPLConfig(MethodConfig):
     weight_decay: float = 0.0
     temperature: float = 0.1  # predict_proba: softmax(cos / temperature)
     image_size: int | None = None  # fine-tuning modes / view bank: input size (default: the backbone's)
+    checkpoint: bool = True  # save every epoch under the fit's work dir; a killed run resumes there
 
     def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, bool):
+            raise InputError(f"checkpoint must be true or false; got {self.checkpoint!r}")
         for name, allowed in (("finetune", FINETUNE), ("aug", AUGS), ("pedcc", PEDCC_METHODS)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -301,29 +307,9 @@ class ICBPL(ClusteringMethod):
                              mean_epoch_s=round(float(np.mean(self.history_["epoch_s"])), 4))
         return self
 
-    def _step(self, z: torch.Tensor, b: int, centroids: torch.Tensor, weights: tuple[float, float, float, float],
-              opt: torch.optim.Optimizer, sums: dict[str, float]) -> None:
-        """One optimiser step on latents ``z`` = [b images; b augmented views; b x m neighbours]; adds the
-        loss terms to ``sums``."""
-        out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
-                         self.config.kernel_mul, self.config.kernel_num)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        for key in ("loss", "mmd", "aug", "knn", "pedcc"):
-            sums[key] += float(getattr(out, key).detach())
-
     def _weights(self) -> tuple[float, float, float, float]:
         c = self.config
         return (float(c.mmd_weight), float(c.aug_weight), float(c.knn_weight), float(c.pedcc_weight))
-
-    def _record(self, sums: dict[str, float], steps: int, t_epoch: float) -> None:
-        h = self.history_
-        for key, hk in (("loss", "loss"), ("mmd", "mmd"), ("aug", "aug"), ("knn", "knn"), ("pedcc", "pedcc_loss")):
-            h[hk].append(sums[key] / max(steps, 1))
-        h["epoch_s"].append(round(time.perf_counter() - t_epoch, 4))
-        if not np.isfinite(h["loss"][-1]):
-            raise InputError(f"icbpl: the loss became non-finite; lower lr (now {self.config.lr})")
 
     def _draw_neighbors(self, nbrs: np.ndarray, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(B, m) neighbour indices for Loss3: all k when ``neighbors_per_step`` >= k, else m drawn
@@ -335,10 +321,45 @@ class ICBPL(ClusteringMethod):
         pick = torch.randint(nb.shape[1], (len(rows), m), generator=gen)
         return torch.gather(nb, 1, pick)
 
-    def _refresh(self, z_all: np.ndarray, old: np.ndarray, seed: int) -> np.ndarray:
-        new = _fixed_neighbors(z_all, self.config.k, None, seed, False, cached=False)
-        self.history_["refresh_overlap"].append(round(_overlap(old, new), 4))
-        return new
+    def _train(self, model: nn.Module, head: Projection, opt: torch.optim.Optimizer, n: int, nbrs: np.ndarray,
+               ctx: FitContext, gen: torch.Generator, centroids: torch.Tensor, x_np: np.ndarray, label: str,
+               encode, latents) -> np.ndarray:
+        """The epochs of both modes in the shared loop: neighbour refresh at an epoch's start, batches
+        without replacement (the last incomplete one dropped: the MMD target is the PEDCC tiled to 2B),
+        eq. (7) per step. ``latents(rows, nbrs, info)`` -> z = [B images; B views; B x m neighbours]."""
+        cfg = self.config
+        bs = min(cfg.batch_size, n)
+        steps = n // bs
+        weights = self._weights()
+        state = {"nbrs": torch.from_numpy(np.ascontiguousarray(nbrs)), "refresh_overlap": []}
+
+        def batches(epoch: int):
+            if cfg.refresh_every and epoch > 0 and epoch % cfg.refresh_every == 0:
+                new = _fixed_neighbors(encode(), cfg.k, None, ctx.seed + epoch, False, cached=False)
+                state["refresh_overlap"].append(round(_overlap(state["nbrs"].numpy(), new), 4))
+                state["nbrs"] = torch.from_numpy(np.ascontiguousarray(new))
+            head.train()
+            perm = torch.randperm(n, generator=gen)
+            return (perm[it * bs:(it + 1) * bs] for it in range(steps))
+
+        def step(rows: torch.Tensor, info: StepInfo):
+            z = latents(rows, state["nbrs"].numpy(), info)
+            b = len(rows)
+            out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
+                             cfg.kernel_mul, cfg.kernel_num)
+            return out.loss, {"mmd": out.mmd, "aug": out.aug, "knn": out.knn, "pedcc": out.pedcc}
+
+        ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=self.n_clusters,
+                                 seed=int(ctx.seed), opts=cfg.to_dict(), data=data_digest(x_np))
+        res = run_loop(model, step, batches, LoopSpec(cfg.epochs, label, option="lr", option_value=cfg.lr,
+                                                      progress=ctx.progress),
+                       optimizer=opt, generators=[gen], state=state, checkpoint=ckpt)
+        h = self.history_
+        for key, hk in (("loss", "loss"), ("mmd", "mmd"), ("aug", "aug"), ("knn", "knn"), ("pedcc", "pedcc_loss")):
+            h[hk] = res.history.get(key, [])
+        h.update(epoch_s=res.epoch_s, refresh_overlap=state["refresh_overlap"], resumed_from_epoch=res.resumed_from,
+                 checkpoint=None if ckpt.path is None else str(ckpt.path))
+        return state["nbrs"].numpy()
 
     def _fit_head(self, x_np: np.ndarray, head: Projection, centroids: torch.Tensor, nbrs: np.ndarray,
                   ctx: FitContext, gen: torch.Generator, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -346,34 +367,21 @@ class ICBPL(ClusteringMethod):
         n = len(x_np)
         x = head.standardize(torch.from_numpy(x_np if x_np.flags.writeable else x_np.copy()).to(device))
         bank = self._view_bank(x_np, ctx) if cfg.aug == "views" else None  # (V, N, D), rows read per batch
-        opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        bs = min(cfg.batch_size, n)
-        steps = n // bs  # drop the last incomplete batch: the MMD target is the PEDCC tiled to 2B
-        weights = self._weights()
-        bar = progress_bar(cfg.epochs, "icbpl", unit="epoch", enable=ctx.progress)
-        for epoch in range(cfg.epochs):
-            if cfg.refresh_every and epoch > 0 and epoch % cfg.refresh_every == 0:
-                nbrs = self._refresh(self._encode_standardized(head, x), nbrs, ctx.seed + epoch)
-            head.train()
-            t_epoch = time.perf_counter()
-            sums = dict.fromkeys(("loss", "mmd", "aug", "knn", "pedcc"), 0.0)
-            perm = torch.randperm(n, generator=gen)
-            for it in range(steps):
-                rows = perm[it * bs:(it + 1) * bs]
-                xb = x[rows.to(device)]
-                if bank is None:
-                    xa = feature_view(xb, cfg.feature_dropout, cfg.feature_noise, gen)
-                else:
-                    v = torch.randint(bank.shape[0], (len(rows),), generator=gen).numpy()
-                    xa = torch.from_numpy(np.asarray(bank[v, rows.numpy()], dtype=np.float32)).to(device)
-                    xa = head.standardize(xa)
-                xn = x[self._draw_neighbors(nbrs, rows, gen).reshape(-1).to(device)]
-                z = head(torch.cat([xb, xa, xn]), standardized=True)
-                self._step(z, len(rows), centroids, weights, opt, sums)
-            self._record(sums, steps, t_epoch)
-            bar.set_postfix(loss=f"{self.history_['loss'][-1]:.4f}")
-            bar.update(1)
-        bar.close()
+        # ICBPC's reference decays every parameter (plain Adam): kept, so no no-decay rule here
+        opt = build_optimizer("adam", [{"params": list(head.parameters())}], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def latents(rows: torch.Tensor, nbrs: np.ndarray, info: StepInfo) -> torch.Tensor:
+            xb = x[rows.to(device)]
+            if bank is None:
+                xa = feature_view(xb, cfg.feature_dropout, cfg.feature_noise, gen)
+            else:
+                v = torch.randint(bank.shape[0], (len(rows),), generator=gen).numpy()
+                xa = head.standardize(torch.from_numpy(np.asarray(bank[v, rows.numpy()], dtype=np.float32)).to(device))
+            xn = x[self._draw_neighbors(nbrs, rows, gen).reshape(-1).to(device)]
+            return head(torch.cat([xb, xa, xn]), standardized=True)
+
+        nbrs = self._train(head, head, opt, n, nbrs, ctx, gen, centroids, x_np, "icbpl",
+                           lambda: self._encode_standardized(head, x), latents)
         return self._encode_standardized(head, x), nbrs
 
     @torch.no_grad()
@@ -464,40 +472,27 @@ class ICBPL(ClusteringMethod):
         size = cfg.image_size or backbone.preprocess.size
         images = ImageBatches(source, rows, size, backbone.preprocess, ctx.extras.get("workers"))
         aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
-        opt = torch.optim.Adam([{"params": list(head.parameters()), "lr": cfg.lr},
-                                {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],
-                               weight_decay=cfg.weight_decay)
-        bs = min(cfg.batch_size, n)
-        steps = n // bs
-        weights = self._weights()
+        opt = build_optimizer("adam", [{"params": list(head.parameters()), "lr": cfg.lr},
+                                       {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],
+                              lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_params = sum(p.numel() for _, p in train_params)
         self.history_.update(finetune_params=int(n_params), image_size=int(size))
-        img_s: list[float] = []
-        bar = progress_bar(cfg.epochs, f"icbpl {cfg.finetune}", unit="epoch", enable=ctx.progress)
         with ThreadPoolExecutor(max_workers=images.workers) as pool:
-            for epoch in range(cfg.epochs):
-                if cfg.refresh_every and epoch > 0 and epoch % cfg.refresh_every == 0:
-                    nbrs = self._refresh(self._encode_images(bb, head, images, pool, x_np, device), nbrs,
-                                         ctx.seed + epoch)
-                head.train()
-                t_epoch = time.perf_counter()
-                sums = dict.fromkeys(("loss", "mmd", "aug", "knn", "pedcc"), 0.0)
-                perm = torch.randperm(n, generator=gen)
-                for it in range(steps):
-                    r = perm[it * bs:(it + 1) * bs]
-                    pair = self._draw_neighbors(nbrs, r, gen).reshape(-1)
-                    img, _ = images.batch(torch.cat([r, pair]).numpy(), pool)
-                    b = len(r)
-                    xa = seeded_augment(aug, img[:b], int(ctx.seed) * 1_000_003 + epoch * 100_003 + it)
-                    inp = images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device)
-                    self._step(head(bb(inp)), b, centroids, weights, opt, sums)
-                self._record(sums, steps, t_epoch)
-                img_s.append(3 * steps * bs / max(self.history_["epoch_s"][-1], 1e-9))
-                bar.set_postfix(loss=f"{self.history_['loss'][-1]:.4f}")
-                bar.update(1)
+
+            def latents(r: torch.Tensor, nbrs: np.ndarray, info: StepInfo) -> torch.Tensor:
+                pair = self._draw_neighbors(nbrs, r, gen).reshape(-1)
+                img, _ = images.batch(torch.cat([r, pair]).numpy(), pool)
+                b = len(r)
+                xa = seeded_augment(aug, img[:b], int(ctx.seed) * 1_000_003 + info.epoch * 100_003 + info.it)
+                return head(bb(images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device)))
+
+            both = nn.ModuleDict({"head": head, "backbone": bb})  # bb stays in eval mode (set above)
+            nbrs = self._train(both, head, opt, n, nbrs, ctx, gen, centroids, x_np, f"icbpl {cfg.finetune}",
+                               lambda: self._encode_images(bb, head, images, pool, x_np, device), latents)
             z_all = self._encode_images(bb, head, images, pool, x_np, device)
-        bar.close()
-        self.history_["train_images_per_s"] = [round(v, 2) for v in img_s]  # 3 forward+backward per image
+        steps_bs = (n // min(cfg.batch_size, n)) * min(cfg.batch_size, n)
+        # 3 forward+backward per image
+        self.history_["train_images_per_s"] = [round(3 * steps_bs / max(v, 1e-9), 2) for v in self.history_["epoch_s"]]
         self.backbone_state_ = {nm: p.detach().cpu().clone() for nm, p in bb.named_parameters() if p.requires_grad}
         return z_all, nbrs
 

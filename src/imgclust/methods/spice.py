@@ -43,6 +43,11 @@ and 512 units did not score better in a quick check); ``epochs = 30`` (reference
 CIFAR-10 / EfficientNet features the selected epoch was 0-1) — see ``benchmarks/spice.py``
 for the cost per epoch; FixMatch runs 2,000 steps on the head
 (FixMatch: 2^20 on a GPU, for a whole network).
+
+SPICE-Self's heads train in the shared loop (:func:`imgclust.train.loop.run_loop`; losses in
+:mod:`imgclust.losses.spice`), checkpointed every epoch to ``<work_dir>/<name>-ckpt-<key>.pt``
+when the fit has a work directory, so a killed run resumes to the same heads
+(``checkpoint=false``: off). SPICE-Semi (FixMatch) is not resumable yet.
 """
 
 from __future__ import annotations
@@ -58,21 +63,17 @@ from torch import nn
 
 from imgclust.data.augment import AugmentSpec
 from imgclust.errors import InputError
-from imgclust.heads.spice import (
-    HEAD_NORMS,
-    LOSSES,
-    MultiHeadMLP,
-    cluster_loss,
-    cluster_probs,
-    prototype_pseudo_labels,
-)
+from imgclust.heads.spice import HEAD_NORMS, MultiHeadMLP
+from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, prototype_pseudo_labels
 from imgclust.methods.base import (
     ClusteringMethod,
     FitContext,
     MethodConfig,
     register_method,
 )
-from imgclust.progress import progress_bar
+from imgclust.train.checkpoint import Checkpoint, data_digest
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.train.optim import build_optimizer
 from imgclust.views import VIEW_MODES, FeatureViews, make_feature_views
 
 SEMI_MODES = ("head", "end_to_end")
@@ -107,6 +108,7 @@ class SPICESelfConfig(MethodConfig):
     shift: float = 0.125  # weak view: max translation (fraction of the side)
     n_ops: int = 4  # strong view: RandAugment ops per image
     cutout: float = 0.5  # strong view: max Cutout side (fraction)
+    checkpoint: bool = True  # save every epoch under the fit's work dir; a killed run resumes there
 
     def __post_init__(self) -> None:
         if self.norm not in HEAD_NORMS:
@@ -123,7 +125,7 @@ class SPICESelfConfig(MethodConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InputError(f"{name} must be a non-negative integer (0: default); got {v!r}")
-        for name in ("overlap", "select_every_epoch"):
+        for name in ("overlap", "select_every_epoch", "checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false; got {getattr(self, name)!r}")
         if not 0.0 < self.ratio <= 1.0:
@@ -256,18 +258,16 @@ class SPICESelf(ClusteringMethod):
         heads = MultiHeadMLP(d, k, cfg.heads, cfg.hidden, cfg.norm, generator=gen)
         heads.set_standardization(x.mean(0).cpu(), x.std(0).cpu() if n > 1 else torch.ones(d))
         heads.to(device)
-        opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # SPICE's reference decays every parameter (its Adam has no groups): kept, so no no-decay rule here
+        opt = build_optimizer("adam", [{"params": list(heads.parameters())}], lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
         m, m2 = self._pool_and_batch(n)
         n_pools = max(1, n // m)  # Algorithm 1: floor(N / M) pools per epoch
+        state: dict = {"loss_sum": torch.zeros(cfg.heads, dtype=torch.float64), "best_loss": float("inf"),
+                       "best_state": None, "best_epoch": -1, "head_losses": None, "best_head": 0}
 
-        best_loss, best_state, best_epoch = float("inf"), None, -1
-        hist: dict[str, list] = {"train_loss": [], "select_loss": [], "best_head_per_epoch": [], "epoch_s": []}
-        bar = progress_bar(cfg.epochs, f"{self.name} heads", unit="epoch", enable=ctx.progress)
-        for epoch in range(cfg.epochs):
-            t_ep = time.perf_counter()
+        def batches(epoch: int):
             perm = torch.randperm(n, generator=gen)
-            loss_sum = torch.zeros(cfg.heads, dtype=torch.float64)
-            n_steps = 0
             for b in range(n_pools):
                 pool = perm[b * m:(b + 1) * m]
                 # Step 1: predictions on weak views; embeddings of the originals.
@@ -283,32 +283,39 @@ class SPICESelf(ClusteringMethod):
                 steps = max(1, n_lab // m2)
                 for _ in range(cfg.repeats):
                     order = torch.randperm(n_lab, generator=gen).to(device)
-                    for s in range(steps):
-                        cols = order[s * m2:(s + 1) * m2]
-                        xb = strong[idx[:, cols]]  # (H, m2, D): each head its own samples
-                        per_head = cluster_loss(heads(xb), lab[:, cols], cfg.loss, cfg.temperature).mean(dim=1)
-                        opt.zero_grad(set_to_none=True)
-                        per_head.mean().backward()
-                        opt.step()
-                        loss_sum += per_head.detach().double().cpu()
-                        n_steps += 1
-            train_loss = (loss_sum / max(n_steps, 1)).numpy()
-            if not np.isfinite(train_loss).all():
-                raise InputError(f"{self.name}: the loss became non-finite; lower lr (now {cfg.lr})")
-            hist["train_loss"].append([round(float(v), 5) for v in train_loss])
+                    for st in range(steps):
+                        cols = order[st * m2:(st + 1) * m2]
+                        yield strong[idx[:, cols]], lab[:, cols]  # (H, m2, D): each head its own samples
+
+        def step(batch, info: StepInfo) -> torch.Tensor:
+            xb, yb = batch
+            per_head = cluster_loss(heads(xb), yb, cfg.loss, cfg.temperature).mean(dim=1)
+            state["loss_sum"] += per_head.detach().double().cpu()
+            return per_head.mean()
+
+        def epoch_end(epoch: int, means: dict[str, float], info: StepInfo) -> dict:
+            train_loss = (state["loss_sum"] / max(info.it, 1)).numpy()
+            state["loss_sum"] = torch.zeros_like(state["loss_sum"])
+            out: dict = {"train_loss": [round(float(v), 5) for v in train_loss]}
             if cfg.select_every_epoch or epoch == cfg.epochs - 1:
-                sel = self.selection_losses(heads, x, emb).cpu().numpy()
-                hist["select_loss"].append([round(float(v), 5) for v in sel])
-                hist["best_head_per_epoch"].append(int(sel.argmin()))
-                if float(sel.min()) < best_loss:
-                    best_loss, best_epoch = float(sel.min()), epoch
-                    best_state = {kk: v.detach().clone() for kk, v in heads.state_dict().items()}
-                    self.head_losses_ = sel
-                    self.best_head_ = int(sel.argmin())
-            hist["epoch_s"].append(round(time.perf_counter() - t_ep, 3))
-            bar.set_postfix(loss=f"{train_loss.mean():.4f}", best=f"{best_loss:.4f}")
-            bar.update(1)
-        bar.close()
+                sel = self.selection_losses(heads, x, emb).cpu()
+                out.update(select_loss=[round(float(v), 5) for v in sel], best_head_per_epoch=int(sel.argmin()))
+                if float(sel.min()) < state["best_loss"]:
+                    state.update(best_loss=float(sel.min()), best_epoch=epoch, head_losses=sel,
+                                 best_head=int(sel.argmin()),
+                                 best_state={kk: v.detach().clone() for kk, v in heads.state_dict().items()})
+            return out
+
+        ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=k, seed=int(ctx.seed),
+                                 opts=self.config.to_dict(), data=data_digest(x_np), views=views.describe())
+        res = run_loop(heads, step, batches,
+                       LoopSpec(cfg.epochs, f"{self.name} heads", option="lr", option_value=cfg.lr,
+                                progress=ctx.progress),
+                       optimizer=opt, on_epoch_end=epoch_end, generators=[gen], state=state, checkpoint=ckpt)
+        hist = {key: res.history.get(key, []) for key in ("train_loss", "select_loss", "best_head_per_epoch")}
+        hist["epoch_s"] = res.epoch_s
+        best_state, best_loss, best_epoch = state["best_state"], state["best_loss"], state["best_epoch"]
+        self.head_losses_, self.best_head_ = state["head_losses"].numpy(), int(state["best_head"])
         assert best_state is not None
         heads.load_state_dict(best_state)
         heads.requires_grad_(False)
@@ -331,6 +338,8 @@ class SPICESelf(ClusteringMethod):
             "views": views.describe(),
             "views_s": round(t_views, 3),
             "train_s": round(time.perf_counter() - t0 - t_views, 3),
+            "resumed_from_epoch": res.resumed_from,
+            "checkpoint": None if ckpt.path is None else str(ckpt.path),
         }
         return x
 

@@ -3,7 +3,7 @@
 ``temi`` — TEMI (Adaloglou et al., "Exploring the limits of deep image clustering using
 pretrained models", BMVC 2023): H = 50 heads learn K-way clusterings from pairs (image,
 random one of its k = 50 nearest neighbours) with the teacher-weighted beta-PMI loss of
-:mod:`imgclust.heads.temi`; teacher = EMA of the student; features standardised with
+:mod:`imgclust.losses.temi`; teacher = EMA of the student; features standardised with
 precomputed mean/std ("embedding normalisation").
 
 ``icce-heads`` — ICCE stage 1 (ICCE paper, sec. 3.1, Table 1): the same training with
@@ -26,6 +26,12 @@ evaluates the teacher checkpoint). All heads' teacher assignments of the trainin
 are kept in ``head_labels_`` (H, N) and all heads' weights in ``state_dict`` for the cluster
 ensemble of ICCE stage 2.
 
+The loop is the shared one (:func:`imgclust.train.loop.run_loop`); the loss is
+:func:`imgclust.losses.temi.temi_loss`. With a work directory (the feature cache entry when
+fitted through the API) every epoch is checkpointed to ``<work_dir>/<name>-ckpt-<key>.pt``
+(the key hashes K, seed, options and the features), so a killed run resumes where it stopped
+and ends with the same heads and labels as an uninterrupted one (``checkpoint=false``: off).
+
 CPU-sized defaults: the papers train 100 (TEMI README) to 400 (ICCE) epochs on a GPU at
 learning rate 1e-4 x batch/256. Here ``epochs=60`` at batch 256 and a peak learning rate of
 1e-3 (~2,340 steps on 10k images) takes about a minute for 50 heads on 2 cores (0.8 s per
@@ -46,12 +52,15 @@ import numpy as np
 import torch
 
 from imgclust.errors import InputError
-from imgclust.heads import NORMS, MultiHeadClassifier, cosine_ramp, ema_update_, temi_loss
+from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
+from imgclust.losses.temi import cosine_ramp, temi_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
-from imgclust.progress import progress_bar
 from imgclust.train import dist
+from imgclust.train.checkpoint import Checkpoint, data_digest
+from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.train.optim import build_optimizer, ema_update_, schedule
 
 
 @dataclass
@@ -82,13 +91,14 @@ class TEMIConfig(MethodConfig):
     teacher_temp: float = 0.1
     beta: float = 0.6  # TEMI's beta in the beta-PMI
     prior_momentum: float = 0.9  # EMA of the cluster prior (TEMI probs_momentum)
+    checkpoint: bool = True  # save every epoch under the fit's work dir; a killed run resumes there
 
     def __post_init__(self) -> None:
         if self.neighbors not in MODES:
             raise InputError(f"neighbors must be one of {', '.join(MODES)}; got {self.neighbors!r}")
         if self.norm not in NORMS:
             raise InputError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
-        for name in ("sinkhorn", "center_neighbors"):
+        for name in ("sinkhorn", "center_neighbors", "checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false; got {getattr(self, name)!r}")
         if self.head not in ("linear", "mlp"):
@@ -121,14 +131,6 @@ class ICCEHeadsConfig(TEMIConfig):
     norm: str = "batchnorm"
     sinkhorn: bool = True
     ce_weight: float = 1.0  # the paper's value was lost in the text extraction
-
-
-def _cosine_schedule(base: float, final: float, total: int, warmup: int) -> np.ndarray:
-    """Per-step values: linear warm-up 0 -> base over ``warmup`` steps, then cosine base -> final."""
-    warm = np.linspace(0.0, base, warmup, endpoint=False) if warmup > 0 else np.zeros(0)
-    rest = max(total - len(warm), 1)
-    t = np.arange(rest) / rest
-    return np.concatenate([warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])[:total]
 
 
 @register_method
@@ -175,91 +177,71 @@ class TEMI(ClusteringMethod):
         student.to(device).train()
         teacher = copy.deepcopy(student).train()
         teacher.requires_grad_(False)
-
-        # As DINO/TEMI's get_params_groups: no weight decay on biases and normalisation parameters.
-        plain = {nm for nm, p in student.named_parameters() if nm.endswith("bias") or p.ndim == 1}
-        decay = [p for nm, p in student.named_parameters() if nm not in plain]
-        no_decay = [p for nm, p in student.named_parameters() if nm in plain]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        bs = min(cfg.batch_size, n)
+        opt = build_optimizer("adamw", student, lr=cfg.lr, weight_decay=cfg.weight_decay)  # no decay: biases, norms
+        h, k, bs = cfg.heads, self.n_clusters, min(cfg.batch_size, n)
         steps_per_epoch = n // bs  # drop the last incomplete batch, as TEMI's loader
-        # --- issue 20: data-parallel under torchrun: every rank draws the same global batch (same
-        # generator) and trains on its slice; gradients averaged (heads/temi.py gathers the statistics).
-        world = dist.world_size()
-        if bs % world:
-            raise InputError(f"{self.name}: batch size {bs} must be a multiple of the {world} processes")
+        # --- issue 20: data-parallel under torchrun: every rank draws the same global batch and its
+        # neighbours (same generator), trains on its slice; run_loop averages the gradients and
+        # losses/temi.py reduces the prior and Sinkhorn-Knopp statistics over ranks.
+        if bs % dist.world_size():
+            raise InputError(f"{self.name}: batch size {bs} must be a multiple of the {dist.world_size()} processes")
         mine = dist.shard(bs)
         bl = len(mine)
         total = steps_per_epoch * cfg.epochs
-        lr_at = _cosine_schedule(cfg.lr, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch)
-        prior = torch.full((cfg.heads, self.n_clusters), 1.0 / self.n_clusters, device=device)
-        sk_iters = cfg.sinkhorn_iters if cfg.sinkhorn else 0
+        state = {"prior": torch.full((h, k), 1.0 / k, device=device),
+                 "head_sum": torch.zeros(h, dtype=torch.float64, device=device),
+                 "head_mean": torch.zeros(h, dtype=torch.float64)}
 
-        epoch_loss: list[float] = []
-        epoch_pmi: list[float] = []
-        epoch_ce: list[float] = []
-        best_per_epoch: list[int] = []
-        epoch_times: list[float] = []
-        head_sum = torch.zeros(cfg.heads, dtype=torch.float64, device=device)
-        step = 0
-        bar = progress_bar(cfg.epochs, f"{self.name} heads", unit="epoch", enable=ctx.progress)
-        for _epoch in range(cfg.epochs):
-            t_epoch = time.perf_counter()
-            head_sum.zero_()
-            pmi_sum = ce_sum = 0.0
+        def batches(epoch: int):
             perm = torch.randperm(n, generator=gen)
-            for it in range(steps_per_epoch):
-                rows = perm[it * bs:(it + 1) * bs]
-                pair = sample_neighbors(indptr, indices, rows, gen)
-                rows, pair = rows[mine.start:mine.stop], pair[mine.start:mine.stop]  # issue 20: this rank's slice
-                xb = x[torch.cat([rows, pair]).to(device)]  # view 0: images, view 1: their neighbours
-                for g in opt.param_groups:
-                    g["lr"] = float(lr_at[step])
-                s_logits = student(xb).reshape(cfg.heads, 2, bl, self.n_clusters)
-                with torch.no_grad():
-                    t_logits = teacher(xb).reshape(cfg.heads, 2, bl, self.n_clusters)
-                out = temi_loss(s_logits, t_logits, prior, student_temp=cfg.student_temp,
-                                teacher_temp=cfg.teacher_temp, beta=cfg.beta, prior_momentum=cfg.prior_momentum,
-                                sinkhorn_iters=sk_iters, ce_weight=cosine_ramp(step, total, cfg.ce_weight))
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                dist.all_reduce_grads(student.parameters())  # issue 20 (no-op in one process)
-                opt.step()
-                ema_update_(teacher, student, cfg.momentum)
-                prior = out.prior
-                head_sum += out.head_losses.detach().double()
-                pmi_sum += float(out.pmi.mean())
-                ce_sum += float(out.ce.mean())
-                step += 1
-            dist.all_reduce_mean(head_sum)  # issue 20: every rank picks the same best head
-            head_mean = (head_sum / steps_per_epoch).cpu().numpy()
-            if not np.isfinite(head_mean).all():
-                raise InputError(f"{self.name}: the loss became non-finite; lower lr (now {cfg.lr}) or check the features")
-            epoch_loss.append(float(head_mean.mean()))
-            epoch_pmi.append(pmi_sum / steps_per_epoch)
-            epoch_ce.append(ce_sum / steps_per_epoch)
-            best_per_epoch.append(int(head_mean.argmin()))
-            epoch_times.append(time.perf_counter() - t_epoch)
-            # the components: the total moves with the CE weight's ramp (issue 24: "loss" climbed -0.01 -> 1.6)
-            bar.set_postfix(pmi=f"{epoch_pmi[-1]:.3f}", ce=f"{epoch_ce[-1]:.3f}",
-                            ce_w=f"{cosine_ramp(step, total, cfg.ce_weight):.2f}", loss=f"{epoch_loss[-1]:.3f}")
-            bar.update(1)
-        bar.close()
+            return (perm[it * bs:(it + 1) * bs] for it in range(steps_per_epoch))
 
+        def step(rows: torch.Tensor, info: StepInfo):
+            pair = sample_neighbors(indptr, indices, rows, gen)
+            rows, pair = rows[mine.start:mine.stop], pair[mine.start:mine.stop]  # issue 20: this rank's slice
+            xb = x[torch.cat([rows, pair]).to(device)]  # view 0: images, view 1: their neighbours
+            s_logits = student(xb).reshape(h, 2, bl, k)
+            with torch.no_grad():
+                t_logits = teacher(xb).reshape(h, 2, bl, k)
+            out = temi_loss(s_logits, t_logits, state["prior"], student_temp=cfg.student_temp,
+                            teacher_temp=cfg.teacher_temp, beta=cfg.beta, prior_momentum=cfg.prior_momentum,
+                            sinkhorn_iters=cfg.sinkhorn_iters if cfg.sinkhorn else 0,
+                            ce_weight=cosine_ramp(info.step, total, cfg.ce_weight))
+            state["prior"] = out.prior
+            state["head_sum"] += out.head_losses.detach().double()
+            # the components: the total moves with the CE weight's ramp (issue 24: "loss" climbed -0.01 -> 1.6)
+            return out.loss, {"pmi": out.pmi.mean(), "ce": out.ce.mean()}
+
+        def epoch_end(epoch: int, means: dict[str, float], info: StepInfo) -> dict:
+            dist.all_reduce_mean(state["head_sum"])  # issue 20: every rank picks the same best head
+            head_mean = (state["head_sum"] / steps_per_epoch).cpu()
+            state["head_mean"], state["head_sum"] = head_mean, torch.zeros_like(state["head_sum"])
+            return {"head_mean_loss": float(head_mean.numpy().mean()), "best_head": int(head_mean.argmin())}
+
+        ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=k, seed=int(ctx.seed),
+                                 opts=self.config.to_dict(), data=data_digest(x_np))
+        res = run_loop(student, step, batches,
+                       LoopSpec(cfg.epochs, f"{self.name} heads", lr=schedule(
+                           "warmup-cosine", cfg.lr, total, final=cfg.min_lr, warmup=cfg.warmup_epochs * steps_per_epoch),
+                           option="lr", option_value=cfg.lr, progress=ctx.progress, postfix=("pmi", "ce", "loss")),
+                       optimizer=opt, after_step=[lambda info: ema_update_(teacher, student, cfg.momentum)],
+                       on_epoch_end=epoch_end, modules={"teacher": teacher}, generators=[gen], state=state,
+                       checkpoint=ckpt)
+
+        head_mean = state["head_mean"].numpy()
         teacher.eval()
         self.teacher_ = teacher.cpu()
-        self.prior_ = prior.cpu()
+        self.prior_ = state["prior"].cpu()
         self.head_losses_ = head_mean
         self.best_head_ = int(head_mean.argmin())
         self.head_labels_ = self.predict_heads(x_np)
         self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
         sizes = np.bincount(self.labels_, minlength=self.n_clusters)
         self.history_ = {
-            "loss": epoch_loss,  # per epoch, mean over heads and steps
-            "pmi": epoch_pmi,
-            "ce": epoch_ce,
-            "best_head_per_epoch": best_per_epoch,
+            "loss": res.history["head_mean_loss"],  # per epoch, mean over heads and steps
+            "pmi": res.history["pmi"],
+            "ce": res.history["ce"],
+            "best_head_per_epoch": res.history["best_head"],
             "best_head": self.best_head_,
             "head_losses": [float(v) for v in head_mean],
             "best_head_cluster_sizes": sizes.tolist(),
@@ -268,7 +250,9 @@ class TEMI(ClusteringMethod):
             "batch_size": bs,
             "neighbors_s": round(t_nn, 3),
             "train_s": round(time.perf_counter() - t0 - t_nn, 3),
-            "epoch_s": [round(v, 3) for v in epoch_times],
+            "epoch_s": res.epoch_s,
+            "resumed_from_epoch": res.resumed_from,
+            "checkpoint": None if ckpt.path is None else str(ckpt.path),
         }
         return self
 

@@ -45,11 +45,23 @@ ICCE additions (ICCE paper, sec. 3.1):
   on a cosine schedule (:func:`cosine_ramp`), because early teacher predictions are
   unreliable.
 
-Data-parallel (issue 20): under ``torchrun`` each rank passes its B_r rows of the global batch;
-the teacher logits of all ranks are all-gathered so the prior EMA and the Sinkhorn-Knopp
-marginals are those of the global batch (tested equal to one process on the same batch); the
-agreement weight is per pair and the loss a per-rank mean, so averaging gradients over ranks
-(``dist.all_reduce_grads``) gives the global batch's gradient when every rank has as many rows.
+Data parallel: the two statistics that span the batch — the prior's batch mean and the
+Sinkhorn-Knopp row/column marginals — are reduced over ranks with :mod:`imgclust.train.dist`
+(P processes with B pairs each compute what one process computes on P x B pairs); the
+agreement weight is per pair and needs nothing. In one process the code path is the
+single-process one, bit for bit.
+
+Example::
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> s = torch.randn(3, 2, 8, 4, generator=g, requires_grad=True)  # 3 heads, 8 pairs, K = 4
+    >>> t = torch.randn(3, 2, 8, 4, generator=g)
+    >>> out = temi_loss(s, t, torch.full((3, 4), 0.25), sinkhorn_iters=3, ce_weight=0.5)
+    >>> out.head_losses.shape, out.prior.sum(-1).round(decimals=4).tolist()
+    (torch.Size([3]), [1.0, 1.0, 1.0])
+    >>> out.loss.backward(); s.grad.abs().sum() > 0
+    tensor(True)
 """
 
 from __future__ import annotations
@@ -75,11 +87,34 @@ def log_sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iters: int = 
     clusters (sums to 1) and each cluster's column sums to about N/K. Same algorithm as
     DINOv2's ``sinkhorn_knopp_teacher``, computed in the log domain.
     """
+    if int(n_iters) < 0 or not temperature > 0:
+        raise ValueError(f"need n_iters >= 0 and temperature > 0; got {n_iters}, {temperature}")
+    if dist.world_size() > 1:
+        return _log_sinkhorn_knopp_dist(logits, temperature, int(n_iters))
     n, k = logits.shape[-2], logits.shape[-1]
     lq = logits.float() / temperature
     lq = lq - torch.logsumexp(lq.flatten(-2), dim=-1)[..., None, None]
     for _ in range(int(n_iters)):
         lq = lq - torch.logsumexp(lq, dim=-2, keepdim=True) - math.log(k)
+        lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True) - math.log(n)
+    return lq + math.log(n)
+
+
+def _global_logsumexp(lq: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """logsumexp over ``dim`` of the rows of every rank (the batch is split across ranks)."""
+    m = dist.all_gather_cat(lq.amax(dim=dim, keepdim=True).detach()[None], 0).amax(0)  # global max, for stability
+    s = (lq - m).exp().sum(dim=dim, keepdim=True)
+    return dist.all_reduce_sum(s).log() + m
+
+
+def _log_sinkhorn_knopp_dist(logits: torch.Tensor, temperature: float, n_iters: int) -> torch.Tensor:
+    """:func:`log_sinkhorn_knopp` with the column sums (over the batch) taken over all ranks."""
+    k = logits.shape[-1]
+    n = dist.all_reduce_sum(torch.tensor(float(logits.shape[-2]), device=logits.device)).item()
+    lq = logits.float() / temperature
+    lq = lq - _global_logsumexp(lq, (-2, -1))
+    for _ in range(n_iters):
+        lq = lq - _global_logsumexp(lq, -2) - math.log(k)
         lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True) - math.log(n)
     return lq + math.log(n)
 
@@ -104,6 +139,8 @@ def teacher_log_probs(logits: torch.Tensor, temperature: float, sinkhorn_iters: 
 def update_prior(prior: torch.Tensor, teacher_probs: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
     """pi_h <- m * pi_h + (1 - m) * mean over the batch of p_t^h; prior (H, K), probs (H, ..., K)."""
     batch_mean = teacher_probs.reshape(teacher_probs.shape[0], -1, teacher_probs.shape[-1]).mean(dim=1)
+    if dist.world_size() > 1:  # the global batch's mean (equal per-rank batches)
+        batch_mean = dist.all_reduce_mean(batch_mean.clone())
     return momentum * prior + (1.0 - momentum) * batch_mean
 
 
@@ -161,19 +198,21 @@ def temi_loss(
     if student_logits.dim() != 4 or student_logits.shape[1] != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"expected student and teacher logits (H, 2, B, K), got {tuple(student_logits.shape)} "
                          f"and {tuple(teacher_logits.shape)}")
+    if prior.shape != (student_logits.shape[0], student_logits.shape[-1]):
+        raise ValueError(f"prior must be (H, K) = {(student_logits.shape[0], student_logits.shape[-1])}; "
+                         f"got {tuple(prior.shape)}")
+    for name, v in (("student_temp", student_temp), ("teacher_temp", teacher_temp), ("beta", beta)):
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0; got {v}")
+    if not 0.0 <= prior_momentum <= 1.0 or sinkhorn_iters < 0 or ce_weight < 0:
+        raise ValueError(f"need prior_momentum in [0, 1], sinkhorn_iters >= 0 and ce_weight >= 0; got "
+                         f"{prior_momentum}, {sinkhorn_iters}, {ce_weight}")
     log_ps = F.log_softmax(student_logits.float() / student_temp, dim=-1)
     with torch.no_grad():
-        # --- issue 20: data-parallel. The teacher's batch statistics (Sinkhorn-Knopp marginals,
-        # the prior's batch mean) span the GLOBAL batch: every rank's teacher logits are gathered
-        # (H x 2 x B x K floats, small next to the features), the statistics computed on all of
-        # them, and this rank keeps its own rows. One process: the identity.
-        t_all = dist.all_gather_cat(teacher_logits.detach(), dim=2)
-        log_pt_all = teacher_log_probs(t_all, teacher_temp, sinkhorn_iters)
-        new_prior = update_prior(prior.detach(), log_pt_all.exp(), prior_momentum)
-        b = teacher_logits.shape[2]
-        log_pt = log_pt_all[:, :, dist.rank() * b:(dist.rank() + 1) * b] if t_all is not teacher_logits else log_pt_all
+        log_pt = teacher_log_probs(teacher_logits.detach(), teacher_temp, sinkhorn_iters)
         pt = log_pt.exp()
-        weight = agreement_weight(pt)  # per pair: nothing to reduce
+        new_prior = update_prior(prior.detach(), pt, prior_momentum)
+        weight = agreement_weight(pt)
         log_pt_other = log_pt.flip(1)  # the teacher on the other view of each pair
         log_prior = new_prior.clamp(min=PRIOR_FLOOR).log()[:, None, None, :]
     pmi = torch.logsumexp(beta * (log_ps + log_pt_other) - log_prior, dim=-1)  # (H, 2, B)

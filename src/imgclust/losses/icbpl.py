@@ -27,6 +27,19 @@ The total, eq. (7), is :func:`icbpl_loss`: sum_t lambda_t Loss_t.
 
 Written here rather than taken from a library: the kernel-bandwidth rule (mean pairwise
 distance, five multiples) is ICBPC's and not what generic MMD implementations use.
+
+Data parallel: every term is a mean over the local batch; Loss1's bandwidth and kernel means
+span the batch and are *not* reduced over ranks (each rank compares its own batch with the
+PEDCC points, an MMD estimate on a smaller sample) — ICBPL has no data-parallel run yet.
+
+Example::
+
+    >>> import torch
+    >>> c = torch.eye(3)  # 3 unit centroids
+    >>> z = torch.eye(3)[[0, 1, 2, 0]]
+    >>> out = icbpl_loss(z, z, z[:, None], c, (1.0, 1.0, 1.0, 1.0))
+    >>> [round(float(v), 4) for v in (out.aug, out.knn, out.pedcc)]
+    [0.0, 0.0, 0.0]
 """
 
 from __future__ import annotations
@@ -109,6 +122,10 @@ def icbpl_loss(z: torch.Tensor, z_aug: torch.Tensor, z_nb: torch.Tensor | None, 
     [z; z_aug] with the PEDCC points tiled to 2B rows. A term whose weight is 0 is not
     computed (returned as 0).
     """
+    if len(weights) != 4 or min(weights) < 0:
+        raise ValueError(f"weights are the four non-negative lambdas of eq. (7); got {weights}")
+    if kernel_num < 1 or not kernel_mul > 0:
+        raise ValueError(f"need kernel_num >= 1 and kernel_mul > 0; got {kernel_num}, {kernel_mul}")
     w1, w2, w3, w4 = weights
     zero = z.new_zeros(())
     mmd = mmd_loss(torch.cat([z, z_aug]), tile_centroids(centroids, 2 * z.shape[0]), kernel_mul, kernel_num,
