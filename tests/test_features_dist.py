@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from distributed import run_ranks, start_ranks
 
 pytest.importorskip("torch.distributed")
@@ -37,9 +36,10 @@ def test_two_ranks_write_the_single_process_cache_byte_for_byte(single, tmp_path
     assert not list(two_entry.glob("shard-*.json"))  # merged into progress.json
     assert two["rows_computed"] == 512  # summed over ranks: each row once
     # The finished entry is a plain cache hit for a single process.
+    from _dist_worker import _digits
+
     from imgclust.backbones import build_backbone
     from imgclust.features import extract_features
-    from _dist_worker import _digits
 
     fs = extract_features(_digits(), build_backbone("efficientnet-lite0", image_size=32), cache_dir=tmp_path / "two",
                           progress=False, engine="torch")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from distributed import run_ranks
 
 pytest.importorskip("torch.distributed")

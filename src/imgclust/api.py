@@ -495,6 +495,9 @@ def _seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------- one-call run
+_IN_RANK_SCRATCH: list[bool] = []  # issue 20: set while a rank > 0 runs into its scratch folder
+
+
 def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrite: bool = True) -> dict[str, Any]:
     """Run a whole clustering job and write its directory; returns the run summary.
 
@@ -515,11 +518,15 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrit
     # in the sharded extraction and the data-parallel heads and write into a scratch folder.
     from imgclust.train import dist
 
-    if dist.init_from_env() and not dist.is_main():
+    if dist.init_from_env() and not dist.is_main() and not _IN_RANK_SCRATCH:
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix=f"imgclust-rank{dist.rank()}-") as scratch:
-            return cluster(cfg, Path(scratch) / "run", progress=False, overwrite=True)
+        _IN_RANK_SCRATCH.append(True)
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"imgclust-rank{dist.rank()}-") as scratch:
+                return cluster(cfg, Path(scratch) / "run", progress=False, overwrite=True)
+        finally:
+            _IN_RANK_SCRATCH.clear()
     # --- end issue 20
     t0 = time.perf_counter()
     out = Path(out_dir)
