@@ -77,10 +77,10 @@ def pipeline(args) -> dict:
     cfg = model.config
     t = time.perf_counter()
     if dist.is_main():  # rank 0 mines and caches; the others read the cache
-        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False)
+        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False, exact_max_rows=args.exact_max_rows)
     dist.barrier()
     if not dist.is_main():
-        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False)
+        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False, exact_max_rows=args.exact_max_rows)
     rows.update(neighbors_s=time.perf_counter() - t, neighbors_rss_mb=rss_mb(), index=nb.info.get("index"),
                 recall_at_50=nb.info.get("recall_at_k"), neighbors_cache=nb.info.get("cache"))
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
@@ -114,7 +114,7 @@ def launch(args, world: int, heads_only: bool) -> dict:
     out = Path(args.work) / f"result-{world}-{int(heads_only)}.json"
     common = [__file__, "--child", "--n", str(args.n), "--dim", str(args.dim), "--heads", str(args.heads),
               "--epochs", str(args.epochs), "--k", str(args.k), "--batch-size", str(args.batch_size),
-              "--st-epochs", str(args.st_epochs), "--work", args.work, "--out", str(out)]
+              "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out)]
     if heads_only:
         common.append("--heads-only")
     if world == 1:
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--st-epochs", type=int, default=2)
+    ap.add_argument("--exact-max-rows", type=int, default=200_000, help="IVF above this many rows (lower it to "
+                    "measure the approximate index's recall on a small N)")
     ap.add_argument("--ratio", type=int, default=0, help="also time the heads with this many processes (and 1)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", action="store_true")
