@@ -117,12 +117,14 @@ def launch(args, world: int, heads_only: bool) -> dict:
               "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out)]
     if heads_only:
         common.append("--heads-only")
+    # The child's options travel in the environment: torchrun's own parser would take "--n" for "--nnodes".
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+           "IMGCLUST_SCALE_CHILD": json.dumps(common[1:])}
     if world == 1:
-        cmd = [sys.executable, *common]
+        cmd = [sys.executable, __file__]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "--master_addr=127.0.0.1", *common]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+               "--master_addr=127.0.0.1", __file__]
     subprocess.run(cmd, check=True, env=env)
     return json.loads(out.read_text())
 
@@ -143,7 +145,8 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--heads-only", action="store_true")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    child = os.environ.pop("IMGCLUST_SCALE_CHILD", None)
+    args = ap.parse_args(json.loads(child) if child else None)
     if args.child:
         rows = pipeline(args)
         if int(os.environ.get("RANK", "0")) == 0:
