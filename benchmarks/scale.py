@@ -73,7 +73,7 @@ def pipeline(args) -> dict:
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
 
     model = get_method("temi")(args.k, {"heads": args.heads, "epochs": args.epochs, "batch_size": args.batch_size,
-                                        "warmup_epochs": 0})
+                                        "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
     cfg = model.config
     t = time.perf_counter()
     if dist.is_main():  # rank 0 mines and caches; the others read the cache
