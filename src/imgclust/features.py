@@ -155,6 +155,14 @@ def extract_features(
     if not use_cache:
         return _extract(source, backbone, None, **opts)
     key = cache_key(source, backbone) + feature_key_suffix(engine, precision)
+    # --- issue 20: under torchrun every rank extracts its shard of the same entry (features_dist.py).
+    from imgclust.train import dist
+
+    if dist.init_from_env():
+        from imgclust.features_dist import extract_sharded
+
+        return extract_sharded(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
+    # --- end issue 20
     return extract_to_entry(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
 
 

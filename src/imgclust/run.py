@@ -39,6 +39,9 @@ from imgclust.rundir import clean_stale_tmp, read_json, write_csv, write_json
 
 
 # --------------------------------------------------------------------- cluster
+_IN_RANK_SCRATCH: list[bool] = []  # issue 20: set while a rank > 0 runs into its scratch folder
+
+
 def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrite: bool = True) -> dict[str, Any]:
     """Run a whole clustering job and write its directory; returns the run summary.
 
@@ -55,6 +58,20 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrit
     (:func:`imgclust.validate.check_run_config`), and ``out_dir`` must follow the
     output-directory policy of :mod:`imgclust.outdir` (``overwrite``: replace a finished run).
     """
+    # --- issue 20: under torchrun only rank 0 writes the run directory; the other ranks take part
+    # in the sharded extraction and the data-parallel heads and write into a scratch folder.
+    from imgclust.train import dist
+
+    if dist.init_from_env() and not dist.is_main() and not _IN_RANK_SCRATCH:
+        import tempfile
+
+        _IN_RANK_SCRATCH.append(True)
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"imgclust-rank{dist.rank()}-") as scratch:
+                return cluster(cfg, Path(scratch) / "run", progress=False, overwrite=True)
+        finally:
+            _IN_RANK_SCRATCH.clear()
+    # --- end issue 20
     t0 = time.perf_counter()
     out = Path(out_dir)
     from imgclust.outdir import check_out_dir

@@ -3,6 +3,13 @@
 Uses faiss's k-means (multi-threaded, several restarts, keeps the best by objective).
 Confidence of an assignment is the softmax of the cosine similarities to the centroids at
 temperature ``temperature`` (so it lies in [1/K, 1] and is comparable across runs).
+
+At scale (issue 20): above ``train_sample`` rows (default 262,144; at least 40 x K, faiss's minimum of 39 per centroid) the
+centroids are trained on a seeded uniform sample of that many rows and every row is then
+assigned to its nearest centroid in blocks of 65,536 rows, so neither training nor assignment
+holds more than a block of normalised features besides the (memory-mapped) input. Lloyd's
+centroids from a 262k sample of 1M clustered rows differ from the full-data ones far less than
+restarts differ from each other (faiss itself subsamples to 256 x K rows by default).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class KMeansConfig(MethodConfig):
     max_iter: int = 100
     temperature: float = 0.05  # softmax temperature on cosine similarities, for confidences
     normalize: bool = True  # L2-normalise features (spherical k-means)
+    train_sample: int = 262_144  # issue 20: above this many rows, train on a seeded sample, assign all
 
     def __post_init__(self) -> None:
         if self.n_init < 1 or self.max_iter < 1:
@@ -61,7 +69,13 @@ class KMeans(ClusteringMethod):
         return l2_normalize(x)
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> KMeans:
-        x = self._prep(features)
+        n_all = len(features)
+        sample = max(int(self.config.train_sample), 40 * self.n_clusters)
+        if n_all > sample:  # --- issue 20: train on a sample, assign every row in blocks
+            rows = np.sort(np.random.default_rng(int(ctx.seed)).choice(n_all, size=sample, replace=False))
+            x = self._prep(np.asarray(features[rows]))
+        else:
+            x = self._prep(features)
         n, d = x.shape
         if n < self.n_clusters:
             raise InputError(f"K={self.n_clusters} is larger than the number of images ({n})")
@@ -91,12 +105,22 @@ class KMeans(ClusteringMethod):
         assert best is not None
         self.centroids_ = best[1]
         self.history_ = {"objective": [float(v) for v in best[2][-self.config.max_iter:]]}
+        if n_all > sample:
+            self.history_["trained_on_sample"] = int(sample)
         self.labels_ = self.predict(features)
         # With fewer distinct points than K (duplicates, constant images) faiss keeps
         # coincident centroids and some clusters get no point: reported, not an error.
         sizes = np.bincount(self.labels_, minlength=self.n_clusters)
         self.history_["empty_clusters"] = [int(c) for c in np.flatnonzero(sizes == 0)]
         return self
+
+    def predict(self, features: np.ndarray, block: int = 65_536) -> np.ndarray:
+        """Nearest centroid per row, computed in row blocks (no N x D copy of a memmapped input)."""
+        n = len(features)
+        out = np.empty(n, dtype=np.int64)
+        for s in range(0, n, block):
+            out[s:s + block] = self.predict_proba(np.asarray(features[s:s + block])).argmax(axis=1)
+        return out
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         if self.centroids_ is None:

@@ -57,6 +57,7 @@ from imgclust.heads.mlp import MultiHeadMLP, build_heads
 from imgclust.losses.temi import cosine_ramp, temi_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
+from imgclust.train import dist
 from imgclust.train.checkpoint import Checkpoint, data_digest
 from imgclust.train.loop import LoopSpec, StepInfo, run_loop
 from imgclust.train.optim import build_optimizer, ema_update_, schedule
@@ -179,6 +180,13 @@ class TEMI(ClusteringMethod):
         opt = build_optimizer("adamw", student, lr=cfg.lr, weight_decay=cfg.weight_decay)  # no decay: biases, norms
         h, k, bs = cfg.heads, self.n_clusters, min(cfg.batch_size, n)
         steps_per_epoch = n // bs  # drop the last incomplete batch, as TEMI's loader
+        # --- issue 20: data-parallel under torchrun: every rank draws the same global batch and its
+        # neighbours (same generator), trains on its slice; run_loop averages the gradients and
+        # losses/temi.py reduces the prior and Sinkhorn-Knopp statistics over ranks.
+        if bs % dist.world_size():
+            raise InputError(f"{self.name}: batch size {bs} must be a multiple of the {dist.world_size()} processes")
+        mine = dist.shard(bs)
+        bl = len(mine)
         total = steps_per_epoch * cfg.epochs
         state = {"prior": torch.full((h, k), 1.0 / k, device=device),
                  "head_sum": torch.zeros(h, dtype=torch.float64, device=device),
@@ -190,10 +198,11 @@ class TEMI(ClusteringMethod):
 
         def step(rows: torch.Tensor, info: StepInfo):
             pair = sample_neighbors(indptr, indices, rows, gen)
+            rows, pair = rows[mine.start:mine.stop], pair[mine.start:mine.stop]  # issue 20: this rank's slice
             xb = x[torch.cat([rows, pair]).to(device)]  # view 0: images, view 1: their neighbours
-            s_logits = student(xb).reshape(h, 2, bs, k)
+            s_logits = student(xb).reshape(h, 2, bl, k)
             with torch.no_grad():
-                t_logits = teacher(xb).reshape(h, 2, bs, k)
+                t_logits = teacher(xb).reshape(h, 2, bl, k)
             out = temi_loss(s_logits, t_logits, state["prior"], student_temp=cfg.student_temp,
                             teacher_temp=cfg.teacher_temp, beta=cfg.beta, prior_momentum=cfg.prior_momentum,
                             sinkhorn_iters=cfg.sinkhorn_iters if cfg.sinkhorn else 0,
@@ -204,6 +213,7 @@ class TEMI(ClusteringMethod):
             return out.loss, {"pmi": out.pmi.mean(), "ce": out.ce.mean()}
 
         def epoch_end(epoch: int, means: dict[str, float], info: StepInfo) -> dict:
+            dist.all_reduce_mean(state["head_sum"])  # issue 20: every rank picks the same best head
             head_mean = (state["head_sum"] / steps_per_epoch).cpu()
             state["head_mean"], state["head_sum"] = head_mean, torch.zeros_like(state["head_sum"])
             return {"head_mean_loss": float(head_mean.numpy().mean()), "best_head": int(head_mean.argmin())}

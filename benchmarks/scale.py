@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Scale-out benchmark (issue 20): N x 384 synthetic features in a memmap -> neighbours -> H heads
+(a few epochs) -> consensus -> self-training, with wall time and peak RSS per stage, the sampled
+recall@50 of the approximate neighbour index, and 1 vs P processes for the heads (data-parallel,
+gloo on 127.0.0.1, launched with torchrun).
+
+    nice -n 10 python benchmarks/scale.py --n 1000000                 # full pipeline, 1 process
+    nice -n 10 python benchmarks/scale.py --n 100000 --ratio 2        # heads: 1 vs 2 processes, interleaved
+    nice -n 10 python benchmarks/scale.py --n 10000000 --epochs 1     # 10M (needs ~16 GB disk for the memmap)
+
+Features: a mixture of 100 Gaussians in 384-d (as benchmarks/heads_speed.py), written in blocks of
+100k rows into ``<work>/features.npy`` (open_memmap) so the generator never holds N x D in RAM.
+Peak RSS is the process's maximum resident set so far (``ru_maxrss``; memmap pages that were read
+count while resident). The 1-vs-P ratio on a 2-core machine cannot exceed ~2 and is lower when other
+work shares the cores: it shows that the data-parallel path works and what it costs, not GPU scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_features(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
+    from numpy.lib.format import open_memmap
+
+    if path.exists():
+        x = np.load(path, mmap_mode="r")
+        if x.shape == (n, dim):
+            return x
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(100, dim)).astype(np.float32)
+    x = open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        x[s:s + m] = centers[rng.integers(0, 100, m)] + 0.8 * rng.normal(size=(m, dim)).astype(np.float32)
+    x.flush()
+    del x
+    return np.load(path, mmap_mode="r")
+
+
+def pipeline(args) -> dict:
+    """Run in each rank (torchrun) or in one process."""
+    import torch
+
+    from imgclust.methods import FitContext, get_method
+    from imgclust.neighbors import load_or_mine_neighbors
+    from imgclust.train import dist
+
+    dist.init_from_env()
+    work = Path(args.work)
+    rows: dict = {"n": args.n, "dim": args.dim, "heads": args.heads, "epochs": args.epochs,
+                  "processes": dist.world_size(), "threads": torch.get_num_threads()}
+    t = time.perf_counter()
+    x = make_features(work / "features.npy", args.n, args.dim) if dist.is_main() else None
+    dist.barrier()
+    x = np.load(work / "features.npy", mmap_mode="r")
+    rows["features_s"], rows["features_rss_mb"] = time.perf_counter() - t, rss_mb()
+    print("stage", json.dumps(rows), file=sys.stderr, flush=True)
+
+    model = get_method("temi")(args.k, {"heads": args.heads, "epochs": args.epochs, "batch_size": args.batch_size,
+                                        "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
+    cfg = model.config
+    t = time.perf_counter()
+    if dist.is_main():  # rank 0 mines and caches; the others read the cache
+        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False, exact_max_rows=args.exact_max_rows)
+    dist.barrier()
+    if not dist.is_main():
+        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False, exact_max_rows=args.exact_max_rows)
+    rows.update(neighbors_s=time.perf_counter() - t, neighbors_rss_mb=rss_mb(), index=nb.info.get("index"),
+                recall_at_50=nb.info.get("recall_at_k"), neighbors_cache=nb.info.get("cache"))
+    print("stage", json.dumps(rows), file=sys.stderr, flush=True)
+
+    t = time.perf_counter()
+    model.fit(x, FitContext(seed=0, progress=False, work_dir=work))
+    ep = model.history_["epoch_s"]
+    rows.update(heads_s=time.perf_counter() - t, heads_epoch_s=float(np.median(ep)), heads_rss_mb=rss_mb())
+    print("stage", json.dumps(rows), file=sys.stderr, flush=True)
+    if args.heads_only or not dist.is_main():
+        dist.shutdown()
+        return rows
+
+    from imgclust.consensus import consensus
+    from imgclust.refine.selftrain import self_train
+
+    t = time.perf_counter()
+    res = consensus(model.head_labels_, args.k, methods=("mcla", "hbgf"), seed=0)
+    rows.update(consensus_s=time.perf_counter() - t, consensus_rss_mb=rss_mb(), consensus=res.summary().get("method"))
+    print("stage", json.dumps(rows), file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    st = self_train(x, res.labels, args.k, lrs=(1e-3,), weight_decays=(1e-4,), epochs=args.st_epochs,
+                    batch_size=1024, seed=0)
+    rows.update(selftrain_s=time.perf_counter() - t, selftrain_rss_mb=rss_mb(),
+                selftrain_holdout_acc=max((g.get("holdout_acc") or 0.0) for g in st.grid) if st.grid else None)
+    dist.shutdown()
+    return rows
+
+
+def launch(args, world: int, heads_only: bool) -> dict:
+    out = Path(args.work) / f"result-{world}-{int(heads_only)}.json"
+    common = [__file__, "--child", "--n", str(args.n), "--dim", str(args.dim), "--heads", str(args.heads),
+              "--epochs", str(args.epochs), "--k", str(args.k), "--batch-size", str(args.batch_size),
+              "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out)]
+    if heads_only:
+        common.append("--heads-only")
+    # The child's options travel in the environment: torchrun's own parser would take "--n" for "--nnodes".
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+           "IMGCLUST_SCALE_CHILD": json.dumps(common[1:])}
+    if world == 1:
+        cmd = [sys.executable, __file__]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "--master_addr=127.0.0.1", __file__]
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--st-epochs", type=int, default=2)
+    ap.add_argument("--exact-max-rows", type=int, default=200_000, help="IVF above this many rows (lower it to "
+                    "measure the approximate index's recall on a small N)")
+    ap.add_argument("--ratio", type=int, default=0, help="also time the heads with this many processes (and 1)")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--heads-only", action="store_true")
+    ap.add_argument("--out", default=None)
+    child = os.environ.pop("IMGCLUST_SCALE_CHILD", None)
+    args = ap.parse_args(json.loads(child) if child else None)
+    if args.child:
+        rows = pipeline(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.out).write_text(json.dumps(rows))
+        return
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.mkdtemp(prefix="imgclust-scale-")
+        args.work = tmp
+    try:
+        results = []
+        if args.ratio:
+            one = launch(args, 1, heads_only=True)
+            many = launch(args, args.ratio, heads_only=True)
+            results += [one, many]
+            print(f"heads epoch, 1 vs {args.ratio} processes: {one['heads_epoch_s']:.1f} s vs "
+                  f"{many['heads_epoch_s']:.1f} s (ratio {one['heads_epoch_s'] / many['heads_epoch_s']:.2f})")
+        else:
+            results.append(launch(args, 1, heads_only=False))
+        cols = ["n", "processes", "features_s", "neighbors_s", "index", "recall_at_50", "heads_epoch_s",
+                "consensus_s", "selftrain_s", "features_rss_mb", "neighbors_rss_mb", "heads_rss_mb",
+                "consensus_rss_mb", "selftrain_rss_mb"]
+        print(" | ".join(cols))
+        for r in results:
+            print(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+        print(json.dumps(results))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

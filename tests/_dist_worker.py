@@ -1,0 +1,101 @@
+"""One rank of a distributed test (run as a script by tests/distributed.py's ``run_ranks``).
+
+``python tests/_dist_worker.py TASK OUT_JSON ARGS_JSON``; rank/world size come from the
+torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def _digits(crash_at=None):
+    from sklearn.datasets import load_digits
+
+    from imgclust.data.base import ArraySource
+
+    d = load_digits()
+
+    class Src(ArraySource):
+        def read(self, i):
+            if crash_at is not None and i == crash_at:
+                os._exit(9)  # what SIGKILL / the OOM killer does: no cleanup at all
+            return super().read(i)
+
+    return Src((d.images[:512] * 255 / 16).astype(np.uint8), d.target[:512], name="digits512")
+
+
+def extract(args):
+    from imgclust.backbones import build_backbone
+    from imgclust.features import extract_features
+
+    if int(os.environ.get("RANK", "0")) == args.get("crash_rank", -1):
+        import imgclust.features_dist as fd
+
+        record, calls = fd._record, []
+
+        def record_then_die(*a, **k):  # killed (os._exit: no cleanup, like SIGKILL) after N flushed chunks
+            record(*a, **k)
+            calls.append(1)
+            if len(calls) == args["crash_after_chunks"]:
+                os._exit(9)
+
+        fd._record = record_then_die
+    fs = extract_features(_digits(), build_backbone("efficientnet-lite0", image_size=32),
+                          cache_dir=args["cache"], batch_size=64, chunk_rows=64, progress=False, engine="torch")
+    return {"sha256": fs.sha256, "rows_computed": fs.rows_computed, "resumed_from": fs.resumed_from,
+            "status": fs.cache_status, "path": str(fs.path)}
+
+
+def prior(args):
+    """temi_loss on this rank's slice of one fixed global batch: the prior and the SK-centred teacher."""
+    from imgclust.losses.temi import temi_loss
+    from imgclust.train import dist
+
+    g = torch.Generator().manual_seed(0)
+    h, b, k = 3, args["global_batch"], args["k"]
+    s_all = torch.randn(h, 2, b, k, generator=g)
+    t_all = torch.randn(h, 2, b, k, generator=g) * 3
+    prior = torch.softmax(torch.randn(h, k, generator=g), -1)
+    mine = dist.shard(b)
+    s_mine = s_all[:, :, mine.start:mine.stop].clone().requires_grad_(True)
+    out = temi_loss(s_mine, t_all[:, :, mine.start:mine.stop], prior, sinkhorn_iters=3, ce_weight=0.5)
+    out.loss.backward()
+    grad = s_mine.grad.contiguous()
+    grad_all = dist.all_gather_cat(grad, dim=2) / dist.world_size()  # each rank's loss is a mean over its rows
+    return {"prior": out.prior.tolist(), "grad": grad_all.tolist(),
+            "loss": float(dist.all_reduce_mean(out.loss.detach().clone()))}
+
+
+def heads(args):
+    """TEMI / ICCE heads on the 1,797 digits (64-d pixel features), 1 or 2 processes, same global batch."""
+    from sklearn.datasets import load_digits
+
+    import imgclust.methods  # noqa: F401  (registers the methods)
+    from imgclust.methods.base import FitContext, get_method
+
+    x = load_digits().data.astype(np.float32)
+    m = get_method(args["method"])(10, args["config"])
+    m.fit(x, FitContext(seed=0, progress=False))
+    st = m.state_dict()
+    return {"labels": m.labels_.tolist(), "head_losses": [float(v) for v in m.head_losses_],
+            "best_head": m.best_head_, "prior": m.prior_.tolist(),
+            "teacher": {k: v.tolist() for k, v in st.items() if k.startswith("teacher.") and v.is_floating_point()}}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    task, out_path, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    from imgclust.train import dist
+
+    dist.init_from_env()
+    result = globals()[task](args)
+    if dist.is_main():
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.shutdown()
