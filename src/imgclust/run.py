@@ -37,7 +37,6 @@ from imgclust.errors import InputError
 from imgclust.metrics import evaluate
 from imgclust.rundir import clean_stale_tmp, read_json, write_csv, write_json
 
-
 # --------------------------------------------------------------------- cluster
 _IN_RANK_SCRATCH: list[bool] = []  # issue 20: set while a rank > 0 runs into its scratch folder
 
