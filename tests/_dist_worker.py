@@ -32,7 +32,7 @@ def _digits(crash_at=None):
 
 def extract(args):
     from imgclust.backbones import build_backbone
-    from imgclust.features import extract_features
+    from imgclust.features_dist import extract_features
 
     if int(os.environ.get("RANK", "0")) == args.get("crash_rank", -1):
         import imgclust.features_dist as fd

@@ -30,7 +30,8 @@ from imgclust.backbones import Backbone, build_backbone
 from imgclust.config import BackboneConfig, FeatureConfig, RunConfig, SourceConfig, check_types
 from imgclust.data import ArraySource, ImageSource, open_source
 from imgclust.errors import InputError
-from imgclust.features import FeatureSet, extract_features
+from imgclust.features import FeatureSet
+from imgclust.features_dist import extract_features  # sharded under torchrun (issue 20)
 from imgclust.methods import ClusteringMethod, FitContext, get_method
 from imgclust.rundir import atomic_open, clean_stale_tmp, file_sha256, read_json, write_json
 

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ def extract_features(
     use_cache: bool = True,
     verify_cache: bool | None = None,
     engine: str = "auto",
+    to_entry: Callable[..., FeatureSet] | None = None,
 ) -> FeatureSet:
     """Features for every image of ``source``; cached and resumable (see module docstring).
 
@@ -135,7 +137,9 @@ def extract_features(
     before it is trusted: ``None`` full sha256 up to 1 GiB and sampled blocks above,
     ``True`` always the full sha256, ``False`` always the sampled digest. ``engine``: auto,
     torch, openvino or onnxruntime (:mod:`imgclust.engines`; ``precision`` may then also be
-    ``int8``, or ``fp16`` on CUDA).
+    ``int8``, or ``fp16`` on CUDA). ``to_entry``: what fills the cache entry (default
+    :func:`extract_to_entry`; :func:`imgclust.features_dist.extract_features` passes the sharded
+    filler under torchrun, so this module never imports the distributed one).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -155,15 +159,8 @@ def extract_features(
     if not use_cache:
         return _extract(source, backbone, None, **opts)
     key = cache_key(source, backbone) + feature_key_suffix(engine, precision)
-    # --- issue 20: under torchrun every rank extracts its shard of the same entry (features_dist.py).
-    from imgclust.train import dist
-
-    if dist.init_from_env():
-        from imgclust.features_dist import extract_sharded
-
-        return extract_sharded(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
-    # --- end issue 20
-    return extract_to_entry(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
+    fill = to_entry or extract_to_entry  # issue 20: features_dist passes its sharded filler under torchrun
+    return fill(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
 
 
 def extract_to_entry(source: ImageSource, backbone: Backbone, entry: Path | None, *, key: str,

@@ -1,7 +1,9 @@
 """Sharded feature extraction under ``torchrun``: every rank fills its part of ONE cache entry.
 
 Launched with ``torchrun --nproc_per_node=P`` (or several nodes sharing the cache directory on
-a shared filesystem), :func:`imgclust.features.extract_features` comes here. The work is the
+a shared filesystem), :func:`extract_features` (this module's, the one api.py and
+multibackbone.py call) hands :func:`extract_sharded` to :func:`imgclust.features.extract_features`
+as the entry filler; features.py itself never imports this module (one-way flow). The work is the
 same list of batches a single process would run (``range(s, s + batch_size)`` for s = 0,
 batch_size, ...); rank r of P takes the contiguous block ``dist.shard(n_batches)`` of that
 list. Because every batch holds exactly the rows it holds in one process, each row goes
@@ -71,12 +73,21 @@ def _rank_device(device: str) -> str:
     return device
 
 
+def extract_features(source: ImageSource, backbone: Backbone, **kw: Any) -> Any:
+    """:func:`imgclust.features.extract_features`, sharded over the ranks when launched by torchrun."""
+    from imgclust import features as F
+
+    if dist.init_from_env():
+        kw.setdefault("to_entry", extract_sharded)
+    return F.extract_features(source, backbone, **kw)
+
+
 def extract_sharded(source: ImageSource, backbone: Backbone, entry: Path, *, key: str,
                     verify_cache: bool | None, batch_size: int, device: str, precision: str,
                     workers: int | None, chunk_rows: int, progress: bool, engine: str,
                     cache_root: Path) -> Any:
     """The finished cache entry ``entry``, computed by all ranks together (module docstring)."""
-    from imgclust import features as F  # lazy: features imports this module lazily too
+    from imgclust import features as F
 
     n, dim = len(source), backbone.dim
     r, w = dist.rank(), dist.world_size()

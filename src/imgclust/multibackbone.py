@@ -93,7 +93,8 @@ def extract_combined(source, combined: CombinedBackbone, *, cache_dir: str | Pat
     reduce caches are keyed by the feature bytes, so sharing the folder is safe) and
     ``key`` joins the members' keys.
     """
-    from imgclust.features import FeatureSet, extract_features
+    from imgclust.features import FeatureSet
+    from imgclust.features_dist import extract_features  # sharded under torchrun (issue 20)
 
     sets = [extract_features(source, m, cache_dir=cache_dir, **kw) for m in combined.members]
     valid = np.logical_and.reduce([fs.valid for fs in sets])
