@@ -238,18 +238,7 @@ def _extract(
             # Decode + resize in the pool (Pillow releases the GIL), a bounded number of batches
             # ahead of the engine; batches come back in order.
             for idx, imgs in prefetched(pool, load, batches):
-                good = [k for k, im in enumerate(imgs) if not isinstance(im, BadImageError)]
-                for k, im in enumerate(imgs):
-                    if isinstance(im, BadImageError):
-                        skipped_idx[idx[k]] = str(im) or "unreadable"
-                if good:
-                    out = eng(np.stack([imgs[k] for k in good]))
-                    if not np.all(np.isfinite(out)):
-                        bad = ~np.isfinite(out).all(axis=1)
-                        for k in np.flatnonzero(bad):
-                            skipped_idx[idx[good[k]]] = "backbone produced non-finite features"
-                        out[bad] = 0.0
-                    feats[[idx[k] for k in good]] = out
+                write_batch(eng, idx, imgs, feats, skipped_idx)
                 written = idx[-1] + 1
                 processed += len(idx)
                 bar.update(len(idx))
@@ -303,6 +292,24 @@ def _extract(
     fs.rows_computed = processed
     fs.cache_status = status
     return fs
+
+
+def write_batch(eng: Any, idx: list[int], imgs: list[Any], feats: np.ndarray, skipped: dict[int, str]) -> None:
+    """Run one decoded batch through ``eng`` into rows ``idx`` of ``feats``; unreadable images and
+    non-finite outputs are recorded in ``skipped`` (their rows stay 0). Shared by the single-process
+    and the sharded (features_dist) extraction."""
+    good = [k for k, im in enumerate(imgs) if not isinstance(im, BadImageError)]
+    for k, im in enumerate(imgs):
+        if isinstance(im, BadImageError):
+            skipped[idx[k]] = str(im) or "unreadable"
+    if good:
+        out = eng(np.stack([imgs[k] for k in good]))
+        if not np.all(np.isfinite(out)):
+            bad = ~np.isfinite(out).all(axis=1)
+            for k in np.flatnonzero(bad):
+                skipped[idx[good[k]]] = "backbone produced non-finite features"
+            out[bad] = 0.0
+        feats[[idx[k] for k in good]] = out
 
 
 def _wipe(entry: Path) -> None:

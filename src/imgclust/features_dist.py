@@ -47,7 +47,6 @@ from numpy.lib.format import open_memmap
 from imgclust.backbones.base import Backbone
 from imgclust.data.base import ImageSource
 from imgclust.diskspace import reserve_path, writing
-from imgclust.errors import BadImageError
 from imgclust.progress import progress_bar
 from imgclust.rundir import clean_stale_tmp, exclusive_lock, file_sha256, read_json, write_json
 from imgclust.train import dist
@@ -197,7 +196,7 @@ def _run_shard(source: ImageSource, backbone: Backbone, entry: Path, r: int, w: 
                device: str, precision: str, workers: int | None, chunk_rows: int, progress: bool, engine: str,
                cache_root: Path) -> tuple[int, int, float | None, Any, int]:
     from imgclust.engines.pipeline import make_engine, make_loader, prefetched
-    from imgclust.features import resolve_device
+    from imgclust.features import resolve_device, write_batch
 
     n = len(source)
     starts = list(range(0, n, batch_size))
@@ -219,18 +218,7 @@ def _run_shard(source: ImageSource, backbone: Backbone, entry: Path, r: int, w: 
     try:
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
             for idx, imgs in prefetched(pool, load, batches):
-                good = [k for k, im in enumerate(imgs) if not isinstance(im, BadImageError)]
-                for k, im in enumerate(imgs):
-                    if isinstance(im, BadImageError):
-                        skipped[idx[k]] = str(im) or "unreadable"
-                if good:
-                    out = eng(np.stack([imgs[k] for k in good]))
-                    if not np.all(np.isfinite(out)):
-                        bad = ~np.isfinite(out).all(axis=1)
-                        for k in np.flatnonzero(bad):
-                            skipped[idx[good[k]]] = "backbone produced non-finite features"
-                        out[bad] = 0.0
-                    feats[[idx[k] for k in good]] = out
+                write_batch(eng, idx, imgs, feats, skipped)
                 written = idx[-1] + 1
                 processed += len(idx)
                 bar.update(len(idx))
