@@ -91,11 +91,14 @@ def test_cluster_folder_writes_outputs_and_skips_broken_files(photo_folder, tmp_
 def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("hello")
-    r = run(*[a.replace("{tmp}", str(tmp_path)) for a in args], cache=tmp_path / "c")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = run(*[a.replace("{tmp}", str(tmp_path)) for a in args], cache=tmp_path / "c", cwd=work)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert not any((work / "runs").glob("2*")), "a failed run left a runs/<timestamp> folder behind"
 
 
 def test_config_file_and_command_line_precedence(tmp_path):

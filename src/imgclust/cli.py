@@ -146,10 +146,23 @@ def cluster(
 
     fresh = out is None
     out = fresh_run_dir() if out is None else out  # never replace a previous run by default
-    summary = run_cluster(cfg, out, progress=not quiet, overwrite=overwrite)
+    try:
+        summary = run_cluster(cfg, out, progress=not quiet, overwrite=overwrite)
+    except InputError:
+        if fresh:  # bad input found before any output: leave no runs/<timestamp> holding only a log
+            _drop_if_only_log(out)
+        raise
     if fresh:
         point_latest(out)
     _print_summary(summary, out)
+
+
+def _drop_if_only_log(out: Path) -> None:
+    """Remove a fresh run directory that a failed run left with nothing but its log.jsonl."""
+    import shutil
+
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {"log.jsonl"}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _parse_threads(value: str | None) -> int | str | None:
