@@ -7,6 +7,9 @@ compare the tables (identical digests = identical assignments)::
     PYTHONPATH=/work/main/src   python benchmarks/shape_parity.py > before.txt
     PYTHONPATH=/work/wt/17s/src python benchmarks/shape_parity.py > after.txt
     diff before.txt after.txt
+
+Any other feature matrix: ``--features X.npy --labels Y.npy`` (e.g. the cached CIFAR-10 test
+EfficientNet-Lite0 features, dumped with ``benchmarks/baselines.py``'s ``load``).
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="kmeans,spectral-kmeans,auto,temi,icce-heads,spice-self,icbpl,icsr")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--features", default=None, help=".npy feature matrix (default: scikit-learn's digits)")
+    ap.add_argument("--labels", default=None, help=".npy labels for --features")
     args = ap.parse_args()
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
+    if args.features:
+        x, y = np.load(args.features).astype(np.float32), np.load(args.labels)
+    else:
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).astype(np.float32)
     print(f"{'method':<16} {'ACC':>7} {'NMI':>7} {'ARI':>7}  labels-sha1   seconds")
     for name in args.methods.split(","):
         t0 = time.perf_counter()
