@@ -81,3 +81,40 @@ class MultiHeadMLP(nn.Module):
         """Logits of one head for shared inputs (B, D): (B, K)."""
         h = F.relu(torch.addmm(self.b1[head], self.normalize(x), self.w1[head]))
         return torch.addmm(self.b2[head], h, self.w2[head])
+
+    @torch.no_grad()
+    def all_logits(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Logits of every head for shared inputs (N, D) in eval mode, ``chunk`` rows at a time: (H, N, K)."""
+        self.eval()
+        return torch.cat([self(x[s:s + chunk]) for s in range(0, len(x), chunk)], dim=1)
+
+
+class SingleHead(nn.Module):
+    """One MLP head as a plain (B, D) -> (B, K) classifier (FixMatch's model on frozen features)."""
+
+    def __init__(self, mlp: MultiHeadMLP) -> None:
+        super().__init__()
+        if mlp.n_heads != 1:
+            raise InputError("SingleHead wraps a MultiHeadMLP with one head")
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.forward_head(x, 0)
+
+
+def load_multihead_mlp(state: dict[str, torch.Tensor], prefix: str, k: int, norm: str, name: str) -> MultiHeadMLP:
+    """A frozen :class:`MultiHeadMLP` (eval mode) from the ``prefix*`` tensors of a saved state;
+    InputError naming ``name`` when they are missing or do not fit K = ``k``."""
+    w1, w2 = state.get(f"{prefix}w1"), state.get(f"{prefix}w2")
+    if w1 is None or w2 is None or w1.ndim != 3 or w2.ndim != 3:
+        raise InputError(f"not a {name} state: {prefix}w1 (H, D, E) / {prefix}w2 (H, E, K) missing")
+    h, d, e = w1.shape
+    if w2.shape[-1] != k:
+        raise InputError(f"saved model has K={w2.shape[-1]} clusters, expected {k}")
+    mlp = MultiHeadMLP(d, k, h, e, norm)
+    try:
+        mlp.load_state_dict({kk[len(prefix):]: v for kk, v in state.items() if kk.startswith(prefix)})
+    except RuntimeError as err:
+        raise InputError(f"saved {name} heads do not fit: {err}") from err
+    mlp.requires_grad_(False)
+    return mlp.eval()

@@ -139,3 +139,25 @@ def prototype_pseudo_labels(
         idx[:, c] = pick
         taken[heads, pick] = True
     return idx.reshape(h, k * n), labels.clone()
+
+
+@torch.no_grad()
+def selection_losses(logits: torch.Tensor, embeddings: torch.Tensor, kind: str = "dsce", temperature: float = 0.2,
+                     ratio: float = 0.5) -> torch.Tensor:
+    """Each head's loss over the whole data (Algorithm 1's steps 1-3 with M = N on the original
+    images, overlap assignment): SPICE-Self's label-free head and epoch selection, (H,).
+
+    ``logits`` (H, N, K) of every head on every image; ``embeddings`` (N, D) L2-normalised.
+
+    Example::
+
+        >>> import torch
+        >>> z = torch.tensor([[[4.0, 0.0], [0.0, 4.0], [3.0, 0.0], [0.0, 3.0]]])
+        >>> f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]), dim=1)
+        >>> selection_losses(z, f).shape
+        torch.Size([1])
+    """
+    probs = cluster_probs(logits, kind, temperature)
+    idx, lab = prototype_pseudo_labels(probs, embeddings, ratio, overlap=True)
+    sel = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return cluster_loss(sel, lab, kind, temperature).mean(dim=1)

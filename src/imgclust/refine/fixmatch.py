@@ -44,6 +44,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,24 +295,6 @@ class ImageViews:
         return self.normalize(x)
 
 
-class BackboneClassifier(nn.Module):
-    """A trainable backbone followed by a classifier head (images -> logits), for end-to-end FixMatch."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-def trainable_copy(backbone: nn.Module) -> nn.Module:
-    """A deep copy of a frozen backbone with gradients switched on (the original stays frozen)."""
-    net = copy.deepcopy(backbone)
-    net.requires_grad_(True)
-    return net.train()
-
-
 @torch.no_grad()
 def predict_images(model: nn.Module, views: ImageViews, n: int, batch: int = 256) -> np.ndarray:
     """Softmax predictions of ``model`` on the un-augmented images: (n, K)."""
@@ -343,6 +326,24 @@ def distill_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     return head.eval()
 
 
+def train_then_distill(net: nn.Module, views: ImageViews, labeled_index: np.ndarray, labeled_targets: np.ndarray,
+                       features: torch.Tensor, cfg: FixMatchConfig, generator: torch.Generator, *,
+                       new_head: Callable[[], nn.Module], distill_epochs: int, device: torch.device = CPU,
+                       progress: bool = True, desc: str = "fixmatch end-to-end",
+                       lr_option: str = "lr") -> tuple[nn.Module, dict[str, Any]]:
+    """End-to-end FixMatch on ``net`` (a :class:`~imgclust.heads.wrap.BackboneHead` over ``views``'
+    augmented images), then the EMA network's labels of the un-augmented images distilled into
+    ``new_head()`` on the frozen ``features`` (N, D), so the model predicts from features; returns
+    (head, FixMatch history + ``distilled_agreement``). ``new_head`` is called after training (its
+    initialisation draws from ``generator`` then, as before this helper existed)."""
+    n = len(features)
+    ema, info = train_fixmatch(net, views, labeled_index, labeled_targets, n, cfg, generator, device=device,
+                               progress=progress, desc=desc, lr_option=lr_option)
+    targets = torch.from_numpy(predict_images(ema, views, n).argmax(1)).long()
+    head = distill_head(new_head(), features, targets, epochs=distill_epochs, generator=generator)
+    return head, {**info, "distilled_agreement": float((head(features).argmax(1) == targets).float().mean())}
+
+
 def warn_empty_clusters(empty: list[int], n_clusters: int) -> None:
     if empty:
         warnings.warn(f"SPICE-Semi: no reliable sample in cluster(s) {empty} of {n_clusters}; they get no labelled "
@@ -350,7 +351,7 @@ def warn_empty_clusters(empty: list[int], n_clusters: int) -> None:
 
 
 __all__ = [
-    "BackboneClassifier", "FixMatchConfig", "FixMatchLossOutput", "ImageViews", "ReliableSet", "distill_head",
-    "fixmatch_loss", "local_consistency", "predict_images", "select_reliable", "train_fixmatch", "trainable_copy",
-    "warn_empty_clusters",
+    "FixMatchConfig", "FixMatchLossOutput", "ImageViews", "ReliableSet", "distill_head",
+    "fixmatch_loss", "local_consistency", "predict_images", "select_reliable", "train_fixmatch",
+    "train_then_distill", "warn_empty_clusters",
 ]
