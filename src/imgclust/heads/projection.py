@@ -48,4 +48,25 @@ class Projection(nn.Module):
         return torch.cat([self(x[s:s + chunk], standardized=True) for s in range(0, len(x), chunk)]).cpu().numpy()
 
 
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str, latent_dim: int, hidden_dim: int,
+                   name: str = "icbpl") -> Projection:
+        """A frozen projection (eval mode) from the ``prefix*`` tensors of a saved state; InputError
+        (naming ``name``) when they are missing, do not fit ``hidden_dim`` or are not finite."""
+        from imgclust.errors import InputError
+
+        mean = state.get(f"{prefix}mean")
+        if not isinstance(mean, torch.Tensor) or mean.ndim != 1:
+            raise InputError(f"not an {name} state: '{prefix}mean' missing")
+        head = cls(int(mean.shape[0]), latent_dim, hidden_dim)
+        try:
+            head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as e:
+            raise InputError(f"saved {name} projection does not match hidden_dim={hidden_dim}: {e}") from e
+        if not all(torch.isfinite(v).all() for v in head.state_dict().values() if v.is_floating_point()):
+            raise InputError(f"saved {name} model has non-finite weights")
+        head.requires_grad_(False)
+        return head.eval()
+
+
 __all__ = ["Projection"]

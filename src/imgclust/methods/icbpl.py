@@ -92,13 +92,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclust.backbones.finetune import finetuned_copy, trainable_copy
+from imgclust.backbones.finetune import trainable_copy
 from imgclust.data.augment import contrastive_augment, feature_view, seeded_augment
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
 from imgclust.heads.projection import Projection
-from imgclust.heads.wrap import BackboneHead, apply_rows
+from imgclust.heads.wrap import BackboneHead, apply_rows, predict_finetuned_images
 from imgclust.losses.icbpl import icbpl_loss
 from imgclust.methods.base import (
     ClusteringMethod,
@@ -431,12 +431,10 @@ class ICBPL(ClusteringMethod):
 
         head, c = self._check()
         dev = resolve_device(device)
-        bb = finetuned_copy(backbone, self.backbone_state_, dev)
-        head = head.to(dev)
-        size = self.config.image_size or backbone.preprocess.size
-        images = ImageBatches(source, np.arange(len(source)), size, backbone.preprocess, workers)
-        z = images.apply(BackboneHead(bb, head.eval()), c.shape[1], batch_size=batch_size, device=dev,
-                         progress=progress, desc="icbpl predict")
+        head = head.to(dev).eval()
+        z = predict_finetuned_images(backbone, self.backbone_state_, head, source, c.shape[1], size=self.config.image_size,
+                                     batch_size=batch_size, device=dev, workers=workers, progress=progress,
+                                     desc="icbpl predict")
         ok = z.any(axis=1)  # latents are unit vectors: all-zero rows are the images that did not decode
         out = np.zeros((len(source), self.n_clusters), np.float32)
         out[ok] = self._softmax(z[ok] @ c.numpy().T)
@@ -460,18 +458,7 @@ class ICBPL(ClusteringMethod):
             raise InputError(f"saved model has K={c.shape[0]} centroids, expected {self.n_clusters}")
         if c.shape[1] != self.config.latent_dim:
             raise InputError(f"saved centroids are {c.shape[1]}-d, the config says latent_dim={self.config.latent_dim}")
-        mean = state.get("head.mean")
-        if not isinstance(mean, torch.Tensor) or mean.ndim != 1:
-            raise InputError("not an icbpl state: 'head.mean' missing")
-        head = Projection(int(mean.shape[0]), self.config.latent_dim, self.config.hidden_dim)
-        try:
-            head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-        except RuntimeError as e:
-            raise InputError(f"saved icbpl projection does not match hidden_dim={self.config.hidden_dim}: {e}") from e
-        if not all(torch.isfinite(v).all() for v in head.state_dict().values() if v.is_floating_point()):
-            raise InputError("saved icbpl model has non-finite weights")
-        head.requires_grad_(False)
-        self.head_ = head.eval()
+        self.head_ = Projection.from_state(state, "head.", self.config.latent_dim, self.config.hidden_dim)
         self.centroids_ = c.float()
         self.backbone_state_ = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         if self.image_level and not self.backbone_state_:
