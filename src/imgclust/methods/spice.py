@@ -47,7 +47,9 @@ for the cost per epoch; FixMatch runs 2,000 steps on the head
 SPICE-Self's heads train in the shared loop (:func:`imgclust.train.loop.run_loop`; losses in
 :mod:`imgclust.losses.spice`), checkpointed every epoch to ``<work_dir>/<name>-ckpt-<key>.pt``
 when the fit has a work directory, so a killed run resumes to the same heads
-(``checkpoint=false``: off). SPICE-Semi (FixMatch) is not resumable yet.
+(``checkpoint=false``: off). SPICE-Semi (FixMatch) is not resumable yet. The networks are in
+:mod:`imgclust.heads.spice`, SPICE-Semi's classifier (head or end to end) in
+:func:`imgclust.refine.semi.fixmatch_classifier`: this file is the recipe.
 """
 
 from __future__ import annotations
@@ -71,12 +73,11 @@ from imgclust.methods.base import (
     MethodConfig,
     register_method,
 )
+from imgclust.refine.semi import SEMI_MODES
 from imgclust.train.checkpoint import Checkpoint, data_digest
 from imgclust.train.loop import LoopSpec, StepInfo, run_loop
 from imgclust.train.optim import build_optimizer
 from imgclust.views import VIEW_MODES, FeatureViews, make_feature_views
-
-SEMI_MODES = ("head", "end_to_end")
 
 
 def default_pool_size(k: int) -> int:
@@ -400,50 +401,17 @@ class SPICE(SPICESelf):
         return None
 
     def _semi(self, x: torch.Tensor, rel, views: FeatureViews, ctx: FitContext) -> tuple[SingleHead, dict]:
-        """FixMatch on the reliable labels: on a head over the feature views, or end to end on a trainable
-        copy of the backbone + head over augmented images, then distilled into a head on the features."""
+        """FixMatch on the reliable labels (:func:`imgclust.refine.semi.fixmatch_classifier`): a head on the
+        feature views, or end to end on a trainable copy of the backbone, distilled into a head."""
         from imgclust.features import resolve_device
-        from imgclust.refine.fixmatch import train_fixmatch
-
-        cfg, k, d = self.config, self.n_clusters, x.shape[1]
-        device = resolve_device(ctx.device)
-        gen = torch.Generator().manual_seed(int(ctx.seed) + 1)
-
-        def new_head() -> SingleHead:
-            mlp = MultiHeadMLP(d, k, 1, cfg.hidden, cfg.norm, generator=gen)
-            mlp.set_standardization(x.mean(0), x.std(0) if len(x) > 1 else torch.ones(d))
-            return SingleHead(mlp)
-
-        if cfg.semi_mode == "head":
-            model, info = train_fixmatch(new_head(), views, rel.index, rel.labels, len(x), cfg.fixmatch(), gen,
-                                         device=device, progress=ctx.progress, desc="spice-semi fixmatch",
-                                         lr_option="semi_lr")
-            return model.cpu(), info
-        return self._end_to_end(x, rel, ctx, device, gen, new_head)
-
-    def _end_to_end(self, x: torch.Tensor, rel, ctx: FitContext, device: torch.device, gen: torch.Generator,
-                    new_head) -> tuple[SingleHead, dict]:
-        import dataclasses
-
-        from imgclust.backbones.finetune import trainable_copy
-        from imgclust.heads.wrap import BackboneHead
-        from imgclust.refine.fixmatch import ImageViews, train_then_distill
+        from imgclust.refine.semi import fixmatch_classifier
 
         cfg = self.config
-        source, backbone, rows = ctx.source, ctx.backbone, ctx.rows
-        if source is None or backbone is None or rows is None:
-            raise InputError("semi_mode=end_to_end needs the images (fit on a folder, archive or source)")
-        if device.type != "cuda":
-            warnings.warn("semi_mode=end_to_end on a CPU trains the whole backbone: expect it to be very slow",
-                          stacklevel=4)
-        pre = dataclasses.replace(backbone.preprocess, size=cfg.view_image_size) if cfg.view_image_size \
-            else backbone.preprocess
-        img_views = ImageViews(source, np.asarray(rows), pre, cfg.spec(), device)
-        net_head = SingleHead(MultiHeadMLP(backbone.dim, self.n_clusters, 1, cfg.hidden, "none", generator=gen))
-        net = BackboneHead(trainable_copy(backbone, "all", allow_empty=True)[0], net_head)
-        return train_then_distill(net, img_views, rel.index, rel.labels, x, cfg.fixmatch(), gen, new_head=new_head,
-                                  distill_epochs=cfg.distill_epochs, device=device, progress=ctx.progress,
-                                  desc="spice-semi end-to-end", lr_option="semi_lr")
+        return fixmatch_classifier(x, views, rel.index, rel.labels, self.n_clusters, cfg.fixmatch(), mode=cfg.semi_mode,
+                                   hidden=cfg.hidden, norm=cfg.norm, seed=int(ctx.seed) + 1, source=ctx.source,
+                                   backbone=ctx.backbone, rows=ctx.rows, image_size=cfg.view_image_size,
+                                   spec=cfg.spec(), distill_epochs=cfg.distill_epochs, device=resolve_device(ctx.device),
+                                   progress=ctx.progress, desc="spice-semi", lr_option="semi_lr")
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         if self.semi_ is None:

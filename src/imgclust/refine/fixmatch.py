@@ -44,7 +44,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,24 +325,6 @@ def distill_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     return head.eval()
 
 
-def train_then_distill(net: nn.Module, views: ImageViews, labeled_index: np.ndarray, labeled_targets: np.ndarray,
-                       features: torch.Tensor, cfg: FixMatchConfig, generator: torch.Generator, *,
-                       new_head: Callable[[], nn.Module], distill_epochs: int, device: torch.device = CPU,
-                       progress: bool = True, desc: str = "fixmatch end-to-end",
-                       lr_option: str = "lr") -> tuple[nn.Module, dict[str, Any]]:
-    """End-to-end FixMatch on ``net`` (a :class:`~imgclust.heads.wrap.BackboneHead` over ``views``'
-    augmented images), then the EMA network's labels of the un-augmented images distilled into
-    ``new_head()`` on the frozen ``features`` (N, D), so the model predicts from features; returns
-    (head, FixMatch history + ``distilled_agreement``). ``new_head`` is called after training (its
-    initialisation draws from ``generator`` then, as before this helper existed)."""
-    n = len(features)
-    ema, info = train_fixmatch(net, views, labeled_index, labeled_targets, n, cfg, generator, device=device,
-                               progress=progress, desc=desc, lr_option=lr_option)
-    targets = torch.from_numpy(predict_images(ema, views, n).argmax(1)).long()
-    head = distill_head(new_head(), features, targets, epochs=distill_epochs, generator=generator)
-    return head, {**info, "distilled_agreement": float((head(features).argmax(1) == targets).float().mean())}
-
-
 def warn_empty_clusters(empty: list[int], n_clusters: int) -> None:
     if empty:
         warnings.warn(f"SPICE-Semi: no reliable sample in cluster(s) {empty} of {n_clusters}; they get no labelled "
@@ -353,5 +334,5 @@ def warn_empty_clusters(empty: list[int], n_clusters: int) -> None:
 __all__ = [
     "FixMatchConfig", "FixMatchLossOutput", "ImageViews", "ReliableSet", "distill_head",
     "fixmatch_loss", "local_consistency", "predict_images", "select_reliable", "train_fixmatch",
-    "train_then_distill", "warn_empty_clusters",
+    "warn_empty_clusters",
 ]
