@@ -19,6 +19,7 @@ class Projection(nn.Module):
 
     def __init__(self, in_dim: int, latent_dim: int, hidden_dim: int = 512) -> None:
         super().__init__()
+        self.latent_dim = int(latent_dim)
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         if hidden_dim > 0:
@@ -41,12 +42,33 @@ class Projection(nn.Module):
         h = self.net(x if standardized else self.standardize(x))
         return nn.functional.normalize(h, dim=-1)
 
+    @classmethod
+    def for_features(cls, x: np.ndarray, latent_dim: int, hidden_dim: int, seed: int) -> Projection:
+        """A fresh projection for features ``x`` (N, D): weights drawn from ``seed`` without touching the
+        caller's global RNG, standardisation frozen to ``x``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            head = cls(x.shape[1], latent_dim, hidden_dim)
+        head.set_standardization(x)
+        return head
+
     @torch.no_grad()
     def encode_standardized(self, x: torch.Tensor, chunk: int = 8192) -> np.ndarray:
         """Latents of already standardised rows (N, D), eval mode, ``chunk`` rows at a time: (N, d) numpy."""
         self.eval()
         return torch.cat([self(x[s:s + chunk], standardized=True) for s in range(0, len(x), chunk)]).cpu().numpy()
 
+
+    def encode(self, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """Latents (N, d), unit rows, of raw features (N, D) in eval mode, ``chunk`` rows at a time;
+        InputError for features of another shape."""
+        from imgclust.errors import InputError
+        from imgclust.heads.wrap import apply_rows
+
+        x, d_in = np.asarray(features, dtype=np.float32), self.mean.shape[0]
+        if x.ndim != 2 or x.shape[1] != d_in:
+            raise InputError(f"features must be (N, {d_in}), got shape {x.shape}")
+        return apply_rows(self.eval(), x, self.latent_dim, chunk)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str, latent_dim: int, hidden_dim: int,

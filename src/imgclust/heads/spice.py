@@ -11,6 +11,7 @@ is per head, (H, B, D). The losses and the prototype pseudo-labelling are pure f
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,15 @@ class MultiHeadMLP(nn.Module):
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.reset_parameters(generator)
+
+    @classmethod
+    def for_features(cls, x: torch.Tensor, n_clusters: int, n_heads: int, hidden: int = 512, norm: str = "none",
+                     generator: torch.Generator | None = None) -> MultiHeadMLP:
+        """Fresh heads (on the CPU) for features ``x`` (N, D), the input standardisation frozen to their
+        mean and std (std 1 for a single row; used only when ``norm="standardize"``)."""
+        heads = cls(x.shape[1], n_clusters, n_heads, hidden, norm, generator=generator)
+        heads.set_standardization(x.mean(0).cpu(), x.std(0).cpu() if len(x) > 1 else torch.ones(x.shape[1]))
+        return heads
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -118,3 +128,39 @@ def load_multihead_mlp(state: dict[str, torch.Tensor], prefix: str, k: int, norm
         raise InputError(f"saved {name} heads do not fit: {err}") from err
     mlp.requires_grad_(False)
     return mlp.eval()
+
+
+def selected_heads_state(heads: MultiHeadMLP, best_head: int, head_losses=None) -> dict[str, torch.Tensor]:
+    """SPICE-Self's saved model: the heads (``heads.*``), the selected head and its selection losses."""
+    state = {f"heads.{kk}": v.detach().clone() for kk, v in heads.state_dict().items()}
+    state["best_head"] = torch.tensor(best_head)
+    if head_losses is not None:
+        state["head_losses"] = torch.as_tensor(head_losses, dtype=torch.float64).clone()
+    return state
+
+
+def load_selected_heads(state: dict[str, torch.Tensor], k: int, norm: str, name: str) -> tuple[MultiHeadMLP, int, Any]:
+    """The inverse of :func:`selected_heads_state`: (frozen heads, best head, head losses or None);
+    InputError when the state is not one or the selected head is out of range."""
+    heads = load_multihead_mlp(state, "heads.", k, norm, name)
+    if "best_head" not in state:
+        raise InputError(f"not a {name} state: best_head missing")
+    best = int(state["best_head"])
+    if not 0 <= best < heads.n_heads:
+        raise InputError(f"saved best head {best} is out of range")
+    return heads, best, state["head_losses"].numpy() if "head_losses" in state else None
+
+
+def load_single_head(state: dict[str, torch.Tensor], prefix: str, k: int, norm: str, name: str) -> SingleHead | None:
+    """A frozen :class:`SingleHead` from the ``prefix*`` tensors (None when the state has none)."""
+    if not any(kk.startswith(prefix) for kk in state):
+        return None
+    mlp = load_multihead_mlp(state, prefix, k, norm, name)
+    if mlp.n_heads != 1:
+        raise InputError(f"saved {name} classifier ({prefix}*) must have one head")
+    return SingleHead(mlp).eval()
+
+
+def single_head_state(head: SingleHead | None, prefix: str) -> dict[str, torch.Tensor]:
+    """The ``prefix*`` tensors of a :class:`SingleHead` (none for None), read by :func:`load_single_head`."""
+    return {} if head is None else {f"{prefix}{kk}": v.detach().clone() for kk, v in head.mlp.state_dict().items()}

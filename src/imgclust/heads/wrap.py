@@ -123,5 +123,18 @@ def predict_finetuned_images(backbone: nn.Module, tuned: dict[str, torch.Tensor]
                         desc=desc)
 
 
-__all__ = ["BackboneHead", "apply_rows", "load_multihead", "multihead_labels", "multihead_logits",
+
+def encode_images(images: Any, net: BackboneHead, features: np.ndarray, n_out: int, device: torch.device | str = "cpu",
+                  batch_size: int = 64) -> np.ndarray:
+    """``net`` over every image of ``images`` (:class:`~imgclust.data.batches.ImageBatches`), (N, n_out);
+    an image that no longer decodes (an all-zero output row) takes ``net.head`` of its frozen
+    ``features`` row instead. Modes are the caller's."""
+    z = images.apply(net, n_out, batch_size=batch_size, device=device, progress=False)
+    bad = ~z.any(axis=1)
+    if bad.any():
+        z[bad] = apply_rows(lambda xb: net.head(xb.to(device)).cpu(), features[bad], n_out)
+    return z
+
+
+__all__ = ["BackboneHead", "apply_rows", "encode_images", "load_multihead", "multihead_labels", "multihead_logits",
            "predict_finetuned_images"]

@@ -85,7 +85,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,22 +93,17 @@ from torch import nn
 
 from imgclust.backbones.finetune import trainable_copy
 from imgclust.data.augment import contrastive_augment, feature_view, seeded_augment
-from imgclust.data.batches import ImageBatches
+from imgclust.data.batches import ImageBatches, fit_image_rows
 from imgclust.errors import InputError
-from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
+from imgclust.heads.pedcc import load_centroids, load_or_build_pedcc, pedcc_stats
 from imgclust.heads.projection import Projection
-from imgclust.heads.wrap import BackboneHead, apply_rows, predict_finetuned_images
-from imgclust.losses.icbpl import icbpl_loss
-from imgclust.methods.base import (
-    ClusteringMethod,
-    FitContext,
-    MethodConfig,
-    register_method,
-)
-from imgclust.neighbors import load_or_mine_neighbors, mine_neighbors
-from imgclust.train.checkpoint import Checkpoint, data_digest
-from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.heads.wrap import BackboneHead, encode_images, predict_finetuned_images
+from imgclust.losses.icbpl import draw_neighbors, icbpl_loss, pedcc_proba
+from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
+from imgclust.neighbors import fixed_neighbors, neighbor_overlap
+from imgclust.train.loop import StepInfo
 from imgclust.train.optim import build_optimizer
+from imgclust.train.recipe import cluster_sizes, run_epochs
 from imgclust.views import contrastive_view_bank
 
 FINETUNE = ("head", "last_blocks", "all")
@@ -181,26 +175,6 @@ class ICBPLConfig(MethodConfig):
             raise InputError(f"image_size must be >= 8 pixels; got {self.image_size}")
 
 
-def _fixed_neighbors(features: np.ndarray, k: int, work_dir: Path | None, seed: int, progress: bool,
-                     cached: bool) -> np.ndarray:
-    """(N, k') int64 indices of each row's k nearest rows by cosine (k' = min(k, N - 1))."""
-    if cached:
-        nb = load_or_mine_neighbors(features, work_dir, mode="fixed", k=k, seed=seed, progress=progress)
-    else:
-        nb = mine_neighbors(features, mode="fixed", k=k, seed=seed, progress=False)
-    n = len(features)
-    kk = int(nb.info.get("k_effective", min(k, n - 1)))
-    if kk <= 0:
-        return np.arange(n, dtype=np.int64)[:, None]  # a single image: its own neighbour
-    return np.asarray(nb.indices, dtype=np.int64).reshape(n, kk)
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean fraction of each row's neighbour set that two (N, k) index arrays share."""
-    hits = sum(len(np.intersect1d(x, y, assume_unique=True)) for x, y in zip(a, b, strict=True))
-    return hits / max(a.size, 1)
-
-
 # ---------------------------------------------------------------------------- the method
 @register_method
 class ICBPL(ClusteringMethod):
@@ -234,52 +208,37 @@ class ICBPL(ClusteringMethod):
 
         cfg, k = self.config, self.n_clusters
         x_np = np.ascontiguousarray(features, dtype=np.float32)
-        n, d_in = x_np.shape
-        if n < k:
-            raise InputError(f"K={k} is larger than the number of images ({n})")
-        if n < 2:
+        if len(x_np) < k:
+            raise InputError(f"K={k} is larger than the number of images ({len(x_np)})")
+        if len(x_np) < 2:
             raise InputError("ICBPL needs at least 2 images")
         t0 = time.perf_counter()
         device = resolve_device(ctx.device)
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
         c_np = load_or_build_pedcc(k, cfg.latent_dim, cfg.pedcc, seed=cfg.pedcc_seed, cache_dir=ctx.cache_dir)
         centroids = torch.from_numpy(c_np).to(device)
-        nbrs = _fixed_neighbors(x_np, cfg.k, ctx.work_dir, ctx.seed, ctx.progress, cached=True)
+        nbrs = fixed_neighbors(x_np, cfg.k, ctx.work_dir, ctx.seed, ctx.progress, cached=True)
         t_prep = time.perf_counter() - t0
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(int(ctx.seed))
-            head = Projection(d_in, cfg.latent_dim, cfg.hidden_dim)
-        head.set_standardization(x_np)
-        head.to(device)
+        head = Projection.for_features(x_np, cfg.latent_dim, cfg.hidden_dim, ctx.seed).to(device)
         self.history_ = {"pedcc": pedcc_stats(c_np), "neighbors_k": int(nbrs.shape[1]), "refresh_overlap": [],
                          "loss": [], "mmd": [], "aug": [], "knn": [], "pedcc_loss": [], "epoch_s": []}
         fit_mode = self._fit_head if cfg.finetune == "head" else self._fit_images
         z_all, nbrs = fit_mode(x_np, head, centroids, nbrs, ctx, gen, device)
         self.head_, self.centroids_, self.neighbors_ = head.cpu().eval(), centroids.cpu(), nbrs
-        cos = z_all @ c_np.T
-        self.labels_ = cos.argmax(axis=1).astype(np.int64)
-        self.fit_proba_ = self._softmax(cos) if self.image_level else None
-        sizes = np.bincount(self.labels_, minlength=k)
-        self.history_.update(cluster_sizes=sizes.tolist(), empty_clusters=[int(c) for c in np.flatnonzero(sizes == 0)],
-                             prepare_s=round(t_prep, 3), train_s=round(time.perf_counter() - t0 - t_prep, 3),
+        self.labels_ = (z_all @ c_np.T).argmax(axis=1).astype(np.int64)
+        self.fit_proba_ = pedcc_proba(z_all, c_np, cfg.temperature) if self.image_level else None
+        self.history_.update(**cluster_sizes(self.labels_, k), prepare_s=round(t_prep, 3),
+                             train_s=round(time.perf_counter() - t0 - t_prep, 3),
                              mean_epoch_s=round(float(np.mean(self.history_["epoch_s"])), 4))
         return self
 
-    def _draw_neighbors(self, nbrs: np.ndarray, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B, m) neighbour indices for Loss3: all k when ``neighbors_per_step`` >= k, else m drawn
-        uniformly with replacement (an unbiased estimate of the mean over the k)."""
-        nb = torch.from_numpy(nbrs)[rows]
-        m = self.config.neighbors_per_step
-        if m >= nb.shape[1]:
-            return nb
-        return torch.gather(nb, 1, torch.randint(nb.shape[1], (len(rows), m), generator=gen))
-
     def _train(self, model: nn.Module, head: Projection, opt: torch.optim.Optimizer, nbrs: np.ndarray,
-               ctx: FitContext, gen: torch.Generator, centroids: torch.Tensor, x_np: np.ndarray, label: str,
-               encode, latents) -> np.ndarray:
-        """The epochs of both modes in the shared loop: neighbour refresh at an epoch's start, batches
+               ctx: FitContext, gen: torch.Generator, x_np: np.ndarray, label: str, encode, latents,
+               centroids: torch.Tensor) -> np.ndarray:
+        """The epochs of every mode in the shared loop: neighbour refresh at an epoch's start, batches
         without replacement (the last incomplete one dropped: the MMD target is the PEDCC tiled to 2B),
-        eq. (7) per step. ``latents(rows, nbrs, info)`` -> z = [B images; B views; B x m neighbours]."""
+        eq. (7) per step. ``latents(rows, draw)`` -> z = [B images; B views; B x m neighbours], ``draw(rows)``
+        the rows' neighbours for Loss3."""
         cfg, n = self.config, len(x_np)
         bs = min(cfg.batch_size, n)
         weights = (float(cfg.mmd_weight), float(cfg.aug_weight), float(cfg.knn_weight), float(cfg.pedcc_weight))
@@ -287,28 +246,25 @@ class ICBPL(ClusteringMethod):
 
         def batches(epoch: int):
             if cfg.refresh_every and epoch > 0 and epoch % cfg.refresh_every == 0:
-                new = _fixed_neighbors(encode(), cfg.k, None, ctx.seed + epoch, False, cached=False)
-                state["refresh_overlap"].append(round(_overlap(state["nbrs"].numpy(), new), 4))
+                new = fixed_neighbors(encode(), cfg.k, None, ctx.seed + epoch, False, cached=False)
+                state["refresh_overlap"].append(round(neighbor_overlap(state["nbrs"].numpy(), new), 4))
                 state["nbrs"] = torch.from_numpy(np.ascontiguousarray(new))
             head.train()
             perm = torch.randperm(n, generator=gen)
             return (perm[it * bs:(it + 1) * bs] for it in range(n // bs))
 
         def step(rows: torch.Tensor, info: StepInfo):
-            z, b = latents(rows, state["nbrs"].numpy(), info), len(rows)
+            draw = lambda r: draw_neighbors(state["nbrs"], r, cfg.neighbors_per_step, gen)  # noqa: E731
+            z, b = latents(rows, draw, info), len(rows)
             out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
                              cfg.kernel_mul, cfg.kernel_num)
             return out.loss, {"mmd": out.mmd, "aug": out.aug, "knn": out.knn, "pedcc": out.pedcc}
 
-        ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=self.n_clusters,
-                                 seed=int(ctx.seed), opts=cfg.to_dict(), data=data_digest(x_np))
-        res = run_loop(model, step, batches, LoopSpec(cfg.epochs, label, option="lr", option_value=cfg.lr,
-                                                      progress=ctx.progress),
-                       optimizer=opt, generators=[gen], state=state, checkpoint=ckpt)
+        res, run = run_epochs(self, ctx, x_np, model, step, batches, optimizer=opt, generator=gen, state=state,
+                              label=label)
         for key, hk in (("loss", "loss"), ("mmd", "mmd"), ("aug", "aug"), ("knn", "knn"), ("pedcc", "pedcc_loss")):
             self.history_[hk] = res.history.get(key, [])
-        self.history_.update(epoch_s=res.epoch_s, refresh_overlap=state["refresh_overlap"],
-                             resumed_from_epoch=res.resumed_from, checkpoint=None if ckpt.path is None else str(ckpt.path))
+        self.history_.update(**run, refresh_overlap=state["refresh_overlap"])
         return state["nbrs"].numpy()
 
     def _fit_head(self, x_np: np.ndarray, head: Projection, centroids: torch.Tensor, nbrs: np.ndarray,
@@ -318,50 +274,36 @@ class ICBPL(ClusteringMethod):
         x = head.standardize(torch.from_numpy(x_np if x_np.flags.writeable else x_np.copy()).to(device))
         bank = None
         if cfg.aug == "views":  # (V, N, D), rows read per batch
-            source, backbone, rows = self._image_context(ctx, x_np, "aug=views")
+            rows = fit_image_rows(ctx.source, ctx.backbone, ctx.rows, x_np.shape, self.name, "aug=views")
             bank, self.history_["view_bank"] = contrastive_view_bank(
-                x_np, source, backbone, rows, views=cfg.views, size=cfg.image_size or backbone.preprocess.size,
+                x_np, ctx.source, ctx.backbone, rows, views=cfg.views, size=cfg.image_size or ctx.backbone.preprocess.size,
                 crop_scale=cfg.crop_scale, seed=ctx.seed, work_dir=ctx.work_dir, device=device, workers=ctx.workers,
                 batch_size=int(ctx.batch_size or 64), progress=ctx.progress, desc="icbpl view bank")
         # ICBPC's reference decays every parameter (plain Adam): kept, so no no-decay rule here
         opt = build_optimizer("adam", [{"params": list(head.parameters())}], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-        def latents(rows: torch.Tensor, nbrs: np.ndarray, info: StepInfo) -> torch.Tensor:
+        def latents(rows: torch.Tensor, draw, info: StepInfo) -> torch.Tensor:
             xb = x[rows.to(device)]
             if bank is None:
                 xa = feature_view(xb, cfg.feature_dropout, cfg.feature_noise, gen)
             else:
                 v = torch.randint(bank.shape[0], (len(rows),), generator=gen).numpy()
                 xa = head.standardize(torch.from_numpy(np.asarray(bank[v, rows.numpy()], dtype=np.float32)).to(device))
-            xn = x[self._draw_neighbors(nbrs, rows, gen).reshape(-1).to(device)]
-            return head(torch.cat([xb, xa, xn]), standardized=True)
+            return head(torch.cat([xb, xa, x[draw(rows).reshape(-1).to(device)]]), standardized=True)
 
-        nbrs = self._train(head, head, opt, nbrs, ctx, gen, centroids, x_np, "icbpl",
-                           lambda: head.encode_standardized(x), latents)
+        nbrs = self._train(head, head, opt, nbrs, ctx, gen, x_np, "icbpl", lambda: head.encode_standardized(x), latents,
+                           centroids)
         return head.encode_standardized(x), nbrs
-
-    def _image_context(self, ctx: FitContext, x_np: np.ndarray, what: str) -> tuple[Any, Any, np.ndarray]:
-        """The fit's source, backbone and rows; InputError when the images or the backbone's own features are missing."""
-        source, backbone, rows, n = ctx.source, ctx.backbone, ctx.rows, len(x_np)
-        if source is None or backbone is None:
-            raise InputError(f"icbpl {what} needs the images: fit on an image source, not on precomputed features")
-        rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-        if len(rows) != n:
-            raise InputError(f"icbpl: {len(rows)} source rows for {n} feature rows")
-        if backbone.dim != x_np.shape[1]:
-            raise InputError(f"{what} needs the backbone's own {backbone.dim}-d features (no pca); got {x_np.shape[1]}-d")
-        return source, backbone, rows
 
     def _fit_images(self, x_np: np.ndarray, head: Projection, centroids: torch.Tensor, nbrs: np.ndarray,
                     ctx: FitContext, gen: torch.Generator, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
         """``finetune="last_blocks"|"all"``: a trainable copy of the backbone + the projection on augmented
         images (BatchNorm statistics of the copy stay fixed: it stays in eval mode)."""
-        cfg = self.config
-        source, backbone, rows = self._image_context(ctx, x_np, f"finetune={cfg.finetune}")
+        cfg, backbone = self.config, ctx.backbone
+        rows = fit_image_rows(ctx.source, backbone, ctx.rows, x_np.shape, self.name, f"finetune={cfg.finetune}")
         bb, train_params = trainable_copy(backbone, cfg.finetune, cfg.finetune_blocks, device=device)
-        net = BackboneHead(bb, head)
-        size = cfg.image_size or backbone.preprocess.size
-        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.workers)
+        net, size = BackboneHead(bb, head), cfg.image_size or backbone.preprocess.size
+        images = ImageBatches(ctx.source, rows, size, backbone.preprocess, ctx.workers)
         aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
         opt = build_optimizer("adam", [{"params": list(head.parameters()), "lr": cfg.lr},
                                        {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],
@@ -370,22 +312,17 @@ class ICBPL(ClusteringMethod):
 
         def encode() -> np.ndarray:  # latents of every image; one that no longer decodes uses its features
             head.eval()
-            z = images.apply(net, cfg.latent_dim, batch_size=64, device=device, progress=False)
-            bad = ~z.any(axis=1)  # latents are unit rows: all-zero = not decoded
-            if bad.any():
-                z[bad] = apply_rows(lambda xb: head(xb.to(device)).cpu(), x_np[bad], cfg.latent_dim)
-            return z
+            return encode_images(images, net, x_np, cfg.latent_dim, device)
 
         with ThreadPoolExecutor(max_workers=images.workers) as pool:
 
-            def latents(r: torch.Tensor, nbrs: np.ndarray, info: StepInfo) -> torch.Tensor:
-                pair = self._draw_neighbors(nbrs, r, gen).reshape(-1)
-                img, _ = images.batch(torch.cat([r, pair]).numpy(), pool)
+            def latents(r: torch.Tensor, draw, info: StepInfo) -> torch.Tensor:
+                img, _ = images.batch(torch.cat([r, draw(r).reshape(-1)]).numpy(), pool)
                 b = len(r)
                 xa = seeded_augment(aug, img[:b], int(ctx.seed) * 1_000_003 + info.epoch * 100_003 + info.it)
                 return net(images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device))
 
-            nbrs = self._train(net, head, opt, nbrs, ctx, gen, centroids, x_np, f"icbpl {cfg.finetune}", encode, latents)
+            nbrs = self._train(net, head, opt, nbrs, ctx, gen, x_np, f"icbpl {cfg.finetune}", encode, latents, centroids)
         steps_bs = (len(x_np) // min(cfg.batch_size, len(x_np))) * min(cfg.batch_size, len(x_np))
         # 3 forward+backward per image
         self.history_["train_images_per_s"] = [round(3 * steps_bs / max(v, 1e-9), 2) for v in self.history_["epoch_s"]]
@@ -393,10 +330,6 @@ class ICBPL(ClusteringMethod):
         return encode(), nbrs
 
     # ------------------------------------------------------------------ inference
-    def _softmax(self, cos: np.ndarray) -> np.ndarray:
-        logits = torch.from_numpy(np.asarray(cos, dtype=np.float32)) / self.config.temperature
-        return torch.softmax(logits, dim=-1).numpy().astype(np.float32)
-
     def _check(self) -> tuple[Projection, torch.Tensor]:
         if self.head_ is None or self.centroids_ is None:
             raise InputError("this icbpl model is not fitted yet")
@@ -404,11 +337,7 @@ class ICBPL(ClusteringMethod):
 
     def transform(self, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
         """Latent features z (N, d), unit rows, of backbone features (N, D)."""
-        head, _ = self._check()
-        x = np.asarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != head.mean.shape[0]:
-            raise InputError(f"features must be (N, {head.mean.shape[0]}), got shape {x.shape}")
-        return apply_rows(head.eval(), x, self.config.latent_dim, chunk)
+        return self._check()[0].encode(features, chunk)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """softmax_j(cos(z, c_j) / temperature) for backbone features (N, D); argmax = eq. (8).
@@ -417,7 +346,7 @@ class ICBPL(ClusteringMethod):
         backbone; :meth:`predict_proba_images` does that from images.
         """
         _, c = self._check()
-        return self._softmax(self.transform(features) @ c.numpy().T)
+        return pedcc_proba(self.transform(features), c.numpy(), self.config.temperature)
 
     def predict_proba_images(self, source: Any, backbone: nn.Module, batch_size: int = 64, device: str = "auto",
                              workers: int | None = None, progress: bool = True) -> np.ndarray:
@@ -435,31 +364,19 @@ class ICBPL(ClusteringMethod):
         z = predict_finetuned_images(backbone, self.backbone_state_, head, source, c.shape[1], size=self.config.image_size,
                                      batch_size=batch_size, device=dev, workers=workers, progress=progress,
                                      desc="icbpl predict")
-        ok = z.any(axis=1)  # latents are unit vectors: all-zero rows are the images that did not decode
-        out = np.zeros((len(source), self.n_clusters), np.float32)
-        out[ok] = self._softmax(z[ok] @ c.numpy().T)
         self.head_ = head.cpu()
-        return out
+        return pedcc_proba(z, c.numpy(), self.config.temperature)  # undecoded images: all-zero latents and rows
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Projection (``head.*``), PEDCC points (``centroids``), fine-tuned backbone parameters (``backbone.*``)."""
         head, c = self._check()
-        state = {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
-        state["centroids"] = c.clone()
-        state.update({f"backbone.{k}": v.clone() for k, v in self.backbone_state_.items()})
-        return state
+        return {**{f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}, "centroids": c.clone(),
+                **{f"backbone.{k}": v.clone() for k, v in self.backbone_state_.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        c = state.get("centroids")
-        if not isinstance(c, torch.Tensor) or c.ndim != 2 or not c.is_floating_point():
-            raise InputError("not an icbpl state: 'centroids' (K x d floats) missing")
-        if c.shape[0] != self.n_clusters:
-            raise InputError(f"saved model has K={c.shape[0]} centroids, expected {self.n_clusters}")
-        if c.shape[1] != self.config.latent_dim:
-            raise InputError(f"saved centroids are {c.shape[1]}-d, the config says latent_dim={self.config.latent_dim}")
+        self.centroids_ = load_centroids(state, self.n_clusters, self.config.latent_dim)
         self.head_ = Projection.from_state(state, "head.", self.config.latent_dim, self.config.hidden_dim)
-        self.centroids_ = c.float()
         self.backbone_state_ = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         if self.image_level and not self.backbone_state_:
             raise InputError(f"saved icbpl model has finetune={self.config.finetune} but no backbone parameters")

@@ -64,25 +64,17 @@ import torch.nn.functional as F
 
 from imgclust.data.augment import AugmentSpec
 from imgclust.errors import InputError
-from imgclust.heads.spice import HEAD_NORMS, MultiHeadMLP, SingleHead, load_multihead_mlp
+from imgclust.heads import spice as spice_heads
+from imgclust.heads.spice import HEAD_NORMS, MultiHeadMLP, SingleHead
 from imgclust.heads.wrap import apply_rows
-from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, prototype_pseudo_labels, selection_losses
-from imgclust.methods.base import (
-    ClusteringMethod,
-    FitContext,
-    MethodConfig,
-    register_method,
-)
-from imgclust.refine.semi import SEMI_MODES
-from imgclust.train.checkpoint import Checkpoint, data_digest
-from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.losses import spice as losses
+from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, default_pool_size
+from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
+from imgclust.refine.semi import SEMI_MODES, fixmatch_classifier, reliable_for_semi
+from imgclust.train.loop import StepInfo
 from imgclust.train.optim import build_optimizer
+from imgclust.train.recipe import cluster_sizes, run_epochs
 from imgclust.views import VIEW_MODES, FeatureViews, make_feature_views
-
-
-def default_pool_size(k: int) -> int:
-    """The paper's M: 1,000 / 1,500 / 2,000 / 5,000 for 10 / 15 / 20 / 200 clusters, i.e. 100 k capped at 5,000."""
-    return int(min(max(100 * k, 1000), 5000))
 
 
 @dataclass
@@ -198,11 +190,6 @@ class SPICESelf(ClusteringMethod):
         self.head_losses_: np.ndarray | None = None
         self._views: FeatureViews | None = None
 
-    def _pool_and_batch(self, n: int) -> tuple[int, int]:
-        m = self.config.pool_size or default_pool_size(self.n_clusters)
-        m2 = self.config.batch_size or (256 if self.n_clusters >= 200 else 128)
-        return min(m, n), m2
-
     def fit(self, features: np.ndarray, ctx: FitContext) -> SPICESelf:
         self._fit_self(features, ctx)
         self._views = None
@@ -215,7 +202,7 @@ class SPICESelf(ClusteringMethod):
 
         cfg, k, t0 = self.config, self.n_clusters, time.perf_counter()
         x_np = np.ascontiguousarray(features, dtype=np.float32)
-        n, d = x_np.shape
+        n = len(x_np)
         if n < k:
             raise InputError(f"K={k} is larger than the number of images ({n})")
         device = resolve_device(ctx.device)
@@ -225,33 +212,24 @@ class SPICESelf(ClusteringMethod):
         views = self._views = make_feature_views(x, ctx, mode=cfg.views, n_views=cfg.n_views, device=device,
                                                  image_size=cfg.view_image_size or None, spec=cfg.spec())
         t_views = time.perf_counter() - t0
-        heads = MultiHeadMLP(d, k, cfg.heads, cfg.hidden, cfg.norm, generator=gen)
-        heads.set_standardization(x.mean(0).cpu(), x.std(0).cpu() if n > 1 else torch.ones(d))
-        heads.to(device)
+        heads = MultiHeadMLP.for_features(x, k, cfg.heads, cfg.hidden, cfg.norm, generator=gen).to(device)
         # SPICE's reference decays every parameter (its Adam has no groups): kept, so no no-decay rule here
         opt = build_optimizer("adam", [{"params": list(heads.parameters())}], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        m, m2 = self._pool_and_batch(n)
-        n_pools = max(1, n // m)  # Algorithm 1: floor(N / M) pools per epoch
+        m, m2, n_pools = losses.pool_and_batch(k, n, cfg.pool_size, cfg.batch_size)
         state: dict = {"loss_sum": torch.zeros(cfg.heads, dtype=torch.float64), "best_loss": float("inf"),
                        "best_state": None, "best_epoch": -1, "head_losses": None, "best_head": 0}
 
         def batches(epoch: int):
-            perm = torch.randperm(n, generator=gen)
-            for b in range(n_pools):
-                pool = perm[b * m:(b + 1) * m]
+            for pool in losses.pools(n, m, gen):
                 with torch.no_grad():  # step 1: predictions on weak views
                     heads.eval()
                     probs = cluster_probs(heads(views.sample("weak", pool, gen)), cfg.loss, cfg.temperature)
                 # step 2: prototypes and pseudo-labels per head; step 3: train on strong views
-                idx, lab = prototype_pseudo_labels(probs, emb[pool.to(device)], cfg.ratio, cfg.overlap, gen)
+                idx, lab = losses.prototype_pseudo_labels(probs, emb[pool.to(device)], cfg.ratio, cfg.overlap, gen)
                 strong = views.sample("strong", pool, gen)
                 heads.train()
-                steps = max(1, idx.shape[1] // m2)
-                for _ in range(cfg.repeats):
-                    order = torch.randperm(idx.shape[1], generator=gen).to(device)
-                    for st in range(steps):
-                        cols = order[st * m2:(st + 1) * m2]
-                        yield strong[idx[:, cols]], lab[:, cols]  # (H, m2, D): each head its own samples
+                for ib, lb in losses.pool_steps(idx, lab, m2, cfg.repeats, gen):
+                    yield strong[ib], lb  # (H, m2, D): each head its own samples
 
         def step(batch, info: StepInfo) -> torch.Tensor:
             per_head = cluster_loss(heads(batch[0]), batch[1], cfg.loss, cfg.temperature).mean(dim=1)
@@ -262,29 +240,22 @@ class SPICESelf(ClusteringMethod):
             out: dict = {"train_loss": [round(float(v), 5) for v in (state["loss_sum"] / max(info.it, 1)).numpy()]}
             state["loss_sum"] = torch.zeros_like(state["loss_sum"])
             if cfg.select_every_epoch or epoch == cfg.epochs - 1:
-                sel = selection_losses(heads.all_logits(x), emb, cfg.loss, cfg.temperature, cfg.ratio).cpu()
-                out.update(select_loss=[round(float(v), 5) for v in sel], best_head_per_epoch=int(sel.argmin()))
-                if float(sel.min()) < state["best_loss"]:
-                    state.update(best_loss=float(sel.min()), best_epoch=epoch, head_losses=sel,
-                                 best_head=int(sel.argmin()),
-                                 best_state={kk: v.detach().clone() for kk, v in heads.state_dict().items()})
+                sel = losses.selection_losses(heads.all_logits(x), emb, cfg.loss, cfg.temperature, cfg.ratio).cpu()
+                record, best = losses.epoch_selection(sel, state["best_loss"])
+                out.update(record)
+                if best is not None:
+                    state.update(best, best_epoch=epoch, best_state={kk: v.detach().clone() for kk, v in heads.state_dict().items()})
             return out
 
-        ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=k, seed=int(ctx.seed),
-                                 opts=self.config.to_dict(), data=data_digest(x_np), views=views.describe())
-        res = run_loop(heads, step, batches, LoopSpec(cfg.epochs, f"{self.name} heads", option="lr",
-                                                      option_value=cfg.lr, progress=ctx.progress),
-                       optimizer=opt, on_epoch_end=epoch_end, generators=[gen], state=state, checkpoint=ckpt)
+        res, run = run_epochs(self, ctx, x_np, heads, step, batches, optimizer=opt, generator=gen, state=state,
+                              label=f"{self.name} heads", on_epoch_end=epoch_end, views=views.describe())
         self._keep_best(heads, state, x.cpu())
         self.history_ = {
-            **{key: res.history.get(key, []) for key in ("train_loss", "select_loss", "best_head_per_epoch")},
-            "epoch_s": res.epoch_s, "best_head": self.best_head_, "best_epoch": state["best_epoch"],
-            "best_select_loss": state["best_loss"], "head_losses": [float(v) for v in self.head_losses_],
-            **self._sizes(), "pool_size": m, "batch_size": m2, "pools_per_epoch": n_pools,
-            "views": views.describe(), "views_s": round(t_views, 3),
-            "train_s": round(time.perf_counter() - t0 - t_views, 3), "resumed_from_epoch": res.resumed_from,
-            "checkpoint": None if ckpt.path is None else str(ckpt.path),
-        }
+            **{key: res.history.get(key, []) for key in ("train_loss", "select_loss", "best_head_per_epoch")}, **run,
+            "best_head": self.best_head_, "best_epoch": state["best_epoch"], "best_select_loss": state["best_loss"],
+            "head_losses": [float(v) for v in self.head_losses_], **cluster_sizes(self.labels_, k), "pool_size": m,
+            "batch_size": m2, "pools_per_epoch": n_pools, "views": views.describe(), "views_s": round(t_views, 3),
+            "train_s": round(time.perf_counter() - t0 - t_views, 3)}
         return x
 
     def _keep_best(self, heads: MultiHeadMLP, state: dict, x: torch.Tensor) -> None:
@@ -296,10 +267,6 @@ class SPICESelf(ClusteringMethod):
         self.heads_ = heads.eval().cpu()
         self.head_labels_ = self.heads_.all_logits(x).argmax(-1).numpy().astype(np.int32)  # (H, N)
         self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
-
-    def _sizes(self) -> dict:
-        sizes = np.bincount(self.labels_, minlength=self.n_clusters)
-        return {"cluster_sizes": sizes.tolist(), "empty_clusters": [int(c) for c in np.flatnonzero(sizes == 0)]}
 
     # ------------------------------------------------------------------ inference
     def _check(self) -> MultiHeadMLP:
@@ -318,20 +285,11 @@ class SPICESelf(ClusteringMethod):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"heads.{kk}": v.detach().clone() for kk, v in self._check().state_dict().items()}
-        state["best_head"] = torch.tensor(self.best_head_)
-        if self.head_losses_ is not None:
-            state["head_losses"] = torch.from_numpy(np.asarray(self.head_losses_, dtype=np.float64))
-        return state
+        return spice_heads.selected_heads_state(self._check(), self.best_head_, self.head_losses_)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.heads_ = load_multihead_mlp(state, "heads.", self.n_clusters, self.config.norm, self.name)
-        if "best_head" not in state:
-            raise InputError(f"not a {self.name} state: best_head missing")
-        self.best_head_ = int(state["best_head"])
-        if not 0 <= self.best_head_ < self.heads_.n_heads:
-            raise InputError(f"saved best head {self.best_head_} is out of range")
-        self.head_losses_ = state["head_losses"].numpy() if "head_losses" in state else None
+        loaded = spice_heads.load_selected_heads(state, self.n_clusters, self.config.norm, self.name)
+        self.heads_, self.best_head_, self.head_losses_ = loaded
 
 
 @register_method
@@ -352,9 +310,12 @@ class SPICE(SPICESelf):
         return "images" if self.config.semi_mode == "end_to_end" or self.config.views in ("bank", "online") else "features"
 
     def fit(self, features: np.ndarray, ctx: FitContext) -> SPICE:
+        """SPICE-Self, the reliable set, then FixMatch on it (:func:`imgclust.refine.semi.fixmatch_classifier`):
+        a head on the feature views, or end to end on a trainable copy of the backbone, distilled into a head."""
+        from imgclust.features import resolve_device
         from imgclust.nonfinite import NonFiniteLoss
 
-        x = self._fit_self(features, ctx).cpu()
+        cfg, x = self.config, self._fit_self(features, ctx).cpu()
         views, self._views = self._views, None
         t0 = time.perf_counter()
         self_labels = self.self_labels_ = self.labels_.copy()  # SPICE-Self's labels (the reliable set keeps them)
@@ -362,7 +323,11 @@ class SPICE(SPICESelf):
         if rel is None:
             return self
         try:
-            semi, info = self._semi(x, rel, views, ctx)
+            semi, info = fixmatch_classifier(
+                x, views, rel.index, rel.labels, self.n_clusters, cfg.fixmatch(), mode=cfg.semi_mode, hidden=cfg.hidden,
+                norm=cfg.norm, seed=int(ctx.seed) + 1, source=ctx.source, backbone=ctx.backbone, rows=ctx.rows,
+                image_size=cfg.view_image_size, spec=cfg.spec(), distill_epochs=cfg.distill_epochs,
+                device=resolve_device(ctx.device), progress=ctx.progress, desc="spice-semi", lr_option="semi_lr")
         except NonFiniteLoss as e:  # issue 24: keep the last good stage (SPICE-Self) rather than lose the run
             warnings.warn(f"SPICE-Semi stopped: {e}; keeping the SPICE-Self result", stacklevel=2)
             self.history_.update(semi=f"failed: {e}", fallbacks=[e.as_record(kept="spice-self")],
@@ -372,46 +337,20 @@ class SPICE(SPICESelf):
         self.semi_ = semi.eval()
         self.history_.update(semi=dict(info), semi_s=round(time.perf_counter() - t0, 3))
         self.labels_ = self.predict_proba(x.numpy()).argmax(1).astype(np.int64)
-        self.history_.update(**self._sizes(), changed_from_self=float((self.labels_ != self_labels).mean()))
+        self.history_.update(**cluster_sizes(self.labels_, self.n_clusters),
+                             changed_from_self=float((self.labels_ != self_labels).mean()))
         return self
 
     def _reliable(self, x_np: np.ndarray, self_labels: np.ndarray, ctx: FitContext):
         """Sec. 3.3's reliable set (recorded in the history), or None when SPICE-Semi is skipped."""
-        from imgclust.refine.fixmatch import select_reliable, warn_empty_clusters
-
-        cfg, k = self.config, self.n_clusters
-        rel = select_reliable(x_np, self_labels, k, n_neighbors=cfg.reliable_neighbors, threshold=cfg.reliable_threshold,
-                              probs=self.self_proba(x_np), min_confidence=cfg.reliable_confidence,
-                              balance=cfg.balance_reliable, work_dir=ctx.work_dir, seed=ctx.seed, progress=ctx.progress)
-        warn_empty_clusters(rel.empty_clusters, k)
-        self.history_.update(reliable_per_cluster=rel.counts, reliable_total=len(rel.index),
-                             reliable_empty_clusters=rel.empty_clusters, reliable_info=rel.info)
-        self.reliable_index_ = rel.index
-        covered = sum(1 for c in rel.counts if c > 0)
-        if len(rel.index) and covered >= cfg.semi_min_clusters * k:
-            return rel
-        # FixMatch trained from scratch cannot create a cluster it has no labelled example of:
-        # with few clusters covered it collapses onto them (seen: 3 reliable samples, all in one
-        # cluster, gave a single cluster). The paper notes the same limit on Tiny-ImageNet.
-        why = ("no reliable sample at all" if len(rel.index) == 0 else
-               f"reliable samples in only {covered} of {k} clusters (< semi_min_clusters={cfg.semi_min_clusters})")
-        warnings.warn(f"SPICE-Semi skipped: {why}; keeping the SPICE-Self result (lower reliable_threshold "
-                      "to label more samples)", stacklevel=3)
-        self.history_["semi"] = f"skipped: {why}"
-        return None
-
-    def _semi(self, x: torch.Tensor, rel, views: FeatureViews, ctx: FitContext) -> tuple[SingleHead, dict]:
-        """FixMatch on the reliable labels (:func:`imgclust.refine.semi.fixmatch_classifier`): a head on the
-        feature views, or end to end on a trainable copy of the backbone, distilled into a head."""
-        from imgclust.features import resolve_device
-        from imgclust.refine.semi import fixmatch_classifier
-
         cfg = self.config
-        return fixmatch_classifier(x, views, rel.index, rel.labels, self.n_clusters, cfg.fixmatch(), mode=cfg.semi_mode,
-                                   hidden=cfg.hidden, norm=cfg.norm, seed=int(ctx.seed) + 1, source=ctx.source,
-                                   backbone=ctx.backbone, rows=ctx.rows, image_size=cfg.view_image_size,
-                                   spec=cfg.spec(), distill_epochs=cfg.distill_epochs, device=resolve_device(ctx.device),
-                                   progress=ctx.progress, desc="spice-semi", lr_option="semi_lr")
+        rel, record = reliable_for_semi(
+            x_np, self_labels, self.self_proba(x_np), self.n_clusters, min_clusters=cfg.semi_min_clusters,
+            work_dir=ctx.work_dir, seed=ctx.seed, progress=ctx.progress, n_neighbors=cfg.reliable_neighbors,
+            threshold=cfg.reliable_threshold, min_confidence=cfg.reliable_confidence, balance=cfg.balance_reliable)
+        self.history_.update(record)
+        self.reliable_index_ = rel.index
+        return None if "semi" in record else rel
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         if self.semi_ is None:
@@ -420,19 +359,11 @@ class SPICE(SPICESelf):
         return apply_rows(lambda xb: torch.softmax(semi(xb), -1), features, self.n_clusters)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = super().state_dict()
-        if self.semi_ is not None:
-            state.update({f"semi.{kk}": v.detach().clone() for kk, v in self.semi_.mlp.state_dict().items()})
-        return state
+        return {**super().state_dict(), **spice_heads.single_head_state(self.semi_, "semi.")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
-        self.semi_ = None
-        if any(kk.startswith("semi.") for kk in state):
-            mlp = load_multihead_mlp(state, "semi.", self.n_clusters, self.config.norm, self.name)
-            if mlp.n_heads != 1:
-                raise InputError("saved SPICE-Semi classifier must have one head")
-            self.semi_ = SingleHead(mlp).eval()
+        self.semi_ = spice_heads.load_single_head(state, "semi.", self.n_clusters, self.config.norm, self.name)
 
 
 __all__ = ["SPICE", "SPICEConfig", "SPICESelf", "SPICESelfConfig", "SingleHead", "default_pool_size"]

@@ -47,12 +47,9 @@ def fixmatch_classifier(x: torch.Tensor, views: Any, labeled_index: np.ndarray, 
     at ``image_size`` (0: the backbone's). Heads draw their initialisation from a generator seeded
     by ``seed``, which also drives FixMatch's batches."""
     gen = torch.Generator().manual_seed(int(seed))
-    d = x.shape[1]
 
     def new_head() -> SingleHead:
-        mlp = MultiHeadMLP(d, n_clusters, 1, hidden, norm, generator=gen)
-        mlp.set_standardization(x.mean(0), x.std(0) if len(x) > 1 else torch.ones(d))
-        return SingleHead(mlp)
+        return SingleHead(MultiHeadMLP.for_features(x, n_clusters, 1, hidden, norm, generator=gen))
 
     if mode == "head":
         model, info = train_fixmatch(new_head(), views, labeled_index, labeled_targets, len(x), cfg, gen,
@@ -92,4 +89,33 @@ def train_then_distill(net: nn.Module, views: ImageViews, labeled_index: np.ndar
     return head, {**info, "distilled_agreement": float((head(features).argmax(1) == targets).float().mean())}
 
 
-__all__ = ["SEMI_MODES", "fixmatch_classifier", "train_then_distill"]
+def reliable_for_semi(features: np.ndarray, labels: np.ndarray, probs: np.ndarray, n_clusters: int, *,
+                      min_clusters: float, work_dir: Any = None, seed: int = 0, progress: bool = False,
+                      **select: Any) -> tuple[Any, dict[str, Any]]:
+    """SPICE sec. 3.3's reliable set (:func:`~imgclust.refine.fixmatch.select_reliable`, options in
+    ``select``) and the decision whether SPICE-Semi runs: (the set or None when skipped, history record).
+
+    Skipped (with a warning, and ``record["semi"]`` saying why) when no sample is reliable or fewer
+    than ``min_clusters`` of the clusters have any: FixMatch trained from scratch cannot create a
+    cluster it has no labelled example of; with few clusters covered it collapses onto them (seen:
+    3 reliable samples, all in one cluster, gave a single cluster). The paper notes the same limit
+    on Tiny-ImageNet."""
+    from imgclust.refine.fixmatch import select_reliable, warn_empty_clusters
+
+    rel = select_reliable(features, labels, n_clusters, probs=probs, work_dir=work_dir, seed=seed, progress=progress,
+                          **select)
+    warn_empty_clusters(rel.empty_clusters, n_clusters)
+    record: dict[str, Any] = {"reliable_per_cluster": rel.counts, "reliable_total": len(rel.index),
+                              "reliable_empty_clusters": rel.empty_clusters, "reliable_info": rel.info}
+    covered = sum(1 for c in rel.counts if c > 0)
+    if len(rel.index) and covered >= min_clusters * n_clusters:
+        return rel, record
+    why = ("no reliable sample at all" if len(rel.index) == 0 else
+           f"reliable samples in only {covered} of {n_clusters} clusters (< semi_min_clusters={min_clusters})")
+    warnings.warn(f"SPICE-Semi skipped: {why}; keeping the SPICE-Self result (lower reliable_threshold "
+                  "to label more samples)", stacklevel=4)
+    record["semi"] = f"skipped: {why}"
+    return rel, record
+
+
+__all__ = ["SEMI_MODES", "fixmatch_classifier", "reliable_for_semi", "train_then_distill"]
