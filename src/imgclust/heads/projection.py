@@ -91,4 +91,29 @@ class Projection(nn.Module):
         return head.eval()
 
 
-__all__ = ["Projection"]
+
+def centroid_model_state(head: Projection, centroids: torch.Tensor,
+                         backbone_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A projection-onto-fixed-centroids model (ICBPL) as tensors: the projection (``head.*``), the
+    centroids (``centroids``) and any fine-tuned backbone parameters (``backbone.*``)."""
+    return {**{f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}, "centroids": centroids.clone(),
+            **{f"backbone.{k}": v.clone() for k, v in backbone_state.items()}}
+
+
+def load_centroid_model(state: dict[str, torch.Tensor], k: int, latent_dim: int, hidden_dim: int,
+                        finetune: str = "head", name: str = "icbpl") -> tuple[Projection, torch.Tensor, dict]:
+    """The inverse of :func:`centroid_model_state`: (frozen projection, float32 (K, d) centroids, backbone
+    parameters); InputError for a state that is not one, does not fit, or lacks the backbone parameters
+    of a fine-tuned (``finetune`` other than "head") model."""
+    from imgclust.errors import InputError
+    from imgclust.heads.pedcc import load_centroids
+
+    centroids = load_centroids(state, k, latent_dim, name)
+    head = Projection.from_state(state, "head.", latent_dim, hidden_dim, name)
+    tuned = {kk[len("backbone."):]: v for kk, v in state.items() if kk.startswith("backbone.")}
+    if finetune != "head" and not tuned:
+        raise InputError(f"saved {name} model has finetune={finetune} but no backbone parameters")
+    return head, centroids, tuned
+
+
+__all__ = ["Projection", "centroid_model_state", "load_centroid_model"]

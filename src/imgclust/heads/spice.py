@@ -164,3 +164,12 @@ def load_single_head(state: dict[str, torch.Tensor], prefix: str, k: int, norm: 
 def single_head_state(head: SingleHead | None, prefix: str) -> dict[str, torch.Tensor]:
     """The ``prefix*`` tensors of a :class:`SingleHead` (none for None), read by :func:`load_single_head`."""
     return {} if head is None else {f"{prefix}{kk}": v.detach().clone() for kk, v in head.mlp.state_dict().items()}
+
+
+def freeze_selected(heads: MultiHeadMLP, best_state: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[MultiHeadMLP, Any]:
+    """SPICE-Self's result: the heads of the selected epoch (``best_state``), frozen on the CPU, and every
+    head's labels of the features ``x`` (N, D): (H, N) int32 numpy."""
+    heads.load_state_dict(best_state)
+    heads.requires_grad_(False)
+    heads = heads.eval().cpu()
+    return heads, heads.all_logits(x).argmax(-1).numpy().astype("int32")

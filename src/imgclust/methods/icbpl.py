@@ -95,8 +95,8 @@ from imgclust.backbones.finetune import trainable_copy
 from imgclust.data.augment import contrastive_augment, feature_view, seeded_augment
 from imgclust.data.batches import ImageBatches, fit_image_rows
 from imgclust.errors import InputError
-from imgclust.heads.pedcc import load_centroids, load_or_build_pedcc, pedcc_stats
-from imgclust.heads.projection import Projection
+from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
+from imgclust.heads.projection import Projection, centroid_model_state, load_centroid_model
 from imgclust.heads.wrap import BackboneHead, encode_images, predict_finetuned_images
 from imgclust.losses.icbpl import draw_neighbors, icbpl_loss, pedcc_proba
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
@@ -237,7 +237,7 @@ class ICBPL(ClusteringMethod):
                centroids: torch.Tensor) -> np.ndarray:
         """The epochs of every mode in the shared loop: neighbour refresh at an epoch's start, batches
         without replacement (the last incomplete one dropped: the MMD target is the PEDCC tiled to 2B),
-        eq. (7) per step. ``latents(rows, draw)`` -> z = [B images; B views; B x m neighbours], ``draw(rows)``
+        eq. (7) per step. ``latents(rows, draw, info)`` -> z = [B images; B views; B x m neighbours], ``draw(rows)``
         the rows' neighbours for Loss3."""
         cfg, n = self.config, len(x_np)
         bs = min(cfg.batch_size, n)
@@ -370,13 +370,9 @@ class ICBPL(ClusteringMethod):
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Projection (``head.*``), PEDCC points (``centroids``), fine-tuned backbone parameters (``backbone.*``)."""
-        head, c = self._check()
-        return {**{f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}, "centroids": c.clone(),
-                **{f"backbone.{k}": v.clone() for k, v in self.backbone_state_.items()}}
+        return centroid_model_state(*self._check(), self.backbone_state_)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.centroids_ = load_centroids(state, self.n_clusters, self.config.latent_dim)
-        self.head_ = Projection.from_state(state, "head.", self.config.latent_dim, self.config.hidden_dim)
-        self.backbone_state_ = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        if self.image_level and not self.backbone_state_:
-            raise InputError(f"saved icbpl model has finetune={self.config.finetune} but no backbone parameters")
+        cfg = self.config
+        self.head_, self.centroids_, self.backbone_state_ = load_centroid_model(
+            state, self.n_clusters, cfg.latent_dim, cfg.hidden_dim, cfg.finetune, self.name)

@@ -244,12 +244,16 @@ class SPICESelf(ClusteringMethod):
                 record, best = losses.epoch_selection(sel, state["best_loss"])
                 out.update(record)
                 if best is not None:
-                    state.update(best, best_epoch=epoch, best_state={kk: v.detach().clone() for kk, v in heads.state_dict().items()})
+                    state.update(best, best_epoch=epoch,
+                                 best_state={kk: v.detach().clone() for kk, v in heads.state_dict().items()})
             return out
 
         res, run = run_epochs(self, ctx, x_np, heads, step, batches, optimizer=opt, generator=gen, state=state,
                               label=f"{self.name} heads", on_epoch_end=epoch_end, views=views.describe())
-        self._keep_best(heads, state, x.cpu())
+        assert state["best_state"] is not None
+        self.heads_, self.head_labels_ = spice_heads.freeze_selected(heads, state["best_state"], x.cpu())  # (H, N)
+        self.head_losses_, self.best_head_ = state["head_losses"].numpy(), int(state["best_head"])
+        self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
         self.history_ = {
             **{key: res.history.get(key, []) for key in ("train_loss", "select_loss", "best_head_per_epoch")}, **run,
             "best_head": self.best_head_, "best_epoch": state["best_epoch"], "best_select_loss": state["best_loss"],
@@ -257,16 +261,6 @@ class SPICESelf(ClusteringMethod):
             "batch_size": m2, "pools_per_epoch": n_pools, "views": views.describe(), "views_s": round(t_views, 3),
             "train_s": round(time.perf_counter() - t0 - t_views, 3)}
         return x
-
-    def _keep_best(self, heads: MultiHeadMLP, state: dict, x: torch.Tensor) -> None:
-        """The heads of the selected epoch, frozen on the CPU; every head's labels of the fit features."""
-        assert state["best_state"] is not None
-        self.head_losses_, self.best_head_ = state["head_losses"].numpy(), int(state["best_head"])
-        heads.load_state_dict(state["best_state"])
-        heads.requires_grad_(False)
-        self.heads_ = heads.eval().cpu()
-        self.head_labels_ = self.heads_.all_logits(x).argmax(-1).numpy().astype(np.int32)  # (H, N)
-        self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
 
     # ------------------------------------------------------------------ inference
     def _check(self) -> MultiHeadMLP:
