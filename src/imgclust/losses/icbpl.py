@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -156,20 +157,17 @@ def draw_neighbors(neighbors: torch.Tensor, rows: torch.Tensor, per_step: int,
     return torch.gather(nb, 1, torch.randint(nb.shape[1], (len(rows), per_step), generator=generator))
 
 
-def pedcc_proba(z, centroids, temperature: float = 0.1):
+def pedcc_proba(z: np.ndarray, centroids: np.ndarray, temperature: float = 0.1) -> np.ndarray:
     """Eq. (8) as probabilities: softmax_j(<z, c_j> / temperature) of unit latents ``z`` (N, d) and the
     PEDCC points (K, d) (numpy in and out, float32; argmax = the nearest point). All-zero rows of ``z``
     (images that did not decode) get all-zero probabilities.
 
     Example::
 
-        >>> import numpy as np
         >>> p = pedcc_proba(np.array([[1.0, 0.0], [0.0, 0.0]]), np.eye(2), 0.1)
         >>> p.argmax(1)[0], p[1].tolist()
         (np.int64(0), [0.0, 0.0])
     """
-    import numpy as np
-
     z = np.asarray(z)
     cos = torch.from_numpy(np.asarray(z @ np.asarray(centroids).T, dtype=np.float32))  # the product in the inputs' dtype
     out = torch.softmax(cos / temperature, dim=-1).numpy().astype(np.float32)
