@@ -19,8 +19,9 @@ from imgclust.losses.icbpl import (
     tile_centroids,
 )
 from imgclust.methods import FitContext, available_methods, get_method
-from imgclust.methods.icbpl import _fixed_neighbors, _overlap
 from imgclust.metrics import cluster_acc
+from imgclust.neighbors import fixed_neighbors as _fixed_neighbors
+from imgclust.neighbors import neighbor_overlap as _overlap
 
 FAST = {"epochs": 30, "refresh_every": 10}
 

@@ -367,3 +367,31 @@ def load_or_mine_neighbors(
     else:
         sets.info["cache"] = "none"
     return sets
+
+
+def fixed_neighbors(features: np.ndarray, k: int, work_dir: Path | None = None, seed: int = 0, progress: bool = False,
+                    cached: bool = True) -> np.ndarray:
+    """(N, k') int64 indices of each row's k nearest rows by cosine (k' = min(k, N - 1)); a single
+    row is its own neighbour. ``cached``: through :func:`load_or_mine_neighbors` (``work_dir``),
+    else mined afresh (ICBPL's re-mining with the current encoder)."""
+    if cached:
+        nb = load_or_mine_neighbors(features, work_dir, mode="fixed", k=k, seed=seed, progress=progress)
+    else:
+        nb = mine_neighbors(features, mode="fixed", k=k, seed=seed, progress=False)
+    n = len(features)
+    kk = int(nb.info.get("k_effective", min(k, n - 1)))
+    if kk <= 0:
+        return np.arange(n, dtype=np.int64)[:, None]
+    return np.asarray(nb.indices, dtype=np.int64).reshape(n, kk)
+
+
+def neighbor_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean fraction of each row's neighbour set that two (N, k) index arrays share.
+
+    Example::
+
+        >>> neighbor_overlap(np.array([[1, 2], [0, 2]]), np.array([[2, 3], [0, 2]]))
+        0.75
+    """
+    hits = sum(len(np.intersect1d(x, y, assume_unique=True)) for x, y in zip(a, b, strict=True))
+    return hits / max(a.size, 1)

@@ -37,13 +37,20 @@ views 2 and 3. Each view entry is written by :mod:`imgclust.features`' own machi
 flushed in chunks with per-chunk digests, resumed after Ctrl-C / SIGTERM / SIGKILL from its
 last verified chunk, marked complete by ``meta.json`` (written last, with the sha256) and
 verified before it is trusted.
+
+:func:`contrastive_view_bank` is the other bank: V contrastive views (crop, flip, colour,
+blur) per image in one ``.npy`` file, for ICBPL's ``aug="views"``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import json
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +59,12 @@ import numpy as np
 import torch
 
 from imgclust.backbones.base import Backbone
-from imgclust.data.augment import DEFAULT_SPEC, KINDS, AugmentSpec, augment
+from imgclust.data.augment import DEFAULT_SPEC, KINDS, AugmentSpec, augment, contrastive_augment, seeded_augment
 from imgclust.data.base import ImageSource, as_rgb
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
 from imgclust.features import extract_to_entry, resolve_device
+from imgclust.progress import progress_bar
 
 VIEWS_FORMAT = 1
 VIEW_MODES = ("auto", "bank", "online", "none")
@@ -342,3 +350,63 @@ def make_feature_views(features: np.ndarray | torch.Tensor, ctx: Any, *, mode: s
                            progress=getattr(ctx, "progress", True))
     fallback = x.cpu().numpy()
     return BankViews(x, bank.gather("weak", rows, fallback), bank.gather("strong", rows, fallback), bank.info)
+
+
+# ---------------------------------------------------------------------------- contrastive view bank
+CONTRASTIVE_BANK_FORMAT = 1
+
+
+def contrastive_view_bank(features: np.ndarray, source: ImageSource, backbone: Backbone, rows: np.ndarray, *,
+                          views: int, size: int, crop_scale: float, seed: int, work_dir: str | Path | None,
+                          device: torch.device, workers: int | None = None, batch_size: int = 64,
+                          progress: bool = True, desc: str = "view bank") -> tuple[np.ndarray, dict[str, Any]]:
+    """(V, N, D) frozen-backbone features of ``views`` contrastive views (:func:`~imgclust.data.augment.
+    contrastive_augment`: crop, flip, colour, blur) of every image, and a record of the cache.
+
+    ICBPL's ``aug="views"`` bank; unlike :func:`build_view_bank` (SPICE's weak / strong views, one
+    resumable feature-cache entry per view) it is one ``.npy`` file,
+    ``<work_dir>/icbpl-views-<key>.npy``, written atomically and reused when its shape matches (the
+    key hashes the backbone, size, views, crop scale, seed, source and rows). An image that no
+    longer decodes gets its own ``features`` row in every view.
+    """
+    key = hashlib.sha256(json.dumps({
+        "format": CONTRASTIVE_BANK_FORMAT, "backbone": backbone.cache_key(), "size": size, "views": views,
+        "crop_scale": crop_scale, "seed": int(seed), "source": source.fingerprint(),
+        "rows": hashlib.sha256(rows.tobytes()).hexdigest()}, sort_keys=True).encode()).hexdigest()[:24]
+    path = None if work_dir is None else Path(work_dir) / f"icbpl-views-{key}.npy"
+    if path is not None and path.is_file():
+        try:
+            bank = np.load(path, mmap_mode="r", allow_pickle=False)
+            if bank.shape == (views, len(features), features.shape[1]) and bank.dtype == np.float32:
+                return bank, {"path": str(path), "cache": "hit"}
+        except (OSError, ValueError):
+            pass
+    bb = copy.deepcopy(backbone).to(device).eval()
+    images = ImageBatches(source, rows, size, backbone.preprocess, workers)
+    aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, crop_scale)
+    bank = np.zeros((views, len(features), features.shape[1]), np.float32)
+    t0 = time.perf_counter()
+    bar = progress_bar(views * len(rows), desc, unit="img", enable=progress)
+    with ThreadPoolExecutor(max_workers=images.workers) as pool:
+        for s in range(0, len(rows), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(rows)))
+            img, ok = images.batch(idx, pool)
+            for v in range(views):
+                xa = seeded_augment(aug, img, int(seed) * 1_000_003 + v * 7919 + s)
+                with torch.inference_mode():
+                    f = bb(images.normalize(xa).to(device)).float().cpu().numpy()
+                f[~ok] = features[idx[~ok]]  # an image that no longer decodes: its own features
+                bank[v, idx] = f
+                bar.update(len(idx))
+    bar.close()
+    info: dict[str, Any] = {"cache": "none", "seconds": round(time.perf_counter() - t0, 2)}
+    if path is not None:
+        from imgclust.rundir import atomic_open
+
+        try:
+            with atomic_open(path, "wb") as fh:
+                np.save(fh, bank)
+            info = {**info, "path": str(path), "cache": "written"}
+        except OSError as e:
+            info["cache"] = f"not written: {e.strerror or e}"
+    return bank, info

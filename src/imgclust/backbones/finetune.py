@@ -1,8 +1,12 @@
-"""Fine-tuning a pretrained backbone: which parameters train, and a copy with saved tuned weights.
+"""Fine-tuning a pretrained backbone: which parameters train, a trainable copy, and a copy with
+saved tuned weights.
 
-Methods that fine-tune (ICBPL ``finetune=last_blocks|all``, ICSR ``mode=end_to_end``) keep only
-the parameters they trained (``name -> tensor``) in their state; :func:`finetuned_copy` puts
-them back into a copy of the estimator's pretrained backbone for prediction from images.
+:func:`trainable_copy` is the one place that turns the estimator's frozen backbone into a
+trainable one (a deep copy: the shared backbone stays frozen), used by ICBPL
+``finetune=last_blocks|all``, ICSR ``mode=end_to_end`` and SPICE ``semi_mode=end_to_end``.
+Methods that fine-tune keep only the parameters they trained (``name -> tensor``) in their
+state; :func:`finetuned_copy` puts them back into a copy of the estimator's pretrained
+backbone for prediction from images.
 """
 
 from __future__ import annotations
@@ -48,6 +52,25 @@ def trainable_parameters(backbone: nn.Module, mode: str, n_blocks: int) -> list[
     return out
 
 
+def trainable_copy(backbone: nn.Module, scope: str = "all", n_blocks: int = 2, *,
+                   device: torch.device | str | None = None, allow_empty: bool = False) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+    """A deep copy of a frozen ``backbone`` (moved to ``device`` when given, in eval mode: BatchNorm
+    statistics and stochastic depth of the pretrained model) whose ``scope`` parameters (``all`` or
+    the ``last_blocks``: see :func:`trainable_parameters`) have gradients on, every other parameter
+    off; returns the copy and those ``(name, parameter)`` pairs. The original is never modified.
+    A backbone without parameters (``pixels``) raises InputError, or gives an empty list with
+    ``allow_empty`` (a caller whose head trains anyway)."""
+    bb = copy.deepcopy(backbone)
+    if device is not None:
+        bb = bb.to(device)
+    bb.eval().requires_grad_(False)
+    empty = allow_empty and not any(True for _ in bb.parameters())
+    named = [] if empty else trainable_parameters(bb, scope, n_blocks)
+    for _, p in named:
+        p.requires_grad_(True)
+    return bb, named
+
+
 def finetuned_copy(backbone: nn.Module, tuned: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
     """A frozen copy of ``backbone`` (on ``device``, eval mode) whose parameters named in ``tuned``
     are replaced by the fine-tuned values; InputError when they do not fit this backbone."""
@@ -67,4 +90,4 @@ def finetuned_copy(backbone: nn.Module, tuned: dict[str, torch.Tensor], device: 
     return bb
 
 
-__all__ = ["FINETUNE_SCOPES", "finetuned_copy", "trainable_parameters"]
+__all__ = ["FINETUNE_SCOPES", "finetuned_copy", "trainable_copy", "trainable_parameters"]

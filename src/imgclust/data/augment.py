@@ -297,3 +297,16 @@ def seeded_augment(aug: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return aug(x).clamp_(0.0, 1.0)
+
+
+def feature_view(x: torch.Tensor, dropout: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """A feature-space augmented view of standardised features (no image work): dropout rescaled by
+    1 / (1 - p) plus Gaussian noise of std ``noise`` (ICBPL's ``aug="feature"`` stand-in for its
+    image augmentations; random numbers from ``generator`` on the CPU, then moved to ``x``'s device)."""
+    out = x
+    if dropout > 0:
+        keep = torch.rand(x.shape, generator=generator) >= dropout
+        out = out * keep.to(x.dtype).to(x.device) / (1.0 - dropout)
+    if noise > 0:
+        out = out + noise * torch.randn(x.shape, generator=generator).to(x.device)
+    return out

@@ -98,4 +98,22 @@ class ImageBatches:
         return out
 
 
-__all__ = ["ImageBatches"]
+
+def fit_image_rows(source: Any, backbone: Any, rows: Any, shape: tuple[int, int], name: str, what: str) -> np.ndarray:
+    """The rows of ``source`` behind a fit's (N, D) features, for a method that goes back to the images
+    (``name`` ``what``: "icbpl", "finetune=all"); InputError when the fit has no images (precomputed
+    features), a row count that differs, or features that are not the backbone's own (PCA)."""
+    from imgclust.errors import InputError
+
+    n, d = shape
+    if source is None or backbone is None:
+        raise InputError(f"{name} {what} needs the images: fit on an image source, not on precomputed features")
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) != n:
+        raise InputError(f"{name}: {len(rows)} source rows for {n} feature rows")
+    if backbone.dim != d:
+        raise InputError(f"{what} needs the backbone's own {backbone.dim}-d features (no pca); got {d}-d")
+    return rows
+
+
+__all__ = ["ImageBatches", "fit_image_rows"]

@@ -177,3 +177,18 @@ def pedcc_stats(c: np.ndarray) -> dict[str, float]:
     off = g[~np.eye(len(c), dtype=bool)]
     return {"max_cos": float(off.max()), "mean_cos": float(off.mean()), "min_cos": float(off.min()),
             "simplex_cos": -1.0 / (len(c) - 1)}
+
+
+def load_centroids(state: dict, k: int, d: int, name: str = "icbpl"):
+    """The saved PEDCC points ``state["centroids"]`` as a float32 (K, d) tensor; InputError when they
+    are missing or do not fit K = ``k`` and the latent dimension ``d``."""
+    import torch
+
+    c = state.get("centroids")
+    if not isinstance(c, torch.Tensor) or c.ndim != 2 or not c.is_floating_point():
+        raise InputError(f"not an {name} state: 'centroids' (K x d floats) missing")
+    if c.shape[0] != k:
+        raise InputError(f"saved model has K={c.shape[0]} centroids, expected {k}")
+    if c.shape[1] != d:
+        raise InputError(f"saved centroids are {c.shape[1]}-d, the config says latent_dim={d}")
+    return c.float()

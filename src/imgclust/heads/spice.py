@@ -11,6 +11,7 @@ is per head, (H, B, D). The losses and the prototype pseudo-labelling are pure f
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,15 @@ class MultiHeadMLP(nn.Module):
         self.register_buffer("std", torch.ones(in_dim))
         self.reset_parameters(generator)
 
+    @classmethod
+    def for_features(cls, x: torch.Tensor, n_clusters: int, n_heads: int, hidden: int = 512, norm: str = "none",
+                     generator: torch.Generator | None = None) -> MultiHeadMLP:
+        """Fresh heads (on the CPU) for features ``x`` (N, D), the input standardisation frozen to their
+        mean and std (std 1 for a single row; used only when ``norm="standardize"``)."""
+        heads = cls(x.shape[1], n_clusters, n_heads, hidden, norm, generator=generator)
+        heads.set_standardization(x.mean(0).cpu(), x.std(0).cpu() if len(x) > 1 else torch.ones(x.shape[1]))
+        return heads
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for w, b, fan_in in ((self.w1, self.b1, self.in_dim), (self.w2, self.b2, self.hidden)):
@@ -81,3 +91,85 @@ class MultiHeadMLP(nn.Module):
         """Logits of one head for shared inputs (B, D): (B, K)."""
         h = F.relu(torch.addmm(self.b1[head], self.normalize(x), self.w1[head]))
         return torch.addmm(self.b2[head], h, self.w2[head])
+
+    @torch.no_grad()
+    def all_logits(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Logits of every head for shared inputs (N, D) in eval mode, ``chunk`` rows at a time: (H, N, K)."""
+        self.eval()
+        return torch.cat([self(x[s:s + chunk]) for s in range(0, len(x), chunk)], dim=1)
+
+
+class SingleHead(nn.Module):
+    """One MLP head as a plain (B, D) -> (B, K) classifier (FixMatch's model on frozen features)."""
+
+    def __init__(self, mlp: MultiHeadMLP) -> None:
+        super().__init__()
+        if mlp.n_heads != 1:
+            raise InputError("SingleHead wraps a MultiHeadMLP with one head")
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.forward_head(x, 0)
+
+
+def load_multihead_mlp(state: dict[str, torch.Tensor], prefix: str, k: int, norm: str, name: str) -> MultiHeadMLP:
+    """A frozen :class:`MultiHeadMLP` (eval mode) from the ``prefix*`` tensors of a saved state;
+    InputError naming ``name`` when they are missing or do not fit K = ``k``."""
+    w1, w2 = state.get(f"{prefix}w1"), state.get(f"{prefix}w2")
+    if w1 is None or w2 is None or w1.ndim != 3 or w2.ndim != 3:
+        raise InputError(f"not a {name} state: {prefix}w1 (H, D, E) / {prefix}w2 (H, E, K) missing")
+    h, d, e = w1.shape
+    if w2.shape[-1] != k:
+        raise InputError(f"saved model has K={w2.shape[-1]} clusters, expected {k}")
+    mlp = MultiHeadMLP(d, k, h, e, norm)
+    try:
+        mlp.load_state_dict({kk[len(prefix):]: v for kk, v in state.items() if kk.startswith(prefix)})
+    except RuntimeError as err:
+        raise InputError(f"saved {name} heads do not fit: {err}") from err
+    mlp.requires_grad_(False)
+    return mlp.eval()
+
+
+def selected_heads_state(heads: MultiHeadMLP, best_head: int, head_losses=None) -> dict[str, torch.Tensor]:
+    """SPICE-Self's saved model: the heads (``heads.*``), the selected head and its selection losses."""
+    state = {f"heads.{kk}": v.detach().clone() for kk, v in heads.state_dict().items()}
+    state["best_head"] = torch.tensor(best_head)
+    if head_losses is not None:
+        state["head_losses"] = torch.as_tensor(head_losses, dtype=torch.float64).clone()
+    return state
+
+
+def load_selected_heads(state: dict[str, torch.Tensor], k: int, norm: str, name: str) -> tuple[MultiHeadMLP, int, Any]:
+    """The inverse of :func:`selected_heads_state`: (frozen heads, best head, head losses or None);
+    InputError when the state is not one or the selected head is out of range."""
+    heads = load_multihead_mlp(state, "heads.", k, norm, name)
+    if "best_head" not in state:
+        raise InputError(f"not a {name} state: best_head missing")
+    best = int(state["best_head"])
+    if not 0 <= best < heads.n_heads:
+        raise InputError(f"saved best head {best} is out of range")
+    return heads, best, state["head_losses"].numpy() if "head_losses" in state else None
+
+
+def load_single_head(state: dict[str, torch.Tensor], prefix: str, k: int, norm: str, name: str) -> SingleHead | None:
+    """A frozen :class:`SingleHead` from the ``prefix*`` tensors (None when the state has none)."""
+    if not any(kk.startswith(prefix) for kk in state):
+        return None
+    mlp = load_multihead_mlp(state, prefix, k, norm, name)
+    if mlp.n_heads != 1:
+        raise InputError(f"saved {name} classifier ({prefix}*) must have one head")
+    return SingleHead(mlp).eval()
+
+
+def single_head_state(head: SingleHead | None, prefix: str) -> dict[str, torch.Tensor]:
+    """The ``prefix*`` tensors of a :class:`SingleHead` (none for None), read by :func:`load_single_head`."""
+    return {} if head is None else {f"{prefix}{kk}": v.detach().clone() for kk, v in head.mlp.state_dict().items()}
+
+
+def freeze_selected(heads: MultiHeadMLP, best_state: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[MultiHeadMLP, Any]:
+    """SPICE-Self's result: the heads of the selected epoch (``best_state``), frozen on the CPU, and every
+    head's labels of the features ``x`` (N, D): (H, N) int32 numpy."""
+    heads.load_state_dict(best_state)
+    heads.requires_grad_(False)
+    heads = heads.eval().cpu()
+    return heads, heads.all_logits(x).argmax(-1).numpy().astype("int32")

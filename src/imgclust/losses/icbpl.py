@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -134,3 +135,41 @@ def icbpl_loss(z: torch.Tensor, z_aug: torch.Tensor, z_nb: torch.Tensor | None, 
     knn = knn_cosine_loss(z, z_nb) if (w3 and z_nb is not None) else zero
     ped = min_cosine_pedcc_loss(z, centroids) if w4 else zero
     return ICBPLLossOutput(w1 * mmd + w2 * aug + w3 * knn + w4 * ped, mmd, aug, knn, ped)
+
+
+def draw_neighbors(neighbors: torch.Tensor, rows: torch.Tensor, per_step: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Loss3's neighbours of a batch, (B, m): all k of each row's (N, k) ``neighbors`` when
+    ``per_step`` >= k (eq. (5) exactly), else m = ``per_step`` drawn uniformly with replacement —
+    an unbiased estimate of the mean over the k at a fraction of the cost.
+
+    Example::
+
+        >>> nb = torch.tensor([[1, 2], [0, 2], [0, 1]])
+        >>> draw_neighbors(nb, torch.tensor([2, 0]), 2).tolist()
+        [[0, 1], [1, 2]]
+        >>> draw_neighbors(nb, torch.tensor([2, 0]), 1, torch.Generator().manual_seed(0)).shape
+        torch.Size([2, 1])
+    """
+    nb = neighbors[rows]
+    if per_step >= nb.shape[1]:
+        return nb
+    return torch.gather(nb, 1, torch.randint(nb.shape[1], (len(rows), per_step), generator=generator))
+
+
+def pedcc_proba(z: np.ndarray, centroids: np.ndarray, temperature: float = 0.1) -> np.ndarray:
+    """Eq. (8) as probabilities: softmax_j(<z, c_j> / temperature) of unit latents ``z`` (N, d) and the
+    PEDCC points (K, d) (numpy in and out, float32; argmax = the nearest point). All-zero rows of ``z``
+    (images that did not decode) get all-zero probabilities.
+
+    Example::
+
+        >>> p = pedcc_proba(np.array([[1.0, 0.0], [0.0, 0.0]]), np.eye(2), 0.1)
+        >>> p.argmax(1)[0], p[1].tolist()
+        (np.int64(0), [0.0, 0.0])
+    """
+    z = np.asarray(z)
+    cos = torch.from_numpy(np.asarray(z @ np.asarray(centroids).T, dtype=np.float32))  # the product in the inputs' dtype
+    out = torch.softmax(cos / temperature, dim=-1).numpy().astype(np.float32)
+    out[~z.any(axis=1)] = 0.0
+    return out

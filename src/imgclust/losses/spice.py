@@ -139,3 +139,99 @@ def prototype_pseudo_labels(
         idx[:, c] = pick
         taken[heads, pick] = True
     return idx.reshape(h, k * n), labels.clone()
+
+
+@torch.no_grad()
+def selection_losses(logits: torch.Tensor, embeddings: torch.Tensor, kind: str = "dsce", temperature: float = 0.2,
+                     ratio: float = 0.5) -> torch.Tensor:
+    """Each head's loss over the whole data (Algorithm 1's steps 1-3 with M = N on the original
+    images, overlap assignment): SPICE-Self's label-free head and epoch selection, (H,).
+
+    ``logits`` (H, N, K) of every head on every image; ``embeddings`` (N, D) L2-normalised.
+
+    Example::
+
+        >>> import torch
+        >>> z = torch.tensor([[[4.0, 0.0], [0.0, 4.0], [3.0, 0.0], [0.0, 3.0]]])
+        >>> f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]), dim=1)
+        >>> selection_losses(z, f).shape
+        torch.Size([1])
+    """
+    probs = cluster_probs(logits, kind, temperature)
+    idx, lab = prototype_pseudo_labels(probs, embeddings, ratio, overlap=True)
+    sel = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return cluster_loss(sel, lab, kind, temperature).mean(dim=1)
+
+
+# --------------------------------------------------------------------------- Algorithm 1's schedule
+def default_pool_size(k: int) -> int:
+    """The paper's M: 1,000 / 1,500 / 2,000 / 5,000 for 10 / 15 / 20 / 200 clusters, i.e. 100 k capped at 5,000."""
+    return int(min(max(100 * k, 1000), 5000))
+
+
+def pool_and_batch(k: int, n: int, pool_size: int = 0, batch_size: int = 0) -> tuple[int, int, int]:
+    """(M, m_2, pools per epoch): M = ``pool_size`` or the paper's value for K (capped at N), m_2 =
+    ``batch_size`` or the paper's 128 (256 from K = 200), floor(N / M) pools (at least one).
+
+    Example::
+
+        >>> pool_and_batch(10, 50_000), pool_and_batch(200, 3_000), pool_and_batch(10, 1_000, 300, 64)
+        ((1000, 128, 50), (3000, 256, 1), (300, 64, 3))
+    """
+    m = min(pool_size or default_pool_size(k), n)
+    return m, batch_size or (256 if k >= 200 else 128), max(1, n // m)
+
+
+def pools(n: int, m: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Algorithm 1's pools of one epoch: floor(N / M) disjoint random sets of M rows (at least one).
+
+    Example::
+
+        >>> import torch
+        >>> p = pools(10, 4, torch.Generator().manual_seed(0))
+        >>> [len(q) for q in p], len(set(torch.cat(p).tolist()))
+        ([4, 4], 8)
+    """
+    perm = torch.randperm(n, generator=generator)
+    return [perm[b * m:(b + 1) * m] for b in range(max(1, n // m))]
+
+
+def pool_steps(index: torch.Tensor, labels: torch.Tensor, batch_size: int, repeats: int = 1,
+               generator: torch.Generator | None = None):
+    """Step 3's mini-batches of a pool: ``repeats`` passes, each a random order of the (H, K*n)
+    pseudo-labelled columns cut into floor(K*n / m_2) batches (at least one); yields (H, m_2)
+    pool positions and labels — each head its own samples.
+
+    Example::
+
+        >>> import torch
+        >>> idx, lab = torch.arange(12).view(2, 6), torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+        >>> [tuple(b.shape) for b, _ in pool_steps(idx, lab, 4, repeats=2)]
+        [(2, 4), (2, 4)]
+    """
+    steps = max(1, index.shape[1] // batch_size)
+    for _ in range(repeats):
+        order = torch.randperm(index.shape[1], generator=generator).to(index.device)
+        for st in range(steps):
+            cols = order[st * batch_size:(st + 1) * batch_size]
+            yield index[:, cols], labels[:, cols]
+
+
+def epoch_selection(select_loss: torch.Tensor, best_loss: float) -> tuple[dict, dict | None]:
+    """The per-epoch (epoch, head) rule: this epoch's history record of the heads' selection losses
+    (:func:`selection_losses`, (H,)) and, when its best head beats ``best_loss``, the new best
+    (``best_loss``, ``best_head``, ``head_losses``); else None.
+
+    Example::
+
+        >>> import torch
+        >>> epoch_selection(torch.tensor([0.9, 0.7]), 0.8)
+        ({'select_loss': [0.9, 0.7], 'best_head_per_epoch': 1}, {'best_loss': 0.699999988079071, 'best_head': 1, 'head_losses': tensor([0.9000, 0.7000])})
+        >>> epoch_selection(torch.tensor([0.9, 0.7]), 0.5)[1] is None
+        True
+    """
+    best = int(select_loss.argmin())
+    record = {"select_loss": [round(float(v), 5) for v in select_loss], "best_head_per_epoch": best}
+    if not float(select_loss.min()) < best_loss:
+        return record, None
+    return record, {"best_loss": float(select_loss.min()), "best_head": best, "head_losses": select_loss}

@@ -82,41 +82,33 @@ an exact simplex up to K = 61).
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from imgclust.backbones.finetune import finetuned_copy, trainable_parameters
-from imgclust.data.augment import contrastive_augment, seeded_augment
-from imgclust.data.batches import ImageBatches
+from imgclust.backbones.finetune import trainable_copy
+from imgclust.data.augment import contrastive_augment, feature_view, seeded_augment
+from imgclust.data.batches import ImageBatches, fit_image_rows
 from imgclust.errors import InputError
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
-from imgclust.losses.icbpl import icbpl_loss
-from imgclust.methods.base import (
-    ClusteringMethod,
-    FitContext,
-    MethodConfig,
-    register_method,
-)
-from imgclust.neighbors import load_or_mine_neighbors, mine_neighbors
-from imgclust.progress import progress_bar
-from imgclust.train.checkpoint import Checkpoint, data_digest
-from imgclust.train.loop import LoopSpec, StepInfo, run_loop
+from imgclust.heads.projection import Projection, centroid_model_state, load_centroid_model
+from imgclust.heads.wrap import BackboneHead, encode_images, predict_finetuned_images
+from imgclust.losses.icbpl import draw_neighbors, icbpl_loss, pedcc_proba
+from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
+from imgclust.neighbors import fixed_neighbors, neighbor_overlap
+from imgclust.train.loop import StepInfo
 from imgclust.train.optim import build_optimizer
+from imgclust.train.recipe import cluster_sizes, run_epochs
+from imgclust.views import contrastive_view_bank
 
 FINETUNE = ("head", "last_blocks", "all")
 AUGS = ("feature", "views")
 PEDCC_METHODS = ("auto", "simplex", "repulsion")
-VIEWS_FORMAT = 1
 
 
 @dataclass
@@ -183,66 +175,6 @@ class ICBPLConfig(MethodConfig):
             raise InputError(f"image_size must be >= 8 pixels; got {self.image_size}")
 
 
-# ---------------------------------------------------------------------------- encoder head
-class Projection(nn.Module):
-    """g: standardise -> (Linear -> BatchNorm -> ReLU ->) Linear -> L2 normalise, (B, D) -> (B, d)."""
-
-    def __init__(self, in_dim: int, latent_dim: int, hidden_dim: int = 512) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
-        if hidden_dim > 0:
-            self.net: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                                nn.ReLU(inplace=True), nn.Linear(hidden_dim, latent_dim))
-        else:
-            self.net = nn.Linear(in_dim, latent_dim)
-
-    def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def forward(self, x: torch.Tensor, standardized: bool = False) -> torch.Tensor:
-        h = self.net(x if standardized else self.standardize(x))
-        return nn.functional.normalize(h, dim=-1)
-
-
-def _set_standardization(head: Projection, x: np.ndarray) -> None:
-    mean = x.mean(axis=0, dtype=np.float64)
-    std = x.std(axis=0, dtype=np.float64)
-    head.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-    head.std.copy_(torch.from_numpy(np.maximum(std, 1e-6).astype(np.float32)))  # constant pixels: no 0/0
-
-
-def feature_view(x: torch.Tensor, dropout: float, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """Feature-space augmented view of standardised features: dropout (rescaled) plus Gaussian noise."""
-    out = x
-    if dropout > 0:
-        keep = torch.rand(x.shape, generator=generator) >= dropout
-        out = out * keep.to(x.dtype).to(x.device) / (1.0 - dropout)
-    if noise > 0:
-        out = out + noise * torch.randn(x.shape, generator=generator).to(x.device)
-    return out
-
-
-def _fixed_neighbors(features: np.ndarray, k: int, work_dir: Path | None, seed: int, progress: bool,
-                     cached: bool) -> np.ndarray:
-    """(N, k') int64 indices of each row's k nearest rows by cosine (k' = min(k, N - 1))."""
-    if cached:
-        nb = load_or_mine_neighbors(features, work_dir, mode="fixed", k=k, seed=seed, progress=progress)
-    else:
-        nb = mine_neighbors(features, mode="fixed", k=k, seed=seed, progress=False)
-    n = len(features)
-    kk = int(nb.info.get("k_effective", min(k, n - 1)))
-    if kk <= 0:
-        return np.arange(n, dtype=np.int64)[:, None]  # a single image: its own neighbour
-    return np.asarray(nb.indices, dtype=np.int64).reshape(n, kk)
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean fraction of each row's neighbour set that two (N, k) index arrays share."""
-    hits = sum(len(np.intersect1d(x, y, assume_unique=True)) for x, y in zip(a, b, strict=True))
-    return hits / max(a.size, 1)
-
-
 # ---------------------------------------------------------------------------- the method
 @register_method
 class ICBPL(ClusteringMethod):
@@ -272,270 +204,140 @@ class ICBPL(ClusteringMethod):
 
     # ------------------------------------------------------------------ training
     def fit(self, features: np.ndarray, ctx: FitContext) -> ICBPL:
-        cfg = self.config
-        x_np = np.ascontiguousarray(features, dtype=np.float32)
-        n, d_in = x_np.shape
-        if n < self.n_clusters:
-            raise InputError(f"K={self.n_clusters} is larger than the number of images ({n})")
-        if n < 2:
-            raise InputError("ICBPL needs at least 2 images")
-        t0 = time.perf_counter()
         from imgclust.features import resolve_device
 
+        cfg, k = self.config, self.n_clusters
+        x_np = np.ascontiguousarray(features, dtype=np.float32)
+        if len(x_np) < k:
+            raise InputError(f"K={k} is larger than the number of images ({len(x_np)})")
+        if len(x_np) < 2:
+            raise InputError("ICBPL needs at least 2 images")
+        t0 = time.perf_counter()
         device = resolve_device(ctx.device)
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
-        c_np = load_or_build_pedcc(self.n_clusters, cfg.latent_dim, cfg.pedcc, seed=cfg.pedcc_seed,
-                                   cache_dir=ctx.cache_dir)
+        c_np = load_or_build_pedcc(k, cfg.latent_dim, cfg.pedcc, seed=cfg.pedcc_seed, cache_dir=ctx.cache_dir)
         centroids = torch.from_numpy(c_np).to(device)
-        nbrs = _fixed_neighbors(x_np, cfg.k, ctx.work_dir, ctx.seed, ctx.progress, cached=True)
+        nbrs = fixed_neighbors(x_np, cfg.k, ctx.work_dir, ctx.seed, ctx.progress, cached=True)
         t_prep = time.perf_counter() - t0
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(int(ctx.seed))
-            head = Projection(d_in, cfg.latent_dim, cfg.hidden_dim)
-        _set_standardization(head, x_np)
-        head.to(device)
+        head = Projection.for_features(x_np, cfg.latent_dim, cfg.hidden_dim, ctx.seed).to(device)
         self.history_ = {"pedcc": pedcc_stats(c_np), "neighbors_k": int(nbrs.shape[1]), "refresh_overlap": [],
                          "loss": [], "mmd": [], "aug": [], "knn": [], "pedcc_loss": [], "epoch_s": []}
-        if cfg.finetune == "head":
-            z_all, nbrs = self._fit_head(x_np, head, centroids, nbrs, ctx, gen, device)
-        else:
-            z_all, nbrs = self._fit_images(x_np, head, centroids, nbrs, ctx, gen, device)
-        self.head_ = head.cpu().eval()
-        self.centroids_ = centroids.cpu()
-        self.neighbors_ = nbrs
-        cos = z_all @ c_np.T
-        self.labels_ = cos.argmax(axis=1).astype(np.int64)
-        self.fit_proba_ = self._softmax(cos) if self.image_level else None
-        sizes = np.bincount(self.labels_, minlength=self.n_clusters)
-        self.history_.update(cluster_sizes=sizes.tolist(), empty_clusters=[int(c) for c in np.flatnonzero(sizes == 0)],
-                             prepare_s=round(t_prep, 3), train_s=round(time.perf_counter() - t0 - t_prep, 3),
+        fit_mode = self._fit_head if cfg.finetune == "head" else self._fit_images
+        z_all, nbrs = fit_mode(x_np, head, centroids, nbrs, ctx, gen, device)
+        self.head_, self.centroids_, self.neighbors_ = head.cpu().eval(), centroids.cpu(), nbrs
+        self.labels_ = (z_all @ c_np.T).argmax(axis=1).astype(np.int64)
+        self.fit_proba_ = pedcc_proba(z_all, c_np, cfg.temperature) if self.image_level else None
+        self.history_.update(**cluster_sizes(self.labels_, k), prepare_s=round(t_prep, 3),
+                             train_s=round(time.perf_counter() - t0 - t_prep, 3),
                              mean_epoch_s=round(float(np.mean(self.history_["epoch_s"])), 4))
         return self
 
-    def _weights(self) -> tuple[float, float, float, float]:
-        c = self.config
-        return (float(c.mmd_weight), float(c.aug_weight), float(c.knn_weight), float(c.pedcc_weight))
-
-    def _draw_neighbors(self, nbrs: np.ndarray, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B, m) neighbour indices for Loss3: all k when ``neighbors_per_step`` >= k, else m drawn
-        uniformly with replacement (an unbiased estimate of the mean over the k)."""
-        nb = torch.from_numpy(nbrs)[rows]
-        m = self.config.neighbors_per_step
-        if m >= nb.shape[1]:
-            return nb
-        pick = torch.randint(nb.shape[1], (len(rows), m), generator=gen)
-        return torch.gather(nb, 1, pick)
-
-    def _train(self, model: nn.Module, head: Projection, opt: torch.optim.Optimizer, n: int, nbrs: np.ndarray,
-               ctx: FitContext, gen: torch.Generator, centroids: torch.Tensor, x_np: np.ndarray, label: str,
-               encode, latents) -> np.ndarray:
-        """The epochs of both modes in the shared loop: neighbour refresh at an epoch's start, batches
+    def _train(self, model: nn.Module, head: Projection, opt: torch.optim.Optimizer, nbrs: np.ndarray,
+               ctx: FitContext, gen: torch.Generator, x_np: np.ndarray, label: str, encode, latents,
+               centroids: torch.Tensor) -> np.ndarray:
+        """The epochs of every mode in the shared loop: neighbour refresh at an epoch's start, batches
         without replacement (the last incomplete one dropped: the MMD target is the PEDCC tiled to 2B),
-        eq. (7) per step. ``latents(rows, nbrs, info)`` -> z = [B images; B views; B x m neighbours]."""
-        cfg = self.config
+        eq. (7) per step. ``latents(rows, draw, info)`` -> z = [B images; B views; B x m neighbours], ``draw(rows)``
+        the rows' neighbours for Loss3."""
+        cfg, n = self.config, len(x_np)
         bs = min(cfg.batch_size, n)
-        steps = n // bs
-        weights = self._weights()
+        weights = (float(cfg.mmd_weight), float(cfg.aug_weight), float(cfg.knn_weight), float(cfg.pedcc_weight))
         state = {"nbrs": torch.from_numpy(np.ascontiguousarray(nbrs)), "refresh_overlap": []}
 
         def batches(epoch: int):
             if cfg.refresh_every and epoch > 0 and epoch % cfg.refresh_every == 0:
-                new = _fixed_neighbors(encode(), cfg.k, None, ctx.seed + epoch, False, cached=False)
-                state["refresh_overlap"].append(round(_overlap(state["nbrs"].numpy(), new), 4))
+                new = fixed_neighbors(encode(), cfg.k, None, ctx.seed + epoch, False, cached=False)
+                state["refresh_overlap"].append(round(neighbor_overlap(state["nbrs"].numpy(), new), 4))
                 state["nbrs"] = torch.from_numpy(np.ascontiguousarray(new))
             head.train()
             perm = torch.randperm(n, generator=gen)
-            return (perm[it * bs:(it + 1) * bs] for it in range(steps))
+            return (perm[it * bs:(it + 1) * bs] for it in range(n // bs))
 
         def step(rows: torch.Tensor, info: StepInfo):
-            z = latents(rows, state["nbrs"].numpy(), info)
-            b = len(rows)
+            draw = lambda r: draw_neighbors(state["nbrs"], r, cfg.neighbors_per_step, gen)  # noqa: E731
+            z, b = latents(rows, draw, info), len(rows)
             out = icbpl_loss(z[:b], z[b:2 * b], z[2 * b:].reshape(b, -1, z.shape[1]), centroids, weights,
                              cfg.kernel_mul, cfg.kernel_num)
             return out.loss, {"mmd": out.mmd, "aug": out.aug, "knn": out.knn, "pedcc": out.pedcc}
 
-        ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=self.n_clusters,
-                                 seed=int(ctx.seed), opts=cfg.to_dict(), data=data_digest(x_np))
-        res = run_loop(model, step, batches, LoopSpec(cfg.epochs, label, option="lr", option_value=cfg.lr,
-                                                      progress=ctx.progress),
-                       optimizer=opt, generators=[gen], state=state, checkpoint=ckpt)
-        h = self.history_
+        res, run = run_epochs(self, ctx, x_np, model, step, batches, optimizer=opt, generator=gen, state=state,
+                              label=label)
         for key, hk in (("loss", "loss"), ("mmd", "mmd"), ("aug", "aug"), ("knn", "knn"), ("pedcc", "pedcc_loss")):
-            h[hk] = res.history.get(key, [])
-        h.update(epoch_s=res.epoch_s, refresh_overlap=state["refresh_overlap"], resumed_from_epoch=res.resumed_from,
-                 checkpoint=None if ckpt.path is None else str(ckpt.path))
+            self.history_[hk] = res.history.get(key, [])
+        self.history_.update(**run, refresh_overlap=state["refresh_overlap"])
         return state["nbrs"].numpy()
 
     def _fit_head(self, x_np: np.ndarray, head: Projection, centroids: torch.Tensor, nbrs: np.ndarray,
                   ctx: FitContext, gen: torch.Generator, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """``finetune="head"``: the projection on the frozen features; Loss2's view from ``aug``."""
         cfg = self.config
-        n = len(x_np)
         x = head.standardize(torch.from_numpy(x_np if x_np.flags.writeable else x_np.copy()).to(device))
-        bank = self._view_bank(x_np, ctx) if cfg.aug == "views" else None  # (V, N, D), rows read per batch
+        bank = None
+        if cfg.aug == "views":  # (V, N, D), rows read per batch
+            rows = fit_image_rows(ctx.source, ctx.backbone, ctx.rows, x_np.shape, self.name, "aug=views")
+            bank, self.history_["view_bank"] = contrastive_view_bank(
+                x_np, ctx.source, ctx.backbone, rows, views=cfg.views, size=cfg.image_size or ctx.backbone.preprocess.size,
+                crop_scale=cfg.crop_scale, seed=ctx.seed, work_dir=ctx.work_dir, device=device, workers=ctx.workers,
+                batch_size=int(ctx.batch_size or 64), progress=ctx.progress, desc="icbpl view bank")
         # ICBPC's reference decays every parameter (plain Adam): kept, so no no-decay rule here
         opt = build_optimizer("adam", [{"params": list(head.parameters())}], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-        def latents(rows: torch.Tensor, nbrs: np.ndarray, info: StepInfo) -> torch.Tensor:
+        def latents(rows: torch.Tensor, draw, info: StepInfo) -> torch.Tensor:
             xb = x[rows.to(device)]
             if bank is None:
                 xa = feature_view(xb, cfg.feature_dropout, cfg.feature_noise, gen)
             else:
                 v = torch.randint(bank.shape[0], (len(rows),), generator=gen).numpy()
                 xa = head.standardize(torch.from_numpy(np.asarray(bank[v, rows.numpy()], dtype=np.float32)).to(device))
-            xn = x[self._draw_neighbors(nbrs, rows, gen).reshape(-1).to(device)]
-            return head(torch.cat([xb, xa, xn]), standardized=True)
+            return head(torch.cat([xb, xa, x[draw(rows).reshape(-1).to(device)]]), standardized=True)
 
-        nbrs = self._train(head, head, opt, n, nbrs, ctx, gen, centroids, x_np, "icbpl",
-                           lambda: self._encode_standardized(head, x), latents)
-        return self._encode_standardized(head, x), nbrs
-
-    @torch.no_grad()
-    def _encode_standardized(self, head: Projection, x: torch.Tensor, chunk: int = 8192) -> np.ndarray:
-        head.eval()
-        return torch.cat([head(x[s:s + chunk], standardized=True) for s in range(0, len(x), chunk)]).cpu().numpy()
-
-    # ------------------------------------------------------------------ images (view bank, fine-tuning)
-    def _image_context(self, ctx: FitContext, n: int, what: str) -> tuple[Any, Any, np.ndarray]:
-        source, backbone, rows = ctx.source, ctx.backbone, ctx.rows
-        if source is None or backbone is None:
-            raise InputError(f"icbpl {what} needs the images: fit on an image source, not on precomputed features")
-        rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-        if len(rows) != n:
-            raise InputError(f"icbpl: {len(rows)} source rows for {n} feature rows")
-        return source, backbone, rows
-
-    def _view_bank(self, x_np: np.ndarray, ctx: FitContext) -> np.ndarray:
-        """(V, N, D) features of ``views`` augmented copies of every image (frozen backbone), cached."""
-        cfg = self.config
-        source, backbone, rows = self._image_context(ctx, len(x_np), "aug=views")
-        if backbone.dim != x_np.shape[1]:
-            raise InputError(f"aug=views needs the backbone's own {backbone.dim}-d features (no pca); got {x_np.shape[1]}-d")
-        size = cfg.image_size or backbone.preprocess.size
-        key = hashlib.sha256(json.dumps({
-            "format": VIEWS_FORMAT, "backbone": backbone.cache_key(), "size": size, "views": cfg.views,
-            "crop_scale": cfg.crop_scale, "seed": int(ctx.seed), "source": source.fingerprint(),
-            "rows": hashlib.sha256(rows.tobytes()).hexdigest()}, sort_keys=True).encode()).hexdigest()[:24]
-        path = None if ctx.work_dir is None else Path(ctx.work_dir) / f"icbpl-views-{key}.npy"
-        if path is not None and path.is_file():
-            try:
-                bank = np.load(path, mmap_mode="r", allow_pickle=False)
-                if bank.shape == (cfg.views, len(x_np), x_np.shape[1]) and bank.dtype == np.float32:
-                    self.history_["view_bank"] = {"path": str(path), "cache": "hit"}
-                    return bank
-            except (OSError, ValueError):
-                pass
-        from imgclust.features import resolve_device
-
-        device = resolve_device(ctx.device)
-        bb = copy.deepcopy(backbone).to(device).eval()
-        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.workers)
-        channels = 1 if images.pre.grayscale else 3
-        aug = contrastive_augment(size, channels, cfg.crop_scale)
-        bank = np.zeros((cfg.views, len(x_np), x_np.shape[1]), np.float32)
-        bs = int(ctx.batch_size or 64)
-        t0 = time.perf_counter()
-        bar = progress_bar(cfg.views * len(rows), "icbpl view bank", unit="img", enable=ctx.progress)
-        with ThreadPoolExecutor(max_workers=images.workers) as pool:
-            for s in range(0, len(rows), bs):
-                idx = np.arange(s, min(s + bs, len(rows)))
-                img, ok = images.batch(idx, pool)
-                for v in range(cfg.views):
-                    xa = seeded_augment(aug, img, int(ctx.seed) * 1_000_003 + v * 7919 + s)
-                    with torch.inference_mode():
-                        f = bb(images.normalize(xa).to(device)).float().cpu().numpy()
-                    f[~ok] = x_np[idx[~ok]]  # an image that no longer decodes: its own features
-                    bank[v, idx] = f
-                    bar.update(len(idx))
-        bar.close()
-        info: dict[str, Any] = {"cache": "none", "seconds": round(time.perf_counter() - t0, 2)}
-        if path is not None:
-            from imgclust.rundir import atomic_open
-
-            try:
-                with atomic_open(path, "wb") as fh:
-                    np.save(fh, bank)
-                info = {**info, "path": str(path), "cache": "written"}
-            except OSError as e:
-                info["cache"] = f"not written: {e.strerror or e}"
-        self.history_["view_bank"] = info
-        return bank
+        nbrs = self._train(head, head, opt, nbrs, ctx, gen, x_np, "icbpl", lambda: head.encode_standardized(x), latents,
+                           centroids)
+        return head.encode_standardized(x), nbrs
 
     def _fit_images(self, x_np: np.ndarray, head: Projection, centroids: torch.Tensor, nbrs: np.ndarray,
                     ctx: FitContext, gen: torch.Generator, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-        cfg = self.config
-        n = len(x_np)
-        source, backbone, rows = self._image_context(ctx, n, f"finetune={cfg.finetune}")
-        if backbone.dim != x_np.shape[1]:
-            raise InputError(f"finetune={cfg.finetune} needs the backbone's own {backbone.dim}-d features "
-                             f"(no pca); got {x_np.shape[1]}-d")
-        bb = copy.deepcopy(backbone).to(device).eval()  # eval: BatchNorm statistics and drop-connect off
-        bb.requires_grad_(False)
-        train_params = trainable_parameters(bb, cfg.finetune, cfg.finetune_blocks)
-        for _, p in train_params:
-            p.requires_grad_(True)
-        size = cfg.image_size or backbone.preprocess.size
-        images = ImageBatches(source, rows, size, backbone.preprocess, ctx.workers)
+        """``finetune="last_blocks"|"all"``: a trainable copy of the backbone + the projection on augmented
+        images (BatchNorm statistics of the copy stay fixed: it stays in eval mode)."""
+        cfg, backbone = self.config, ctx.backbone
+        rows = fit_image_rows(ctx.source, backbone, ctx.rows, x_np.shape, self.name, f"finetune={cfg.finetune}")
+        bb, train_params = trainable_copy(backbone, cfg.finetune, cfg.finetune_blocks, device=device)
+        net, size = BackboneHead(bb, head), cfg.image_size or backbone.preprocess.size
+        images = ImageBatches(ctx.source, rows, size, backbone.preprocess, ctx.workers)
         aug = contrastive_augment(size, 1 if images.pre.grayscale else 3, cfg.crop_scale)
         opt = build_optimizer("adam", [{"params": list(head.parameters()), "lr": cfg.lr},
                                        {"params": [p for _, p in train_params], "lr": cfg.backbone_lr}],
                               lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_params = sum(p.numel() for _, p in train_params)
-        self.history_.update(finetune_params=int(n_params), image_size=int(size))
+        self.history_.update(finetune_params=int(sum(p.numel() for _, p in train_params)), image_size=int(size))
+
+        def encode() -> np.ndarray:  # latents of every image; one that no longer decodes uses its features
+            head.eval()
+            return encode_images(images, net, x_np, cfg.latent_dim, device)
+
         with ThreadPoolExecutor(max_workers=images.workers) as pool:
 
-            def latents(r: torch.Tensor, nbrs: np.ndarray, info: StepInfo) -> torch.Tensor:
-                pair = self._draw_neighbors(nbrs, r, gen).reshape(-1)
-                img, _ = images.batch(torch.cat([r, pair]).numpy(), pool)
+            def latents(r: torch.Tensor, draw, info: StepInfo) -> torch.Tensor:
+                img, _ = images.batch(torch.cat([r, draw(r).reshape(-1)]).numpy(), pool)
                 b = len(r)
                 xa = seeded_augment(aug, img[:b], int(ctx.seed) * 1_000_003 + info.epoch * 100_003 + info.it)
-                return head(bb(images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device)))
+                return net(images.normalize(torch.cat([img[:b], xa, img[b:]])).to(device))
 
-            both = nn.ModuleDict({"head": head, "backbone": bb})  # bb stays in eval mode (set above)
-            nbrs = self._train(both, head, opt, n, nbrs, ctx, gen, centroids, x_np, f"icbpl {cfg.finetune}",
-                               lambda: self._encode_images(bb, head, images, pool, x_np, device), latents)
-            z_all = self._encode_images(bb, head, images, pool, x_np, device)
-        steps_bs = (n // min(cfg.batch_size, n)) * min(cfg.batch_size, n)
+            nbrs = self._train(net, head, opt, nbrs, ctx, gen, x_np, f"icbpl {cfg.finetune}", encode, latents, centroids)
+        steps_bs = (len(x_np) // min(cfg.batch_size, len(x_np))) * min(cfg.batch_size, len(x_np))
         # 3 forward+backward per image
         self.history_["train_images_per_s"] = [round(3 * steps_bs / max(v, 1e-9), 2) for v in self.history_["epoch_s"]]
-        self.backbone_state_ = {nm: p.detach().cpu().clone() for nm, p in bb.named_parameters() if p.requires_grad}
-        return z_all, nbrs
-
-    @torch.no_grad()
-    def _encode_images(self, bb: nn.Module, head: Projection, images: ImageBatches, pool: ThreadPoolExecutor,
-                       fallback: np.ndarray | None, device: torch.device, batch: int = 64) -> np.ndarray:
-        """Latent features of every image (no augmentation); unreadable images use ``fallback`` rows."""
-        head.eval()
-        n = len(images.rows)
-        out = np.zeros((n, self.config.latent_dim), np.float32)
-        for s in range(0, n, batch):
-            idx = np.arange(s, min(s + batch, n))
-            img, ok = images.batch(idx, pool)
-            z = head(bb(images.normalize(img).to(device))).cpu().numpy()
-            if fallback is not None and not ok.all():
-                z[~ok] = head(torch.from_numpy(fallback[idx[~ok]]).to(device)).cpu().numpy()
-            out[idx] = z
-        return out
+        self.backbone_state_ = {nm: p.detach().cpu().clone() for nm, p in train_params}
+        return encode(), nbrs
 
     # ------------------------------------------------------------------ inference
-    def _softmax(self, cos: np.ndarray) -> np.ndarray:
-        logits = torch.from_numpy(np.asarray(cos, dtype=np.float32)) / self.config.temperature
-        return torch.softmax(logits, dim=-1).numpy().astype(np.float32)
-
     def _check(self) -> tuple[Projection, torch.Tensor]:
         if self.head_ is None or self.centroids_ is None:
             raise InputError("this icbpl model is not fitted yet")
         return self.head_, self.centroids_
 
-    @torch.no_grad()
     def transform(self, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
         """Latent features z (N, d), unit rows, of backbone features (N, D)."""
-        head, _ = self._check()
-        head.eval()
-        x = np.asarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != head.mean.shape[0]:
-            raise InputError(f"features must be (N, {head.mean.shape[0]}), got shape {x.shape}")
-        outs = [head(torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))).numpy() for s in range(0, len(x), chunk)]
-        return np.concatenate(outs) if outs else np.zeros((0, self.config.latent_dim), np.float32)
+        return self._check()[0].encode(features, chunk)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """softmax_j(cos(z, c_j) / temperature) for backbone features (N, D); argmax = eq. (8).
@@ -544,7 +346,7 @@ class ICBPL(ClusteringMethod):
         backbone; :meth:`predict_proba_images` does that from images.
         """
         _, c = self._check()
-        return self._softmax(self.transform(features) @ c.numpy().T)
+        return pedcc_proba(self.transform(features), c.numpy(), self.config.temperature)
 
     def predict_proba_images(self, source: Any, backbone: nn.Module, batch_size: int = 64, device: str = "auto",
                              workers: int | None = None, progress: bool = True) -> np.ndarray:
@@ -558,48 +360,19 @@ class ICBPL(ClusteringMethod):
 
         head, c = self._check()
         dev = resolve_device(device)
-        bb = finetuned_copy(backbone, self.backbone_state_, dev)
-        head = head.to(dev)
-        size = self.config.image_size or backbone.preprocess.size
-        images = ImageBatches(source, np.arange(len(source)), size, backbone.preprocess, workers)
-        z = images.apply(lambda x: head.eval()(bb(x)), c.shape[1], batch_size=batch_size, device=dev,
-                         progress=progress, desc="icbpl predict")
-        ok = z.any(axis=1)  # latents are unit vectors: all-zero rows are the images that did not decode
-        out = np.zeros((len(source), self.n_clusters), np.float32)
-        out[ok] = self._softmax(z[ok] @ c.numpy().T)
+        head = head.to(dev).eval()
+        z = predict_finetuned_images(backbone, self.backbone_state_, head, source, c.shape[1], size=self.config.image_size,
+                                     batch_size=batch_size, device=dev, workers=workers, progress=progress,
+                                     desc="icbpl predict")
         self.head_ = head.cpu()
-        return out
+        return pedcc_proba(z, c.numpy(), self.config.temperature)  # undecoded images: all-zero latents and rows
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Projection (``head.*``), PEDCC points (``centroids``), fine-tuned backbone parameters (``backbone.*``)."""
-        head, c = self._check()
-        state = {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
-        state["centroids"] = c.clone()
-        state.update({f"backbone.{k}": v.clone() for k, v in self.backbone_state_.items()})
-        return state
+        return centroid_model_state(*self._check(), self.backbone_state_)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        c = state.get("centroids")
-        if not isinstance(c, torch.Tensor) or c.ndim != 2 or not c.is_floating_point():
-            raise InputError("not an icbpl state: 'centroids' (K x d floats) missing")
-        if c.shape[0] != self.n_clusters:
-            raise InputError(f"saved model has K={c.shape[0]} centroids, expected {self.n_clusters}")
-        if c.shape[1] != self.config.latent_dim:
-            raise InputError(f"saved centroids are {c.shape[1]}-d, the config says latent_dim={self.config.latent_dim}")
-        mean = state.get("head.mean")
-        if not isinstance(mean, torch.Tensor) or mean.ndim != 1:
-            raise InputError("not an icbpl state: 'head.mean' missing")
-        head = Projection(int(mean.shape[0]), self.config.latent_dim, self.config.hidden_dim)
-        try:
-            head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-        except RuntimeError as e:
-            raise InputError(f"saved icbpl projection does not match hidden_dim={self.config.hidden_dim}: {e}") from e
-        if not all(torch.isfinite(v).all() for v in head.state_dict().values() if v.is_floating_point()):
-            raise InputError("saved icbpl model has non-finite weights")
-        head.requires_grad_(False)
-        self.head_ = head.eval()
-        self.centroids_ = c.float()
-        self.backbone_state_ = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        if self.image_level and not self.backbone_state_:
-            raise InputError(f"saved icbpl model has finetune={self.config.finetune} but no backbone parameters")
+        cfg = self.config
+        self.head_, self.centroids_, self.backbone_state_ = load_centroid_model(
+            state, self.n_clusters, cfg.latent_dim, cfg.hidden_dim, cfg.finetune, self.name)

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgclust.backbones.finetune import finetuned_copy
-from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
+from imgclust.heads.wrap import predict_finetuned_images
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, get_method, register_method
 from imgclust.refine.icsr import ICSRConfig, make_views, train_icsr, train_icsr_end_to_end
 from imgclust.refine.selftrain import LinearClassifier
@@ -106,13 +105,11 @@ class ICSR(ClusteringMethod):
         if self.classifier_ is None:
             raise InputError("this ICSR model is not fitted yet")
         dev = resolve_device(device)
-        bb = finetuned_copy(backbone, self.backbone_state_, dev)
         clf = self.classifier_
         w, b, mean, std = (t.to(dev) for t in (clf.weight, clf.bias, clf.mean, clf.std))
-        images = ImageBatches(source, np.arange(len(source)), self.config.image_size or backbone.preprocess.size,
-                              backbone.preprocess, workers)
-        return images.apply(lambda x: torch.softmax(((bb(x).float() - mean) / std) @ w + b, 1), self.n_clusters,
-                            batch_size=batch_size, device=dev, progress=progress, desc="icsr predict")
+        return predict_finetuned_images(backbone, self.backbone_state_, lambda z: torch.softmax(((z - mean) / std) @ w + b, 1),
+                                        source, self.n_clusters, size=self.config.image_size, batch_size=batch_size,
+                                        device=dev, workers=workers, progress=progress, desc="icsr predict")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The head (``clf.*``) and, for ``mode=end_to_end``, the fine-tuned backbone parameters (``backbone.*``)."""

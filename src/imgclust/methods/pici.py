@@ -61,30 +61,25 @@ ACC/NMI/ARI of the cluster head and of k-means on the encoder features after the
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from imgclust.backbones.base import Preprocess
 from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
 from imgclust.data.augment import contrastive_augment, seeded_augment
-from imgclust.data.batches import ImageBatches
+from imgclust.data.pixels import load_pixel_images, pixels_to_uint8, training_images
 from imgclust.errors import InputError
-from imgclust.heads.pici import ClusterMLP, InstanceMLP
+from imgclust.heads.pici import ClusteringNet, build_clustering_net, normalize_half
 from imgclust.losses.pici import cli_loss, cli_targets, cluster_loss, instance_loss, pisd_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
-from imgclust.train.checkpoint import Checkpoint
 from imgclust.train.loop import LoopSpec, StepInfo, run_loop
 from imgclust.train.optim import build_optimizer
+from imgclust.train.stages import derive_seed, evaluate_stage, stage_checkpoint
 
 CC_ENCODERS = ("cnn", "resnet18", "resnet34", "vit")
 CLI_KMEANS = ("dataset", "batch")
-MEAN_STD = 0.5  # per-channel normalisation (x - 0.5) / 0.5
 
 
 def _check_int(cfg: MethodConfig, names: tuple[str, ...], low: int) -> None:
@@ -185,87 +180,17 @@ class CCConfig(MethodConfig):
             raise InputError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
 
 
-# ---------------------------------------------------------------------------- network
-class SmallCNN(nn.Module):
-    """Four 3x3 conv-BN-ReLU layers (32, 64, 128, 256 channels; stride 2 after the first), global
-    average pool: a CPU-sized stand-in for CC's ResNet-34. (B, 3, S, S) -> (B, 256)."""
-
-    def __init__(self, channels: int = 3) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = channels
-        for c_out, stride in ((32, 1), (64, 2), (128, 2), (256, 2)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
-        self.net = nn.Sequential(*layers)
-        self.dim = 256
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).mean(dim=(2, 3))
-
-
-class ClusteringNet(nn.Module):
-    """Encoder F + instance MLP G_I + cluster MLP G_C."""
-
-    def __init__(self, encoder: nn.Module, dim: int, instance_dim: int, n_clusters: int, bn: bool = False) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.instance = InstanceMLP(dim, instance_dim, bn)
-        self.cluster = ClusterMLP(dim, n_clusters, bn)
-
-    @property
-    def is_vit(self) -> bool:
-        return isinstance(self.encoder, MaskedAutoencoderViT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Cluster probabilities (B, K) of unmasked images."""
-        return self.cluster(self.encoder(x))
-
-
-def _build_net(cfg: PICIConfig | CCConfig, n_clusters: int) -> ClusteringNet:
-    encoder_kind = getattr(cfg, "encoder", "vit")
-    enc: nn.Module
-    if encoder_kind == "vit":
-        enc = MaskedAutoencoderViT(cfg.image_size, 3, cfg.vit_size, cfg.patch_size or None, cfg.depth or None,
-                                   getattr(cfg, "decoder_dim", 64), getattr(cfg, "decoder_depth", 1),
-                                   getattr(cfg, "decoder_heads", 4))
-        dim = enc.dim
-    elif encoder_kind == "cnn":
-        enc = SmallCNN()
-        dim = enc.dim
-    else:
-        from imgclust.backbones.resnet import build_resnet
-
-        enc = build_resnet(int(encoder_kind[len("resnet"):]), small_images=True)
-        dim = enc.dim
-    return ClusteringNet(enc, dim, cfg.instance_dim, n_clusters, cfg.projector_bn)
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - MEAN_STD) / MEAN_STD
-
-
-def load_images(source: Any, rows: np.ndarray, size: int, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode ``rows`` of ``source`` to (N, 3, size, size) uint8 (squash resize, bilinear, as the
-    ``pixels`` backbone); returns the images and a mask of those that decoded."""
-    pre = Preprocess(size=int(size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="squash",
-                     interpolation="bilinear")
-    return ImageBatches(source, rows, int(size), pre, None).uint8(progress=progress)
-
-
-def _seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
-
-
-def _accuracy_report(y: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from imgclust.metrics import evaluate
-
-    return {k: round(float(v), 4) for k, v in evaluate(y, labels).items() if k in ("acc", "nmi", "ari")}
-
-
 # ---------------------------------------------------------------------------- method
+def _build_net(cfg: PICIConfig | CCConfig, n_clusters: int) -> ClusteringNet:
+    return build_clustering_net(getattr(cfg, "encoder", "vit"), n_clusters, image_size=cfg.image_size,
+                                instance_dim=cfg.instance_dim, bn=cfg.projector_bn, vit_size=cfg.vit_size,
+                                patch_size=cfg.patch_size, depth=cfg.depth, decoder_dim=getattr(cfg, "decoder_dim", 64),
+                                decoder_depth=getattr(cfg, "decoder_depth", 1),
+                                decoder_heads=getattr(cfg, "decoder_heads", 4))
+
+
 class _ImageContrastive(ClusteringMethod):
-    """Shared training loop of ``pici`` and ``cc`` (stages differ)."""
+    """Shared recipe of ``pici`` and ``cc`` (stages differ)."""
 
     image_level = True
 
@@ -279,42 +204,6 @@ class _ImageContrastive(ClusteringMethod):
     def _stages(self) -> list[tuple[str, int]]:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ input
-    def _training_images(self, features: np.ndarray, ctx: FitContext) -> tuple[torch.Tensor, np.ndarray, str]:
-        cfg = self.config
-        s = cfg.image_size
-        source = ctx.source
-        if source is not None:
-            rows = ctx.rows
-            rows = np.arange(len(features)) if rows is None else np.asarray(rows, dtype=np.int64)
-            if len(rows) != len(features):
-                raise InputError(f"{self.name}: {len(rows)} source rows for {len(features)} feature rows")
-            imgs, ok = load_images(source, rows, s, ctx.progress)
-            if not ok.all():
-                raise InputError(f"{self.name}: {int((~ok).sum())} training images no longer decode")
-            ident = hashlib.sha256(f"{source.fingerprint()}|".encode() + rows.tobytes()).hexdigest()
-            return imgs, rows, ident
-        x = np.asarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != 3 * s * s:
-            raise InputError(f"{self.name} learns from the images: fit on an image source (e.g. with "
-                             f"--backbone pixels --image-size {s}), or pass pixel features of 3x{s}x{s}; "
-                             f"got features of shape {x.shape}")
-        imgs = torch.from_numpy(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).reshape(-1, 3, s, s)
-        return imgs, np.arange(len(x)), hashlib.sha256(imgs.numpy().tobytes()).hexdigest()
-
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, ctx: FitContext, ident: str, stages: list[tuple[str, int]], si: int) -> Checkpoint | None:
-        """Stage ``si``'s checkpoint (:mod:`imgclust.train.checkpoint`). Its own epoch count is not in the
-        fingerprint (a re-run with more epochs of a stage continues it), the earlier stages' counts are
-        (a stage that starts from another network starts over)."""
-        if ctx.work_dir is None or not self.config.checkpoint:
-            return None
-        opts = {k: v for k, v in asdict(self.config).items() if not k.endswith("epochs") and k != "checkpoint"}
-        stage = stages[si][0]
-        return Checkpoint.in_dir(Path(ctx.work_dir), f"{self.name}-{stage}", k=self.n_clusters, seed=int(ctx.seed),
-                                 opts=opts, data=ident, before=[e for _, e in stages[:si]])
-
-    # ------------------------------------------------------------------ training
     def fit(self, features: np.ndarray, ctx: FitContext) -> _ImageContrastive:
         """Each stage is one :func:`~imgclust.train.loop.run_loop` (Adam, checkpoint + resume per
         epoch); after a stage, its k-means / head labels are evaluated (recomputed on a resume:
@@ -322,63 +211,36 @@ class _ImageContrastive(ClusteringMethod):
         from imgclust.features import resolve_device
 
         cfg = self.config
-        imgs, _, ident = self._training_images(features, ctx)
+        imgs, ident = training_images(features, ctx.source, ctx.rows, cfg.image_size, name=self.name,
+                                      progress=ctx.progress)
         n = len(imgs)
         if n < 2:
             raise InputError(f"{self.name} needs at least 2 images")
         device = resolve_device(ctx.device)
-        torch.manual_seed(_seed(int(ctx.seed), 0))  # parameter initialisation
+        torch.manual_seed(derive_seed(int(ctx.seed), 0))  # parameter initialisation
         net = _build_net(cfg, self.n_clusters).to(device)
         opt = build_optimizer("adam", net, lr=cfg.lr, weight_decay=cfg.weight_decay)
         stages = self._stages()
         self.history_ = {"stages": {name: {"epochs_run": 0} for name, _ in stages}, "n_images": n,
                          "parameters": int(sum(p.numel() for p in net.parameters()))}
-        self.stage_labels_ = {}
-        self._pseudo = {}
+        self.stage_labels_, self._pseudo = {}, {}
         aug = contrastive_augment(cfg.image_size, 3, cfg.crop_scale).to(device)
-        bs = min(cfg.batch_size, n)
-        steps = n // bs
-        y = ctx.truth
-        seed = int(ctx.seed)
+        opts = {k: v for k, v in asdict(cfg).items() if not k.endswith("epochs") and k != "checkpoint"}
         resumed: list[int] = []
         paths: list[str] = []
         for si, (stage, epochs) in enumerate(stages):
-            ckpt = self._checkpoint(ctx, ident, stages, si)
-            state: dict[str, Any] = {}
-
-            def batches(epoch: int, si: int = si, stage: str = stage, state: dict[str, Any] = state):
-                if stage == "boost" and getattr(cfg, "cli_kmeans", "batch") == "dataset":
-                    if "pseudo_a" not in state:  # once per boosting stage; resumes with it
-                        pl = self._dataset_pseudo_labels(net, imgs, aug, device, _seed(seed, si, -1))
-                        state.update(pseudo_a=torch.from_numpy(pl["a"]), pseudo_b=torch.from_numpy(pl["b"]))
-                    self._pseudo = {"a": state["pseudo_a"].numpy(), "b": state["pseudo_b"].numpy()}
-                net.train()
-                gen = torch.Generator().manual_seed(_seed(seed, si, epoch))
-                perm = torch.randperm(n, generator=gen)
-                for it in range(steps):
-                    idx = perm[it * bs:(it + 1) * bs]
-                    x = imgs[idx].to(device).float().div_(255.0)
-                    xb = seeded_augment(aug, x, _seed(seed, si, epoch, it))
-                    yield _normalize(x), _normalize(xb), gen, _seed(seed, si, epoch, it, 1), idx.numpy()
-
-            def step(batch: tuple, info: StepInfo, stage: str = stage) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                xa, xb, gen, step_seed, idx = batch
-                parts = self._step_losses(net, stage, xa, xb, gen, step_seed, idx)
-                return sum(parts.values()), parts
-
-            spec = LoopSpec(epochs=epochs, name=f"{self.name} {stage}", progress=ctx.progress)
-            res = run_loop(net, step, batches, spec, optimizer=opt, state=state, checkpoint=ckpt)
+            ckpt = stage_checkpoint(ctx.work_dir if cfg.checkpoint else None, self.name, stages, si,
+                                    k=self.n_clusters, seed=int(ctx.seed), opts=opts, data=ident)
+            res = self._run_stage(net, opt, imgs, aug, si, stage, epochs, ckpt, ctx, device)
             resumed.append(res.resumed_from or 0)
             if ckpt is not None and ckpt.path is not None:
                 paths.append(str(ckpt.path))
-            hist = self.history_["stages"][stage]
-            for k, v in res.history.items():
-                if k != "loss":  # the sum of the parts
-                    hist[k] = [round(float(e), 5) for e in v]
-            hist["images_per_s"] = [round(steps * bs / max(t, 1e-9), 2) for t in res.epoch_s]
-            hist["epochs_run"] = len(res.history.get("loss", []))
             if epochs > 0:
-                self._evaluate_stage(net, imgs, stage, y, device, seed)
+                h, p = net.encode_images(imgs, device)
+                labels, record = evaluate_stage(h, None if stage == "pretrain" else p, self.n_clusters,
+                                                int(ctx.seed), ctx.truth)
+                self.stage_labels_[stage] = labels
+                self.history_["stages"][stage].update(record)
         self.history_["resumed_from"] = {"done": resumed} if any(resumed) else None
         self.history_["checkpoint"] = paths[-1] if paths else None
         self.net_ = net.cpu().eval()
@@ -386,6 +248,42 @@ class _ImageContrastive(ClusteringMethod):
         self.labels_ = self.fit_proba_.argmax(axis=1)
         self.history_["final_stage"] = next((s for (s, e) in reversed(stages) if e > 0), None)
         return self
+
+    def _run_stage(self, net: ClusteringNet, opt: torch.optim.Optimizer, imgs: torch.Tensor, aug: torch.nn.Module,
+                   si: int, stage: str, epochs: int, ckpt, ctx: FitContext, device: torch.device):
+        """One stage in the shared loop: every epoch's order, masks and augmentations come from
+        generators seeded by (seed, stage, epoch[, step]), so a resumed run equals a whole one."""
+        cfg, seed, n = self.config, int(ctx.seed), len(imgs)
+        bs = min(cfg.batch_size, n)
+        steps = n // bs
+        state: dict[str, Any] = {}
+
+        def batches(epoch: int):
+            if stage == "boost" and getattr(cfg, "cli_kmeans", "batch") == "dataset":
+                if "pseudo_a" not in state:  # once per boosting stage; resumes with it
+                    pl = net.dataset_cli_labels(imgs, aug, self.n_clusters, device, derive_seed(seed, si, -1))
+                    state.update(pseudo_a=torch.from_numpy(pl["a"]), pseudo_b=torch.from_numpy(pl["b"]))
+                self._pseudo = {"a": state["pseudo_a"].numpy(), "b": state["pseudo_b"].numpy()}
+            net.train()
+            gen = torch.Generator().manual_seed(derive_seed(seed, si, epoch))
+            perm = torch.randperm(n, generator=gen)
+            for it in range(steps):
+                idx = perm[it * bs:(it + 1) * bs]
+                x = imgs[idx].to(device).float().div_(255.0)
+                xb = seeded_augment(aug, x, derive_seed(seed, si, epoch, it))
+                yield normalize_half(x), normalize_half(xb), gen, derive_seed(seed, si, epoch, it, 1), idx.numpy()
+
+        def step(batch: tuple, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            parts = self._step_losses(net, stage, *batch)
+            return sum(parts.values()), parts
+
+        res = run_loop(net, step, batches, LoopSpec(epochs=epochs, name=f"{self.name} {stage}", progress=ctx.progress),
+                       optimizer=opt, state=state, checkpoint=ckpt)
+        hist = self.history_["stages"][stage]
+        hist.update({k: [round(float(e), 5) for e in v] for k, v in res.history.items() if k != "loss"})  # loss = sum
+        hist["images_per_s"] = [round(steps * bs / max(t, 1e-9), 2) for t in res.epoch_s]
+        hist["epochs_run"] = len(res.history.get("loss", []))
+        return res
 
     def _step_losses(self, net: ClusteringNet, stage: str, xa: torch.Tensor, xb: torch.Tensor,
                      gen: torch.Generator, seed: int, idx: np.ndarray) -> dict[str, torch.Tensor]:
@@ -417,56 +315,6 @@ class _ImageContrastive(ClusteringMethod):
             out["cli"] = 0.5 * (cli_loss(ca, cli_targets(za, ca, seed, pa)) + cli_loss(cb, cli_targets(zb, cb, seed + 1, pb)))
         return out
 
-    @torch.no_grad()
-    def _dataset_pseudo_labels(self, net: ClusteringNet, imgs: torch.Tensor, aug: nn.Module,
-                               device: torch.device | str, seed: int, batch: int = 256) -> dict[str, np.ndarray]:
-        """k-means (eqs. 12-13) of the instance features Z of every image, weak view (a) and one
-        strong view (b), fixed for the boosting stage (as PICI's reference code; it min-max scales
-        Z per batch, here Z is L2-normalised)."""
-        from sklearn.cluster import KMeans
-
-
-        net.eval()
-        za, zb = [], []
-        for s in range(0, len(imgs), batch):
-            x = imgs[s:s + batch].to(device).float().div_(255.0)
-            za.append(net.instance(net.encoder(_normalize(x))).float().cpu())
-            zb.append(net.instance(net.encoder(_normalize(seeded_augment(aug, x, seed + s)))).float().cpu())
-        out = {}
-        for name, z in (("a", za), ("b", zb)):
-            zn = torch.nn.functional.normalize(torch.cat(z), dim=1).numpy()
-            out[name] = KMeans(self.n_clusters, n_init=10, random_state=seed % (2**31)).fit_predict(zn).astype(np.int64)
-        return out
-
-    @torch.no_grad()
-    def _encode(self, net: ClusteringNet, imgs: torch.Tensor, device: torch.device | str = "cpu",
-                batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Encoder features h and cluster probabilities of unmasked images."""
-        net.eval()
-        hs, ps = [], []
-        for s in range(0, len(imgs), batch):
-            x = _normalize(imgs[s:s + batch].to(device).float().div_(255.0))
-            h = net.encoder(x)
-            hs.append(h.float().cpu())
-            ps.append(net.cluster(h).float().cpu())
-        return torch.cat(hs).numpy(), torch.cat(ps).numpy()
-
-    def _evaluate_stage(self, net: ClusteringNet, imgs: torch.Tensor, stage: str, y: Any,
-                        device: torch.device | str, seed: int) -> None:
-        from sklearn.cluster import KMeans
-
-        h, p = self._encode(net, imgs, device)
-        labels = {"kmeans": KMeans(self.n_clusters, n_init=3, random_state=seed).fit_predict(h).astype(np.int64)}
-        if stage != "pretrain":
-            labels["head"] = p.argmax(axis=1).astype(np.int64)
-        self.stage_labels_[stage] = labels
-        hist = self.history_["stages"][stage]
-        if y is not None:
-            y = np.asarray(y)
-            hist["metrics"] = {k: _accuracy_report(y, v) for k, v in labels.items()}
-        if "head" in labels:
-            hist["head_clusters_used"] = int(len(np.unique(labels["head"])))
-
     # ------------------------------------------------------------------ inference
     def _check(self) -> ClusteringNet:
         if self.net_ is None:
@@ -474,16 +322,16 @@ class _ImageContrastive(ClusteringMethod):
         return self.net_
 
     def _proba(self, imgs: torch.Tensor) -> np.ndarray:
-        return self._encode(self._check(), imgs)[1].astype(np.float32)
+        return self._check().encode_images(imgs)[1].astype(np.float32)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """G_C(F(x)) for pixel features of 3 x S x S values in [0, 1] (the ``pixels`` backbone at
         ``image_size``); other features raise InputError (use :meth:`predict_proba_images`)."""
         s = self.config.image_size
-        x = np.asarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != 3 * s * s:
-            raise InputError(f"{self.name} predicts from images; features of shape {x.shape} are not 3x{s}x{s} pixels")
-        imgs = torch.from_numpy(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).reshape(-1, 3, s, s)
+        imgs = pixels_to_uint8(features, s)
+        if imgs is None:
+            raise InputError(f"{self.name} predicts from images; features of shape {np.shape(features)} are not "
+                             f"3x{s}x{s} pixels")
         return self._proba(imgs)
 
     def predict_proba_images(self, source: Any, backbone: Any = None, batch_size: int = 256, device: str = "auto",
@@ -494,10 +342,10 @@ class _ImageContrastive(ClusteringMethod):
 
         net = self._check()
         dev = resolve_device(device)
-        imgs, ok = load_images(source, np.arange(len(source)), self.config.image_size, progress)
+        imgs, ok = load_pixel_images(source, np.arange(len(source)), self.config.image_size, progress)
         out = np.zeros((len(source), self.n_clusters), np.float32)
         if ok.any():
-            _, p = self._encode(net.to(dev), imgs[torch.from_numpy(ok)], dev, batch_size)
+            _, p = net.to(dev).encode_images(imgs[torch.from_numpy(ok)], dev, batch_size)
             out[ok] = p
         self.net_ = net.cpu()
         return out

@@ -54,6 +54,7 @@ import torch
 from imgclust.errors import InputError
 from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
+from imgclust.heads.wrap import load_multihead, multihead_labels, multihead_logits
 from imgclust.losses.temi import cosine_ramp, temi_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
@@ -151,16 +152,15 @@ class TEMI(ClusteringMethod):
 
     # ------------------------------------------------------------------ training
     def fit(self, features: np.ndarray, ctx: FitContext) -> TEMI:
-        cfg = self.config
-        t0 = time.perf_counter()
+        from imgclust.features import resolve_device
+
+        cfg, t0 = self.config, time.perf_counter()
         x_np = np.ascontiguousarray(features, dtype=np.float32)
         n, d = x_np.shape
         if n < self.n_clusters:
             raise InputError(f"K={self.n_clusters} is larger than the number of images ({n})")
         if n < 2:
             raise InputError("TEMI needs at least 2 images")
-        from imgclust.features import resolve_device
-
         device = resolve_device(ctx.device)
         nb = load_or_mine_neighbors(x_np, ctx.work_dir, mode=cfg.neighbors, k=cfg.k, threshold=cfg.threshold,
                                     max_neighbors=cfg.max_neighbors, seed=ctx.seed, progress=ctx.progress,
@@ -168,10 +168,8 @@ class TEMI(ClusteringMethod):
         t_nn = time.perf_counter() - t0
         indptr, indices = nb.torch_view()  # sampling stays on the CPU generator (deterministic)
         x = torch.from_numpy(x_np).to(device)
-
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
-        student = build_heads(cfg.head, d, self.n_clusters, cfg.heads, cfg.norm, generator=gen,
-                              **self._mlp_dims())
+        student = build_heads(cfg.head, d, self.n_clusters, cfg.heads, cfg.norm, generator=gen, **self._mlp_dims())
         if cfg.norm == "standardize":
             student.set_standardization(x.mean(0).cpu(), x.std(0).cpu())  # TEMI: torch mean/std over the set
         student.to(device).train()
@@ -186,8 +184,7 @@ class TEMI(ClusteringMethod):
         if bs % dist.world_size():
             raise InputError(f"{self.name}: batch size {bs} must be a multiple of the {dist.world_size()} processes")
         mine = dist.shard(bs)
-        bl = len(mine)
-        total = steps_per_epoch * cfg.epochs
+        bl, total = len(mine), steps_per_epoch * cfg.epochs
         state = {"prior": torch.full((h, k), 1.0 / k, device=device),
                  "head_sum": torch.zeros(h, dtype=torch.float64, device=device),
                  "head_mean": torch.zeros(h, dtype=torch.float64)}
@@ -220,41 +217,35 @@ class TEMI(ClusteringMethod):
 
         ckpt = Checkpoint.in_dir(ctx.work_dir if cfg.checkpoint else None, self.name, k=k, seed=int(ctx.seed),
                                  opts=self.config.to_dict(), data=data_digest(x_np))
+        lr = schedule("warmup-cosine", cfg.lr, total, final=cfg.min_lr, warmup=cfg.warmup_epochs * steps_per_epoch)
         res = run_loop(student, step, batches,
-                       LoopSpec(cfg.epochs, f"{self.name} heads", lr=schedule(
-                           "warmup-cosine", cfg.lr, total, final=cfg.min_lr, warmup=cfg.warmup_epochs * steps_per_epoch),
-                           option="lr", option_value=cfg.lr, progress=ctx.progress, postfix=("pmi", "ce", "loss")),
+                       LoopSpec(cfg.epochs, f"{self.name} heads", lr=lr, option="lr", option_value=cfg.lr,
+                                progress=ctx.progress, postfix=("pmi", "ce", "loss")),
                        optimizer=opt, after_step=[lambda info: ema_update_(teacher, student, cfg.momentum)],
                        on_epoch_end=epoch_end, modules={"teacher": teacher}, generators=[gen], state=state,
                        checkpoint=ckpt)
+        self._finish(teacher, state, x_np, res, ckpt, {"neighbors": nb.info, "steps": total, "batch_size": bs,
+                                                       "neighbors_s": round(t_nn, 3),
+                                                       "train_s": round(time.perf_counter() - t0 - t_nn, 3)})
+        return self
 
+    def _finish(self, teacher, state: dict, x_np: np.ndarray, res, ckpt: Checkpoint, run: dict) -> None:
+        """The teacher's best head (lowest last-epoch loss) and every head's labels; the history."""
         head_mean = state["head_mean"].numpy()
-        teacher.eval()
-        self.teacher_ = teacher.cpu()
+        self.teacher_ = teacher.eval().cpu()
         self.prior_ = state["prior"].cpu()
         self.head_losses_ = head_mean
         self.best_head_ = int(head_mean.argmin())
         self.head_labels_ = self.predict_heads(x_np)
         self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
-        sizes = np.bincount(self.labels_, minlength=self.n_clusters)
         self.history_ = {
             "loss": res.history["head_mean_loss"],  # per epoch, mean over heads and steps
-            "pmi": res.history["pmi"],
-            "ce": res.history["ce"],
-            "best_head_per_epoch": res.history["best_head"],
-            "best_head": self.best_head_,
-            "head_losses": [float(v) for v in head_mean],
-            "best_head_cluster_sizes": sizes.tolist(),
-            "neighbors": nb.info,
-            "steps": total,
-            "batch_size": bs,
-            "neighbors_s": round(t_nn, 3),
-            "train_s": round(time.perf_counter() - t0 - t_nn, 3),
-            "epoch_s": res.epoch_s,
-            "resumed_from_epoch": res.resumed_from,
+            "pmi": res.history["pmi"], "ce": res.history["ce"], "best_head_per_epoch": res.history["best_head"],
+            "best_head": self.best_head_, "head_losses": [float(v) for v in head_mean],
+            "best_head_cluster_sizes": np.bincount(self.labels_, minlength=self.n_clusters).tolist(),
+            **run, "epoch_s": res.epoch_s, "resumed_from_epoch": res.resumed_from,
             "checkpoint": None if ckpt.path is None else str(ckpt.path),
         }
-        return self
 
     # ------------------------------------------------------------------ inference
     def _check(self) -> MultiHeadClassifier | MultiHeadMLP:
@@ -262,30 +253,13 @@ class TEMI(ClusteringMethod):
             raise InputError(f"this {self.name} model is not fitted yet")
         return self.teacher_
 
-    @torch.no_grad()
     def head_logits(self, features: np.ndarray, head: int | None = None, chunk: int = 65536) -> np.ndarray:
         """Teacher logits: all heads (H, N, K), or one head (N, K) when ``head`` is given."""
-        t = self._check().eval()
-        x = np.asarray(features, dtype=np.float32)
-        outs = []
-        for s in range(0, len(x), chunk):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))
-            outs.append((t(xb) if head is None else t.forward_head(xb, head)).numpy())
-        if not outs:
-            shape = (t.n_heads, 0, self.n_clusters) if head is None else (0, self.n_clusters)
-            return np.zeros(shape, np.float32)
-        return np.concatenate(outs, axis=-2)
+        return multihead_logits(self._check(), features, head, chunk)
 
-    @torch.no_grad()
     def predict_heads(self, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
         """Cluster of every image under every head (teacher): (H, N) int32."""
-        t = self._check().eval()
-        x = np.asarray(features, dtype=np.float32)
-        out = np.zeros((t.n_heads, len(x)), dtype=np.int32)
-        for s in range(0, len(x), chunk):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))
-            out[:, s:s + len(xb)] = t(xb).argmax(-1).numpy()
-        return out
+        return multihead_labels(self._check(), features, chunk)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Softmax of the teacher's best head at the teacher temperature: (N, K)."""
@@ -295,8 +269,7 @@ class TEMI(ClusteringMethod):
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Teacher heads (all H), its normalisation, the best head, last-epoch head losses, prior."""
-        t = self._check()
-        state = {f"teacher.{k}": v.detach().clone() for k, v in t.state_dict().items()}
+        state = {f"teacher.{k}": v.detach().clone() for k, v in self._check().state_dict().items()}
         state["best_head"] = torch.tensor(self.best_head_)
         if self.head_losses_ is not None:
             state["head_losses"] = torch.from_numpy(np.asarray(self.head_losses_, dtype=np.float64))
@@ -310,25 +283,7 @@ class TEMI(ClusteringMethod):
         return {"hidden_dim": self.config.hidden_dim, "bottleneck_dim": self.config.bottleneck_dim}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        mlp = self.config.head == "mlp"
-        w = state.get("teacher.fc1_weight" if mlp else "teacher.weight")
-        v = state.get("teacher.last_v") if mlp else w
-        if w is None or w.ndim != 3 or v is None or v.ndim != 3:
-            raise InputError(f"not a {self.name} state with head={self.config.head}: teacher weights (H, D, .) missing")
-        h, d, k = w.shape[0], w.shape[1], v.shape[2]
-        if k != self.n_clusters:
-            raise InputError(f"saved model has K={k} clusters, expected {self.n_clusters}")
-        if mlp:
-            t: MultiHeadClassifier | MultiHeadMLP = MultiHeadMLP(d, k, h, self.config.norm, hidden_dim=w.shape[2],
-                                                                 bottleneck_dim=v.shape[1])
-        else:
-            t = MultiHeadClassifier(d, k, h, self.config.norm)
-        try:
-            t.load_state_dict({key[len("teacher."):]: v for key, v in state.items() if key.startswith("teacher.")})
-        except RuntimeError as e:
-            raise InputError(f"saved {self.name} heads do not match norm={self.config.norm!r}: {e}") from e
-        t.requires_grad_(False)
-        self.teacher_ = t.eval()
+        self.teacher_ = load_multihead(state, "teacher.", self.config.head, self.config.norm, self.n_clusters, self.name)
         self.best_head_ = int(state["best_head"])
         self.head_losses_ = state["head_losses"].numpy() if "head_losses" in state else None
         self.prior_ = state.get("prior")

@@ -294,24 +294,6 @@ class ImageViews:
         return self.normalize(x)
 
 
-class BackboneClassifier(nn.Module):
-    """A trainable backbone followed by a classifier head (images -> logits), for end-to-end FixMatch."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-def trainable_copy(backbone: nn.Module) -> nn.Module:
-    """A deep copy of a frozen backbone with gradients switched on (the original stays frozen)."""
-    net = copy.deepcopy(backbone)
-    net.requires_grad_(True)
-    return net.train()
-
-
 @torch.no_grad()
 def predict_images(model: nn.Module, views: ImageViews, n: int, batch: int = 256) -> np.ndarray:
     """Softmax predictions of ``model`` on the un-augmented images: (n, K)."""
@@ -350,7 +332,7 @@ def warn_empty_clusters(empty: list[int], n_clusters: int) -> None:
 
 
 __all__ = [
-    "BackboneClassifier", "FixMatchConfig", "FixMatchLossOutput", "ImageViews", "ReliableSet", "distill_head",
-    "fixmatch_loss", "local_consistency", "predict_images", "select_reliable", "train_fixmatch", "trainable_copy",
+    "FixMatchConfig", "FixMatchLossOutput", "ImageViews", "ReliableSet", "distill_head",
+    "fixmatch_loss", "local_consistency", "predict_images", "select_reliable", "train_fixmatch",
     "warn_empty_clusters",
 ]

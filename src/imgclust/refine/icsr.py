@@ -65,7 +65,6 @@ ranking keep the per-cluster values. :func:`imgclust.run.refine_model` writes th
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -77,9 +76,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_parameters
+from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_copy
 from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
+from imgclust.heads.wrap import BackboneHead
 from imgclust.losses.icsr import weighted_cross_entropy
 from imgclust.refine.base import RefinerInfo, register_refiner
 from imgclust.refine.ranking import (
@@ -301,23 +301,6 @@ class LinearHead(nn.Module):
             head.weight.copy_(clf.weight)
             head.bias.copy_(clf.bias)
         return head
-
-
-class ImageClassifier(nn.Module):
-    """A trainable copy of the backbone followed by the ICSR head: images -> logits (end-to-end mode)."""
-
-    def __init__(self, backbone: nn.Module, head: LinearHead) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x).float()
-
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head(z)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
 
 
 @dataclass
@@ -585,16 +568,12 @@ def train_icsr_end_to_end(
         raise InputError(f"icsr mode=end_to_end needs the backbone's own {getattr(backbone, 'dim', '?')}-d "
                          f"features (no pca); got {x.shape[1]}-d")
     pre = backbone.preprocess if not cfg.image_size else dataclasses.replace(backbone.preprocess, size=cfg.image_size)
-    bb = copy.deepcopy(backbone).to(dev).eval()
-    bb.requires_grad_(False)
-    tuned = trainable_parameters(bb, cfg.finetune, cfg.finetune_blocks)
-    for _, prm in tuned:
-        prm.requires_grad_(True)
+    bb, tuned = trainable_copy(backbone, cfg.finetune, cfg.finetune_blocks, device=dev)
     if dev.type != "cuda":
         warnings.warn("icsr mode=end_to_end on a CPU trains the backbone: expect it to be slow (a GPU is the "
                       "intended device; finetune=last_blocks and a small image_size help)", stacklevel=2)
     start = LinearHead.from_classifier(head)
-    net = ImageClassifier(bb, start).to(dev)
+    net = BackboneHead(bb, start).to(dev)
     opt = torch.optim.SGD([{"params": [prm for _, prm in tuned], "weight_decay": cfg.weight_decay},
                            {"params": [net.head.weight], "weight_decay": cfg.weight_decay},
                            {"params": [net.head.bias], "weight_decay": 0.0}],

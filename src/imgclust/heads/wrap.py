@@ -1,0 +1,140 @@
+"""One backbone + head wrapper: images -> backbone features -> head -> logits (or latents).
+
+Every method that trains a backbone together with a head on images uses :class:`BackboneHead`
+(SPICE-Semi's end-to-end FixMatch, ICSR's end-to-end stage, ICBPL's fine-tuning); the
+trainable backbone itself comes from :func:`imgclust.backbones.finetune.trainable_copy`.
+It lives in ``heads/`` (a lower layer: refine/ and methods/ both import it) rather than in
+``backbones/`` because what it adds to a backbone is the head. Its state-dict keys are
+``backbone.*`` and ``head.*``, the keys of the wrappers it replaced (``refine.fixmatch.
+BackboneClassifier``, ``refine.icsr.ImageClassifier``, ICBPL's ``ModuleDict``), so checkpoints
+written before the change still resume. PICI / CC's :class:`~imgclust.heads.pici.ClusteringNet`
+is not one of these: it has two heads on one encoder and its keys (``encoder.*``) are in saved
+model files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class BackboneHead(nn.Module):
+    """``head(backbone(x))``; ``embed`` (the backbone's features, float32) and ``classify`` (the head)
+    separately for callers that rank or re-label on the embeddings (ICSR)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x).float()
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+@torch.no_grad()
+def apply_rows(fn: Callable[[torch.Tensor], torch.Tensor], features: np.ndarray, n_out: int,
+               chunk: int = 65536) -> np.ndarray:
+    """``fn`` (a (B, D) CPU float tensor -> (B, n_out)) over the rows of ``features`` (N, D), ``chunk``
+    rows at a time, as float32 (N, n_out): how a fitted head predicts from frozen features."""
+    x = np.asarray(features, dtype=np.float32)
+    out = [fn(torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))).numpy() for s in range(0, len(x), chunk)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, n_out), np.float32)
+
+
+@torch.no_grad()
+def multihead_logits(heads: nn.Module, features: np.ndarray, head: int | None = None, chunk: int = 65536) -> np.ndarray:
+    """Logits of a batched multi-head module (``forward`` -> (H, B, K), ``forward_head(x, h)`` -> (B, K))
+    in eval mode: all heads (H, N, K), or one head (N, K) when ``head`` is given."""
+    heads.eval()
+    x = np.asarray(features, dtype=np.float32)
+    outs = []
+    for s in range(0, len(x), chunk):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))
+        outs.append((heads(xb) if head is None else heads.forward_head(xb, head)).numpy())
+    if not outs:
+        k = int(heads.n_clusters)
+        return np.zeros((heads.n_heads, 0, k) if head is None else (0, k), np.float32)
+    return np.concatenate(outs, axis=-2)
+
+
+@torch.no_grad()
+def multihead_labels(heads: nn.Module, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The cluster of every row under every head of a batched multi-head module: (H, N) int32
+    (``chunk`` rows at a time, so the (H, N, K) logits never exist at once)."""
+    heads.eval()
+    x = np.asarray(features, dtype=np.float32)
+    out = np.zeros((heads.n_heads, len(x)), dtype=np.int32)
+    for s in range(0, len(x), chunk):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))
+        out[:, s:s + len(xb)] = heads(xb).argmax(-1).numpy()
+    return out
+
+
+def load_multihead(state: dict[str, torch.Tensor], prefix: str, kind: str, norm: str, k: int, name: str) -> nn.Module:
+    """A frozen (eval) batched head module from the ``prefix*`` tensors of a saved state: ``kind``
+    ``"linear"`` (:class:`~imgclust.heads.multihead.MultiHeadClassifier`) or ``"mlp"``
+    (:class:`~imgclust.heads.mlp.MultiHeadMLP`), its sizes read from the tensors; InputError
+    naming ``name`` when they are missing or do not fit K = ``k`` / ``norm``."""
+    from imgclust.errors import InputError
+    from imgclust.heads.mlp import MultiHeadMLP
+    from imgclust.heads.multihead import MultiHeadClassifier
+
+    mlp = kind == "mlp"
+    w = state.get(f"{prefix}fc1_weight" if mlp else f"{prefix}weight")
+    v = state.get(f"{prefix}last_v") if mlp else w
+    if w is None or w.ndim != 3 or v is None or v.ndim != 3:
+        raise InputError(f"not a {name} state with head={kind}: {prefix.rstrip('.')} weights (H, D, .) missing")
+    h, d, kk = w.shape[0], w.shape[1], v.shape[2]
+    if kk != k:
+        raise InputError(f"saved model has K={kk} clusters, expected {k}")
+    t: nn.Module = (MultiHeadMLP(d, kk, h, norm, hidden_dim=w.shape[2], bottleneck_dim=v.shape[1]) if mlp
+                    else MultiHeadClassifier(d, kk, h, norm))
+    try:
+        t.load_state_dict({key[len(prefix):]: val for key, val in state.items() if key.startswith(prefix)})
+    except RuntimeError as e:
+        raise InputError(f"saved {name} heads do not match norm={norm!r}: {e}") from e
+    t.requires_grad_(False)
+    return t.eval()
+
+
+def predict_finetuned_images(backbone: nn.Module, tuned: dict[str, torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
+                             source: Any, n_out: int, *, size: int | None = None, batch_size: int = 64,
+                             device: torch.device | str = "cpu", workers: int | None = None, progress: bool = True,
+                             desc: str = "predict") -> np.ndarray:
+    """``head`` (float32 backbone features -> (B, n_out)) of every image of ``source`` through a frozen copy
+    of the pretrained ``backbone`` with its fine-tuned parameters ``tuned`` put back
+    (:func:`~imgclust.backbones.finetune.finetuned_copy`), at ``size`` (default: the backbone's):
+    how a fine-tuned (``image_level``) model predicts. Rows of images that do not decode are all zero."""
+    from imgclust.backbones.finetune import finetuned_copy
+    from imgclust.data.batches import ImageBatches
+
+    bb = finetuned_copy(backbone, tuned, device)
+    images = ImageBatches(source, np.arange(len(source)), size or backbone.preprocess.size, backbone.preprocess, workers)
+    return images.apply(lambda x: head(bb(x).float()), n_out, batch_size=batch_size, device=device, progress=progress,
+                        desc=desc)
+
+
+
+def encode_images(images: Any, net: BackboneHead, features: np.ndarray, n_out: int, device: torch.device | str = "cpu",
+                  batch_size: int = 64) -> np.ndarray:
+    """``net`` over every image of ``images`` (:class:`~imgclust.data.batches.ImageBatches`), (N, n_out);
+    an image that no longer decodes (an all-zero output row) takes ``net.head`` of its frozen
+    ``features`` row instead. Modes are the caller's."""
+    z = images.apply(net, n_out, batch_size=batch_size, device=device, progress=False)
+    bad = ~z.any(axis=1)
+    if bad.any():
+        z[bad] = apply_rows(lambda xb: net.head(xb.to(device)).cpu(), features[bad], n_out)
+    return z
+
+
+__all__ = ["BackboneHead", "apply_rows", "encode_images", "load_multihead", "multihead_labels", "multihead_logits",
+           "predict_finetuned_images"]
