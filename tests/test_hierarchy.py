@@ -10,8 +10,7 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from imgclust.errors import InputError
-from imgclust.hierarchy import (MergeTree, agglomerate, build_hierarchy, elbow_votes, pool_votes,
-                                resolution_persistence)
+from imgclust.hierarchy import MergeTree, agglomerate, build_hierarchy, elbow_votes, pool_votes, resolution_persistence
 from imgclust.metrics import cluster_acc
 from imgclust.trust import trust_score
 
