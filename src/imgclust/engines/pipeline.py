@@ -23,7 +23,7 @@ keeps both sides >= the draft side = ``DRAFT_GAP`` x what the resize needs (256 
 crops), then resized by Pillow (antialiased). Sessions 1-2 used ``DRAFT_GAP = 2`` (Pillow's
 ``reducing_gap=2`` idea) and kept the draft out of the key. Issue 19 session 3 made the **1x
 draft** the default (``DRAFT_GAP = 1``): it decodes 2-4x fewer pixels again, and measured on
-the 500 large photos of ``benchmarks/extract_speed.py`` (2000-2800 px with grain; EfficientNet-Lite0
+250 of the large photos of ``benchmarks/extract_speed.py`` (2000-2800 px with grain; EfficientNet-Lite0
 224 px, OpenVINO fp32; ``benchmarks/draft_quality.py``) its features have cosine to the full
 decode's median 0.997 (2x: 0.999), 90 % of photos >= 0.99, min 0.95 (2x: 0.976; one texture-rich
 base photo), and k-means on them gives exactly the full decode's clusters (250 photos, ARI 1.000;
