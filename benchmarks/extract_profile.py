@@ -2,7 +2,7 @@
 
 Thread CPU time (``time.thread_time``), so the numbers hold on a loaded machine, on ``--n``
 photos of the benchmarks/extract_speed.py large-photo folder: full decode, draft decode at
-``DRAFT_GAP`` x and 1 x the size the resize needs, the resize to 224 px from each, and one
+2 x (sessions 1-2's default) and 1 x (session 3's ``DRAFT_GAP``) the size the resize needs, the resize to 224 px from each, and one
 image's share of a batch of 16 through OpenVINO fp32 (1 thread) and eager PyTorch fp32
 (1 thread, channels_last).
 
@@ -38,10 +38,9 @@ def main() -> None:
     src = open_source(str(args.large_dir))
     idx = np.linspace(0, len(src) - 1, args.n).round().astype(int)
     raw = [Path(src.path(int(i))).read_bytes() for i in idx]  # the files, read once
-    side = pipeline.draft_side(pre)
+    side2, side1 = pipeline.draft_side(pre, 2), pipeline.draft_side(pre, 1)
     rows = []
-    for label, min_side in (("full decode", None), (f"draft {pipeline.DRAFT_GAP}x", side),
-                            ("draft 1x", side // pipeline.DRAFT_GAP)):
+    for label, min_side in (("full decode", None), ("draft 2x", side2), ("draft 1x", side1)):
         t_dec = t_res = 0.0
         shape = None
         for r in raw:
@@ -71,7 +70,7 @@ def main() -> None:
         model(x)
     pt_s = (time.process_time() - t) / len(batch)
     feats = {}
-    for label, min_side in (("full", None), ("2x", side), ("1x", side // pipeline.DRAFT_GAP)):
+    for label, min_side in (("full", None), ("2x", side2), ("1x", side1)):
         with jpeg_draft(min_side):
             ims = np.stack([pre.resize_image(decode_image(r)) for r in raw])
         feats[label] = np.concatenate([eng(ims[s:s + 16]) for s in range(0, len(ims), 16)])

@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from imgclust.errors import InputError
-from imgclust.hierarchy import MergeTree, agglomerate, build_hierarchy, elbow_votes, resolution_persistence
+from imgclust.hierarchy import MergeTree, agglomerate, build_hierarchy, elbow_votes, pool_votes, resolution_persistence
 from imgclust.metrics import cluster_acc
 from imgclust.trust import trust_score
 
@@ -44,7 +44,8 @@ def test_finds_the_groups_of_unequal_size(unequal_blobs, blob_tree):
 
 def test_votes_pick_the_median_and_are_all_marked(blob_tree):
     v = blob_tree.info["votes"]
-    assert blob_tree.k == sorted(v.values())[1]  # the median of the three votes
+    pooled = sorted(k for vt in blob_tree.info["votes_all_trees"] for k in vt.values())
+    assert len(pooled) == 9 and blob_tree.k == pooled[4]  # the median of 3 trees x 3 votes
     assert set(v.values()) <= set(blob_tree.candidates) and len(blob_tree.candidates) <= 3
     # a hand-made modularity curve: rises steeply to K=5, creeps up to its maximum at K=9
     ks = list(range(2, 13))
@@ -53,6 +54,19 @@ def test_votes_pick_the_median_and_are_all_marked(blob_tree):
     # 97 % of the way from 0.40 to 0.81 is 0.7977: first reached at K=5
     assert elbow_votes(mod, persist, ks) == {"modularity_argmax": 9, "gain_97": 5, "most_persistent": 7}
     assert elbow_votes(mod, persist, ks, gain_share=0.99)["gain_97"] == 7  # 0.8059 first reached at K=7
+
+
+def test_pooled_votes_of_several_trees_mark_every_modularity_maximum():
+    ks = list(range(2, 21))
+    persist = {k: (0.5 if k == 6 else 0.3 if k == 16 else 0.0) for k in ks}
+    # CIFAR-10 train's three trees (seeds 0-2): the argmax wanders along a plateau (9, 10, 10)
+    trees = [{"modularity_argmax": 9, "gain_97": 7, "most_persistent": 6},
+             {"modularity_argmax": 10, "gain_97": 6, "most_persistent": 7},
+             {"modularity_argmax": 10, "gain_97": 6, "most_persistent": 8}]
+    assert pool_votes(trees, persist, ks) == (7, [7, 10, 9])  # median of 6,6,6,7,7,8,9,10,10; both maxima
+    # one tree: its distinct votes, topped up by persistence
+    assert pool_votes(trees[:1], persist, ks) == (7, [7, 9, 6])
+    assert pool_votes([{"modularity_argmax": 8, "gain_97": 6, "most_persistent": 8}], persist, ks) == (8, [8, 6, 16])
 
 
 def test_cuts_are_nested_and_numbered_by_size(blob_tree):

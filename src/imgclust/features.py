@@ -159,6 +159,10 @@ def extract_features(
     if not use_cache:
         return _extract(source, backbone, None, **opts)
     key = cache_key(source, backbone) + feature_key_suffix(engine, precision)
+    # issue 19 s3: the JPEG draft level enters the key only when it changes the decode (engines/pipeline.py)
+    from imgclust.engines.pipeline import draft_gap_for, draft_key_suffix
+
+    key += draft_key_suffix(draft_gap_for(source, backbone.preprocess, root, progress=progress))
     fill = to_entry or extract_to_entry  # issue 20: features_dist passes its sharded filler under torchrun
     return fill(source, backbone, root / "features" / key, key=key, verify_cache=verify_cache, **opts)
 
@@ -224,7 +228,7 @@ def _extract(
 
     pre = backbone.preprocess
     workers = workers or min(8, os.cpu_count() or 1)
-    load = make_loader(source, pre)  # decode (JPEG draft mode) + resize; errors become BadImageError
+    load = make_loader(source, pre, cache_root=cache_root)  # decode (JPEG draft) + resize; errors -> BadImageError
     eng = make_engine(source, backbone, load, engine=engine, precision=precision, device=resolve_device(device),
                       cache_root=cache_root or default_cache_dir(), rows=n - start) if start < n else None
 

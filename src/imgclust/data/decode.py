@@ -56,7 +56,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgclust.errors import BadImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "is_image_name", "jpeg_draft"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "is_image_name", "jpeg_draft", "jpeg_draft_size"]
 
 #: Default pixel cap: Pillow's default hard limit (2 x ``MAX_IMAGE_PIXELS``), ~179 Mpx,
 #: e.g. 13,377 x 13,377. Larger images are reported as bad instead of being decoded.
@@ -111,6 +111,21 @@ def jpeg_draft(min_side: int | None):
         yield
     finally:
         _DRAFT_MIN_SIDE.reset(token)
+
+
+def jpeg_draft_size(data: bytes | str | Path, min_side: int | None) -> tuple[int, int] | None:
+    """The (width, height) ``decode_image`` would decode ``data`` at inside ``jpeg_draft(min_side)``.
+
+    Header only, nothing decoded: Pillow's own ``draft`` configures the DCT scale lazily, under
+    the same condition as :func:`_decode_pillow`. None for what Pillow cannot identify."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            w, h = img.size
+            if min_side is not None and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+                img.draft(img.mode, (min_side, min_side))
+            return tuple(img.size)  # type: ignore[return-value]
+    except (OSError, ValueError, Image.DecompressionBombError, UnidentifiedImageError):
+        return None
 
 
 # Serialises the rare path that temporarily lifts Pillow's global pixel limit.
