@@ -98,7 +98,7 @@ class TEMIConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()  # the ranges declared above (imgclust.configcheck)
         if self.sinkhorn and self.sinkhorn_iters < 1:
-            raise InputError(f"sinkhorn_iters must be >= 1 with sinkhorn on; got {self.sinkhorn_iters}")
+            raise InputError(f"with sinkhorn on, sinkhorn_iters must be >= 1; got {self.sinkhorn_iters}")
         if self.max_neighbors < self.k:
             raise InputError(f"max_neighbors ({self.max_neighbors}) must be >= k ({self.k})")
 

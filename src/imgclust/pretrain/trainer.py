@@ -109,7 +109,7 @@ class PretrainConfig:
         if self.momentum is None:
             self.momentum = 0.996 if self.method == "byol" else 0.99
         if self.method in ("simclr", "mocov2") and not self.temperature > 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature}")
+            raise InputError(f"{self.method} needs temperature > 0; got {self.temperature}")
 
     def to_dict(self) -> dict:
         return asdict(self)
