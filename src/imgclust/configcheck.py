@@ -32,7 +32,7 @@ Why annotated-types and a hand-written validator rather than pydantic (installed
 typer) or attrs: annotated-types is the shared vocabulary for such constraints (PEP 593
 metadata; pydantic, hypothesis and others read the same objects), tiny, pure Python, with no
 dependencies; but it validates nothing by design. pydantic dataclasses would: at the price of
-changing how 14 config classes are built (values coerced and copied, annotations evaluated at
+changing how the 19 config classes are built (values coerced and copied, annotations evaluated at
 class creation under ``from __future__ import annotations``, choices only as ``Literal``
 types, which :func:`imgclust.config.check_types` cannot read), multi-line ValidationErrors
 that need re-wording into our one-line InputError anyway, and a heavy core for what is the
