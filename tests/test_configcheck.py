@@ -217,6 +217,8 @@ def test_declarations_are_checked_when_written():
     assert Demo().xs is not Demo().xs  # list defaults are copied per instance
     assert describe(frozenset({"int"}), rule_of(Demo, "n")) == "an integer in [1, 5]"
     assert describe(frozenset({"list"}), rule_of(Demo, "xs")) == "a list of at least 2"
+    assert describe(frozenset({"list"}), Rule((at.MinLen(1), at.MaxLen(3)))) == "a non-empty list and at most 3"
+    assert describe(frozenset({"float", "None"}), Rule((at.Le(1),))) == "<= 1 or none"
     with pytest.raises(TypeError, match="unsupported constraint"):
         option(1, at.MultipleOf(2))
 

@@ -195,6 +195,9 @@ def describe(kinds: frozenset[str] | None, r: Rule) -> str:
     elif kinds & {"list", "tuple"}:
         min_len = max((c.min_length for c in r.constraints if isinstance(c, at.MinLen)), default=0)
         text = "a non-empty list" if min_len == 1 else f"a list of at least {min_len}" if min_len else "a list"
+        max_len = min((c.max_length for c in r.constraints if isinstance(c, at.MaxLen)), default=None)
+        if max_len is not None:
+            text += f"{' and' if min_len else ' of'} at most {max_len}"
         each_choice = next((c for c in r.each if isinstance(c, OneOf)), None)
         if each_choice is not None:
             text += f" of {', '.join(map(str, each_choice.choices))}"
