@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgclust.configcheck import SEED_MAX  # one definition: run settings here, config fields there
 from imgclust.errors import InputError
 
-SEED_MAX = 2**32 - 1  # numpy's legacy seeding and most libraries take a 32-bit seed
 IMAGE_SIZE_RANGE = (8, 4096)
 BATCH_SIZE_MAX = 65536
 K_MAX = 1_000_000

@@ -108,7 +108,7 @@ def test_fixmatch_loss_matches_the_old_refine_fixmatch():
     assert out.mask.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     assert out.pseudo_labels.tolist() == [1, 2, 2, 0, 1, 2, 2, 0, 1, 0, 0, 0, 2, 2, 1, 1, 0, 3]
     _close("fm2.loss", FM.fixmatch_loss(lx, yx, lw, ls, threshold=0.5, unsup_weight=2.0, temperature=0.5).loss)
-    # refine.fixmatch still exposes the loss it trains with (tests/test_spice.py imports it from there)
+    # refine.fixmatch still exposes the loss it trains with (tests/methods/test_spice.py imports it from there)
     from imgclust.refine import fixmatch as refine_fixmatch
 
     assert refine_fixmatch.fixmatch_loss is FM.fixmatch_loss

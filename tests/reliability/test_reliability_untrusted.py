@@ -196,7 +196,7 @@ def test_method_options_are_checked_for_type_and_range():
     km = get_method("kmeans")
     with pytest.raises(InputError, match="'n_init' in \\[method_options\\] must be int"):
         km(3, {"n_init": "3"})
-    with pytest.raises(InputError, match="n_init >= 1"):
+    with pytest.raises(InputError, match="n_init must be a positive integer"):
         km(3, {"n_init": 0})
     with pytest.raises(InputError, match="temperature must be > 0"):
         km(3, {"temperature": -1.0})

@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt
 from PIL import Image
 from torch import nn
 
-from imgclust.errors import InputError
+from imgclust.configcheck import OneOf, check_fields, option
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,21 +37,16 @@ class Preprocess:
     ``mean``/``std`` act on pixel values scaled to [0, 1].
     """
 
-    size: int = 224
+    size: int = option(224, Ge(1))
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    resize: str = "squash"
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
+    resize: str = option("squash", OneOf(("squash", "center_crop")))
+    crop_pct: float = option(0.875, Gt(0))
+    interpolation: str = option("bicubic", OneOf(sorted(_RESAMPLE)))
     grayscale: bool = False
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise InputError(f"image size must be >= 1, got {self.size}")
-        if self.resize not in ("squash", "center_crop"):
-            raise InputError(f"resize must be 'squash' or 'center_crop', got {self.resize!r}")
-        if self.interpolation not in _RESAMPLE:
-            raise InputError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        check_fields(self)  # the ranges declared above (imgclust.configcheck)
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

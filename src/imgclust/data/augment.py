@@ -44,8 +44,10 @@ from dataclasses import dataclass
 import kornia
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Interval
 from torch import nn
 
+from imgclust.configcheck import check_fields, option
 from imgclust.errors import InputError
 
 KINDS = ("weak", "strong")
@@ -74,17 +76,12 @@ _GEOMETRIC = {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
 class AugmentSpec:
     """Parameters of the two views (defaults: FixMatch weak, SCAN strong)."""
 
-    shift: float = 0.125  # weak: max translation as a fraction of the side (4 px of 32)
-    n_ops: int = 4  # strong: RandAugment operations per image (SCAN/SPICE: 4)
-    cutout: float = 0.5  # strong: max Cutout side as a fraction of the image side (16 px of 32)
+    shift: float = option(0.125, Interval(ge=0, lt=0.5))  # weak: max translation as a fraction of the side (4 px of 32)
+    n_ops: int = option(4, Ge(0))  # strong: RandAugment operations per image (SCAN/SPICE: 4)
+    cutout: float = option(0.5, Interval(ge=0, le=1))  # strong: max Cutout side as a fraction of the image side (16 px of 32)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.shift < 0.5:
-            raise InputError(f"weak shift must be in [0, 0.5), got {self.shift}")
-        if not isinstance(self.n_ops, int) or self.n_ops < 0:
-            raise InputError(f"n_ops must be a non-negative integer, got {self.n_ops!r}")
-        if not 0.0 <= self.cutout <= 1.0:
-            raise InputError(f"cutout must be in [0, 1], got {self.cutout}")
+        check_fields(self)  # the ranges declared above (imgclust.configcheck)
 
     def key(self) -> str:
         return f"shift={self.shift},n_ops={self.n_ops},cutout={self.cutout},ops=scan14"

@@ -11,7 +11,7 @@ asks this module for
 * ``make_engine``: the engine, with an int8 calibration sample drawn from the source itself.
 
 Feature-cache key policy (``feature_key_suffix``): fp32 features from every engine agree
-with PyTorch fp32 to cosine >= 0.9999 (measured: >= 0.99999, tests/test_engines.py), which is
+with PyTorch fp32 to cosine >= 0.9999 (measured: >= 0.99999, tests/engines/test_engines.py), which is
 float32 rounding noise, so the key stays the one PyTorch fp32 always had and a cache filled by
 one engine serves the others (the engine that wrote it is recorded in meta.json). bf16 and
 int8 change features visibly (cosine ~0.99-0.999): they get their own entries, with the

@@ -16,7 +16,7 @@ logit is a cosine in [-1, 1] before the temperature.
 
 All H heads are one program: the first layer is one ``einsum("bd,hdk->hbk")`` (a single
 (B, D) x (D, H*hidden) product), the others are ``torch.baddbmm`` / ``torch.bmm`` over the
-head dimension — never a Python loop over heads. ``tests/test_heads_mlp.py`` checks it
+head dimension — never a Python loop over heads. ``tests/heads/test_heads_mlp.py`` checks it
 against H separate ``nn.Sequential`` heads.
 
 Initialisation as DINO's head: truncated normal (std 0.02) weights, zero biases; the last

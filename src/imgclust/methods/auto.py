@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from annotated_types import Ge, MinLen
 
+from imgclust.configcheck import OneOf, option
 from imgclust.errors import InputError
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, get_method, register_method
 from imgclust.select import CRITERIA, select
@@ -60,11 +62,11 @@ def parse_candidate(spec: str) -> tuple[str, dict]:
 class AutoConfig(MethodConfig):
     # None (default): chosen by data size — DEFAULT_CANDIDATES below ``large_from`` images,
     # LARGE_CANDIDATES from there on; a list: exactly these.
-    candidates: list[str] | None = None
-    large_from: int = LARGE_FROM
+    candidates: list[str] | None = option(None, MinLen(1))
+    large_from: int = option(LARGE_FROM, Ge(1))
     # generalization | knn | anmi | balanced (see imgclust.select); None (default): by data size —
     # generalization below ``large_from`` images, balanced from there on (module doc)
-    criterion: str | None = None
+    criterion: str | None = option(None, OneOf(CRITERIA))
     # Any other option (e.g. ``n_init=20``, as given to the former default ``kmeans``) is
     # forwarded to every candidate that has it; one no candidate has is an error.
     forward: dict = field(default_factory=dict)
@@ -102,10 +104,7 @@ class AutoConfig(MethodConfig):
         return "balanced" if self.candidates is None and n >= self.large_from else "generalization"
 
     def __post_init__(self) -> None:
-        if self.candidates is not None and (not isinstance(self.candidates, list) or not self.candidates):
-            raise InputError("candidates must be a non-empty list of method names")
-        if not isinstance(self.large_from, int) or self.large_from < 1:
-            raise InputError(f"large_from must be a positive integer; got {self.large_from!r}")
+        super().__post_init__()  # the ranges declared above (imgclust.configcheck)
         from dataclasses import fields
 
         used: set[str] = set()
@@ -116,8 +115,6 @@ class AutoConfig(MethodConfig):
         unknown = sorted(set(self.forward) - used)
         if unknown:
             raise InputError(f"unknown option(s) {unknown} for auto and its candidates {self.pool()}")
-        if self.criterion is not None and self.criterion not in CRITERIA:
-            raise InputError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
 
 
 @register_method

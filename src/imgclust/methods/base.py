@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from imgclust.configcheck import check_fields
 from imgclust.errors import InputError
 from imgclust.neighbors import l2_normalize  # noqa: F401 - re-exported: methods import it from here
 
@@ -79,7 +80,15 @@ class FitContext:
 
 @dataclass
 class MethodConfig:
-    """Base of per-method option dataclasses."""
+    """Base of per-method option dataclasses.
+
+    Fields declare their ranges (``heads: int = option(50, Ge(1))``, :mod:`imgclust.configcheck`);
+    ``__post_init__`` checks them all. A subclass with rules relating two fields overrides
+    ``__post_init__``, calls ``super().__post_init__()`` first, then checks them explicitly.
+    """
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> MethodConfig:

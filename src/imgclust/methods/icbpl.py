@@ -89,9 +89,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 
 from imgclust.backbones.finetune import trainable_copy
+from imgclust.configcheck import OneOf, option
 from imgclust.data.augment import contrastive_augment, feature_view, seeded_augment
 from imgclust.data.batches import ImageBatches, fit_image_rows
 from imgclust.errors import InputError
@@ -115,64 +117,39 @@ PEDCC_METHODS = ("auto", "simplex", "repulsion")
 class ICBPLConfig(MethodConfig):
     """Options of ``icbpl`` (paper defaults unless noted; see the module docstring)."""
 
-    latent_dim: int = 60  # d (ICBPC's suggestion; not stated in ICBPL)
-    hidden_dim: int = 512  # projection Linear-BN-ReLU-Linear; 0 = a single Linear
-    pedcc: str = "auto"  # "auto" (simplex if d >= K-1, else repulsion) | "simplex" | "repulsion"
-    pedcc_seed: int = 0
-    finetune: str = "head"  # "head" | "last_blocks" | "all"
-    finetune_blocks: int = 2  # last_blocks: how many trailing blocks/stages train (paper: 2)
-    aug: str = "feature"  # head mode's Loss2 view: "feature" (feature-space) | "views" (image view bank)
-    views: int = 2  # aug="views": augmented views per image in the bank
-    feature_dropout: float = 0.2  # aug="feature": dropout rate p
-    feature_noise: float = 0.2  # aug="feature": Gaussian noise std s (standardised units)
-    crop_scale: float = 0.2  # image augmentations: smallest area fraction of the random resized crop
-    k: int = 4  # neighbours per image (Table 4)
-    neighbors_per_step: int = 1  # Loss3 terms per image and step, drawn from its k (k = the paper's exact sum)
-    refresh_every: int = 30  # epochs between neighbour refreshes with the current encoder (Table 10); 0 = never
-    mmd_weight: float = 9.0  # lambda1, Loss1 (Table 1 CIFAR-10 row, read as described in the docstring)
-    aug_weight: float = 1.0  # lambda2, Loss2 (not in Table 1: unit weight)
-    knn_weight: float = 2.0  # lambda3, Loss3
-    pedcc_weight: float = 2.0  # lambda4, Loss4
-    kernel_num: int = 5  # Gaussian kernels in the MMD (ICBPC mmd.py)
-    kernel_mul: float = 2.0  # ratio between kernel bandwidths
-    epochs: int = 100  # paper: 400
-    batch_size: int = 100  # paper: 100
-    lr: float = 1e-3  # Adam, paper: 1e-3
-    backbone_lr: float = 1e-4  # fine-tuned backbone layers (not stated; 1e-3 would wash out the pretraining)
-    weight_decay: float = 0.0
-    temperature: float = 0.1  # predict_proba: softmax(cos / temperature)
-    image_size: int | None = None  # fine-tuning modes / view bank: input size (default: the backbone's)
+    latent_dim: int = option(60, Ge(1))  # d (ICBPC's suggestion; not stated in ICBPL)
+    hidden_dim: int = option(512, Ge(0))  # projection Linear-BN-ReLU-Linear; 0 = a single Linear
+    pedcc: str = option("auto", OneOf(PEDCC_METHODS))  # "auto" (simplex if d >= K-1, else repulsion) | "simplex" | "repulsion"
+    pedcc_seed: int = option(0, Ge(0))
+    finetune: str = option("head", OneOf(FINETUNE))  # "head" | "last_blocks" | "all"
+    finetune_blocks: int = option(2, Ge(1))  # last_blocks: how many trailing blocks/stages train (paper: 2)
+    aug: str = option("feature", OneOf(AUGS))  # head mode's Loss2 view: "feature" (feature-space) | "views" (image view bank)
+    views: int = option(2, Ge(1))  # aug="views": augmented views per image in the bank
+    feature_dropout: float = option(0.2, Interval(ge=0, lt=1))  # aug="feature": dropout rate p
+    feature_noise: float = option(0.2, Ge(0))  # aug="feature": Gaussian noise std s (standardised units)
+    crop_scale: float = option(0.2, Interval(gt=0, le=1))  # image augmentations: smallest area fraction of the random resized crop
+    k: int = option(4, Ge(1))  # neighbours per image (Table 4)
+    neighbors_per_step: int = option(1, Ge(1))  # Loss3 terms per image and step, drawn from its k (k = the paper's exact sum)
+    refresh_every: int = option(30, Ge(0))  # epochs between neighbour refreshes with the current encoder (Table 10); 0 = never
+    mmd_weight: float = option(9.0, Ge(0))  # lambda1, Loss1 (Table 1 CIFAR-10 row, read as described in the docstring)
+    aug_weight: float = option(1.0, Ge(0))  # lambda2, Loss2 (not in Table 1: unit weight)
+    knn_weight: float = option(2.0, Ge(0))  # lambda3, Loss3
+    pedcc_weight: float = option(2.0, Ge(0))  # lambda4, Loss4
+    kernel_num: int = option(5, Ge(1))  # Gaussian kernels in the MMD (ICBPC mmd.py)
+    kernel_mul: float = option(2.0, Gt(0))  # ratio between kernel bandwidths
+    epochs: int = option(100, Ge(1))  # paper: 400
+    batch_size: int = option(100, Ge(1))  # paper: 100
+    lr: float = option(1e-3, Gt(0))  # Adam, paper: 1e-3
+    backbone_lr: float = option(1e-4, Gt(0))  # fine-tuned backbone layers (not stated; 1e-3 would wash out the pretraining)
+    weight_decay: float = option(0.0, Ge(0))
+    temperature: float = option(0.1, Gt(0))  # predict_proba: softmax(cos / temperature)
+    image_size: int | None = option(None, Ge(8))  # fine-tuning modes / view bank: input size (default: the backbone's)
     checkpoint: bool = True  # save every epoch under the fit's work dir; a killed run resumes there
 
     def __post_init__(self) -> None:
-        if not isinstance(self.checkpoint, bool):
-            raise InputError(f"checkpoint must be true or false; got {self.checkpoint!r}")
-        for name, allowed in (("finetune", FINETUNE), ("aug", AUGS), ("pedcc", PEDCC_METHODS)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("latent_dim", "finetune_blocks", "views", "k", "neighbors_per_step", "kernel_num", "epochs",
-                     "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"{name} must be a positive integer; got {v!r}")
-        for name in ("hidden_dim", "refresh_every", "pedcc_seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InputError(f"{name} must be an integer >= 0; got {v!r}")
-        for name in ("mmd_weight", "aug_weight", "knn_weight", "pedcc_weight", "feature_noise", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise InputError(f"{name} must be >= 0; got {getattr(self, name)}")
+        super().__post_init__()  # the ranges declared above (imgclust.configcheck)
         if not any((self.mmd_weight, self.aug_weight, self.knn_weight, self.pedcc_weight)):
             raise InputError("at least one of mmd_weight, aug_weight, knn_weight, pedcc_weight must be > 0")
-        for name in ("lr", "backbone_lr", "temperature", "kernel_mul"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0; got {getattr(self, name)}")
-        if not 0.0 <= self.feature_dropout < 1.0:
-            raise InputError(f"feature_dropout must be in [0, 1); got {self.feature_dropout}")
-        if not 0.0 < self.crop_scale <= 1.0:
-            raise InputError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
-        if self.image_size is not None and (isinstance(self.image_size, bool) or self.image_size < 8):
-            raise InputError(f"image_size must be >= 8 pixels; got {self.image_size}")
 
 
 # ---------------------------------------------------------------------------- the method

@@ -25,11 +25,13 @@ held-out grid, seconds) to stage 1's entries; ``best_head_labels_`` and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval, MinLen
 
+from imgclust.configcheck import OneOf, option
 from imgclust.consensus import METHODS as CONSENSUS_METHODS
 from imgclust.consensus import consensus
 from imgclust.errors import InputError
@@ -42,30 +44,15 @@ from imgclust.refine.selftrain import DEFAULT_LRS, DEFAULT_WDS, LinearClassifier
 class ICCEConfig(ICCEHeadsConfig):
     """ICCE: stage-1 options (see ``icce-heads``) plus the ensemble and self-training."""
 
-    consensus: list[str] = field(default_factory=lambda: list(CONSENSUS_METHODS))  # candidates
-    cspa_max_n: int = 5000  # CSPA's N x N similarity only up to this many images
-    hgpa_sample: int = 4000  # HGPA partitions a sample this large, then extends
+    consensus: list[str] = option(list(CONSENSUS_METHODS), MinLen(1), each=OneOf(CONSENSUS_METHODS))  # candidates
+    cspa_max_n: int = option(5000, Ge(1))  # CSPA's N x N similarity only up to this many images
+    hgpa_sample: int = option(4000, Ge(1))  # HGPA partitions a sample this large, then extends
     self_train: bool = True
-    st_epochs: int = 30
-    st_batch_size: int = 256
-    st_lrs: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
-    st_weight_decays: list[float] = field(default_factory=lambda: list(DEFAULT_WDS))
-    st_holdout: float = 0.1  # share of pseudo-labels held out to choose lr / weight decay
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        bad = [m for m in self.consensus if m not in CONSENSUS_METHODS]
-        if bad or not self.consensus:
-            raise InputError(f"consensus must be a non-empty list of {', '.join(CONSENSUS_METHODS)}; got {self.consensus}")
-        if not isinstance(self.self_train, bool):
-            raise InputError(f"self_train must be true or false; got {self.self_train!r}")
-        for name in ("cspa_max_n", "hgpa_sample", "st_epochs", "st_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        if not self.st_lrs or min(self.st_lrs) <= 0 or not self.st_weight_decays or min(self.st_weight_decays) < 0:
-            raise InputError("st_lrs must be > 0 and st_weight_decays >= 0 (non-empty lists)")
-        if not 0.0 <= self.st_holdout < 1.0:
-            raise InputError(f"st_holdout must be in [0, 1); got {self.st_holdout}")
+    st_epochs: int = option(30, Ge(1))
+    st_batch_size: int = option(256, Ge(1))
+    st_lrs: list[float] = option(list(DEFAULT_LRS), MinLen(1), each=Gt(0))
+    st_weight_decays: list[float] = option(list(DEFAULT_WDS), MinLen(1), each=Ge(0))
+    st_holdout: float = option(0.1, Interval(ge=0, lt=1))  # share of pseudo-labels held out to choose lr / weight decay
 
 
 @register_method

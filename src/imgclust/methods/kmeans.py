@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
+from annotated_types import Ge, Gt
 
+from imgclust.configcheck import option
 from imgclust.errors import InputError
 from imgclust.methods.base import (
     ClusteringMethod,
@@ -34,17 +36,11 @@ from imgclust.progress import progress_bar
 
 @dataclass
 class KMeansConfig(MethodConfig):
-    n_init: int = 10  # restarts; the one with the best objective is kept
-    max_iter: int = 100
-    temperature: float = 0.05  # softmax temperature on cosine similarities, for confidences
+    n_init: int = option(10, Ge(1))  # restarts; the one with the best objective is kept
+    max_iter: int = option(100, Ge(1))
+    temperature: float = option(0.05, Gt(0))  # softmax temperature on cosine similarities, for confidences
     normalize: bool = True  # L2-normalise features (spherical k-means)
-    train_sample: int = 262_144  # issue 20: above this many rows, train on a seeded sample, assign all
-
-    def __post_init__(self) -> None:
-        if self.n_init < 1 or self.max_iter < 1:
-            raise InputError(f"k-means needs n_init >= 1 and max_iter >= 1, got {self.n_init} and {self.max_iter}")
-        if not self.temperature > 0:
-            raise InputError(f"k-means temperature must be > 0, got {self.temperature}")
+    train_sample: int = option(262_144, Ge(1))  # issue 20: above this many rows, train on a seeded sample, assign all
 
 
 @register_method

@@ -28,11 +28,14 @@ Every run's reduced features are cached beside the feature cache (``FitContext.w
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval, MinLen
 
+from imgclust.configcheck import OneOf, option
+from imgclust.consensus import METHODS as CONSENSUS_METHODS
 from imgclust.errors import InputError
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, l2_normalize, register_method, softmax
 from imgclust.reduce import ReduceSpec, reduce_features
@@ -42,32 +45,24 @@ from imgclust.refine.selftrain import DEFAULT_LRS, DEFAULT_WDS, LinearClassifier
 @dataclass
 class ManifoldConfig(MethodConfig):
     reduce: str = "umap:10"  # umap:D | spectral:D
-    pca: int = 0  # > 0: PCA (seeded, fixed) to this many dims before the embedding (UMAP's cost ~ N x D)
-    n_neighbors: int = 30  # UMAP neighbourhood
-    min_dist: float = 0.0  # UMAP (N2D: 0)
-    graph_k: int = 15  # spectral: kNN graph degree
-    clusterer: str = "kmeans"  # kmeans | gmm (N2D's choice)
-    n_init: int = 10  # k-means restarts / GMM initialisations
-    runs: int = 1  # embeddings (seeds) combined by consensus when > 1
-    consensus: list[str] = field(default_factory=lambda: ["hbgf", "mcla"])
+    pca: int = option(0, Ge(0))  # > 0: PCA (seeded, fixed) to this many dims before the embedding (UMAP's cost ~ N x D)
+    n_neighbors: int = option(30, Ge(1))  # UMAP neighbourhood
+    min_dist: float = option(0.0, Interval(ge=0, le=1))  # UMAP (N2D: 0; UMAP needs min_dist <= spread = 1)
+    graph_k: int = option(15, Ge(1))  # spectral: kNN graph degree
+    clusterer: str = option("kmeans", OneOf(("kmeans", "gmm")))  # kmeans | gmm (N2D's choice)
+    n_init: int = option(10, Ge(1))  # k-means restarts / GMM initialisations
+    runs: int = option(1, Ge(1))  # embeddings (seeds) combined by consensus when > 1
+    consensus: list[str] = option(["hbgf", "mcla"], MinLen(1), each=OneOf(CONSENSUS_METHODS))
     self_train: bool = True  # linear classifier on the original features: final labels + new images
-    st_epochs: int = 30
-    st_lrs: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
-    st_weight_decays: list[float] = field(default_factory=lambda: list(DEFAULT_WDS))
+    st_epochs: int = option(30, Ge(1))
+    st_lrs: list[float] = option(list(DEFAULT_LRS), MinLen(1), each=Gt(0))
+    st_weight_decays: list[float] = option(list(DEFAULT_WDS), MinLen(1), each=Ge(0))
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the ranges declared above (imgclust.configcheck)
         spec = ReduceSpec.parse(self.reduce)
         if spec.kind == "none":
             raise InputError("this method needs reduce=umap:D or spectral:D")
-        if self.clusterer not in ("kmeans", "gmm"):
-            raise InputError(f"clusterer must be kmeans or gmm; got {self.clusterer!r}")
-        if not isinstance(self.pca, int) or self.pca < 0:
-            raise InputError(f"pca must be a non-negative integer (0 = off); got {self.pca!r}")
-        for name in ("n_neighbors", "graph_k", "n_init", "runs", "st_epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        if not isinstance(self.self_train, bool):
-            raise InputError(f"self_train must be true or false; got {self.self_train!r}")
 
     def spec(self) -> ReduceSpec:
         s = ReduceSpec.parse(self.reduce)

@@ -66,8 +66,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval
 
 from imgclust.backbones.mae import VIT_SIZES, MaskedAutoencoderViT
+from imgclust.configcheck import OneOf, option
 from imgclust.data.augment import contrastive_augment, seeded_augment
 from imgclust.data.pixels import load_pixel_images, pixels_to_uint8, training_images
 from imgclust.errors import InputError
@@ -82,63 +84,35 @@ CC_ENCODERS = ("cnn", "resnet18", "resnet34", "vit")
 CLI_KMEANS = ("dataset", "batch")
 
 
-def _check_int(cfg: MethodConfig, names: tuple[str, ...], low: int) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise InputError(f"{name} must be an integer >= {low}; got {v!r}")
-
-
-def _check_positive(cfg: MethodConfig, names: tuple[str, ...]) -> None:
-    for name in names:
-        if not getattr(cfg, name) > 0:
-            raise InputError(f"{name} must be > 0; got {getattr(cfg, name)}")
-
-
 @dataclass
 class PICIConfig(MethodConfig):
     """Options of ``pici`` (paper sec. 4.1 defaults, except where a CPU needs less)."""
 
-    image_size: int = 32  # paper: 224; patch = image_size / 8 up to 32 px
-    vit_size: str = "small"  # tiny | small (paper) | base
-    depth: int = 0  # encoder blocks; 0 = the size's own (small: 6)
-    patch_size: int = 0  # 0 = from the image size (32 -> 4, 224 -> 16)
-    decoder_dim: int = 512  # paper: 512
-    decoder_depth: int = 8  # paper: 8
-    decoder_heads: int = 16  # paper: 16
-    mask_ratio: float = 0.5  # training only (paper: 0.5; none at test)
-    instance_dim: int = 128
+    image_size: int = option(32, Ge(8))  # paper: 224; patch = image_size / 8 up to 32 px
+    vit_size: str = option("small", OneOf(VIT_SIZES))  # tiny | small (paper) | base
+    depth: int = option(0, Ge(0))  # encoder blocks; 0 = the size's own (small: 6)
+    patch_size: int = option(0, Ge(0))  # 0 = from the image size (32 -> 4, 224 -> 16)
+    decoder_dim: int = option(512, Ge(1))  # paper: 512
+    decoder_depth: int = option(8, Ge(1))  # paper: 8
+    decoder_heads: int = option(16, Ge(1))  # paper: 16
+    mask_ratio: float = option(0.5, Interval(gt=0, lt=1), why="PISD needs masked patches")  # training only (paper: 0.5; none at test)
+    instance_dim: int = option(128, Ge(1))
     projector_bn: bool = False  # BatchNorm in G_I / G_C (not in the paper; see heads.pici.InstanceMLP)
-    tau_i: float = 0.5
-    tau_c: float = 1.0
-    pretrain_epochs: int = 200  # E1
-    train_epochs: int = 800  # E2
-    boost_epochs: int = 50  # E3
-    batch_size: int = 96
-    lr: float = 1e-4  # Adam
-    weight_decay: float = 0.0
-    crop_scale: float = 0.2  # strong view: smallest area of the resized crop (not stated in the paper)
+    tau_i: float = option(0.5, Gt(0))
+    tau_c: float = option(1.0, Gt(0))
+    pretrain_epochs: int = option(200, Ge(0))  # E1
+    train_epochs: int = option(800, Ge(0))  # E2
+    boost_epochs: int = option(50, Ge(0))  # E3
+    batch_size: int = option(96, Ge(2), why="contrastive losses need negatives")
+    lr: float = option(1e-4, Gt(0))  # Adam
+    weight_decay: float = option(0.0, Ge(0))
+    crop_scale: float = option(0.2, Interval(gt=0, le=1))  # strong view: smallest area of the resized crop (not stated in the paper)
     norm_pix_loss: bool = False  # PISD target standardised per patch (reference code: on; paper: plain MSE)
-    cli_kmeans: str = "dataset"  # "dataset" (reference code: once per boosting stage) | "batch" (eq. 12 per batch)
+    cli_kmeans: str = option("dataset", OneOf(CLI_KMEANS))  # "dataset" (reference code: once per boosting stage) | "batch" (eq. 12 per batch)
     checkpoint: bool = True
 
     def __post_init__(self) -> None:
-        if self.cli_kmeans not in CLI_KMEANS:
-            raise InputError(f"cli_kmeans must be one of {', '.join(CLI_KMEANS)}; got {self.cli_kmeans!r}")
-        if self.vit_size not in VIT_SIZES:
-            raise InputError(f"vit_size must be one of {', '.join(VIT_SIZES)}; got {self.vit_size!r}")
-        _check_int(self, ("image_size",), 8)
-        _check_int(self, ("decoder_dim", "decoder_depth", "decoder_heads", "instance_dim", "batch_size"), 1)
-        _check_int(self, ("depth", "patch_size", "pretrain_epochs", "train_epochs", "boost_epochs"), 0)
-        if self.batch_size < 2:
-            raise InputError("batch_size must be >= 2 (contrastive losses need negatives)")
-        if not 0.0 < self.mask_ratio < 1.0:  # PISD needs masked patches
-            raise InputError(f"mask_ratio must be in (0, 1); got {self.mask_ratio}")
-        _check_positive(self, ("tau_i", "tau_c", "lr"))
-        if not self.weight_decay >= 0:
-            raise InputError(f"weight_decay must be >= 0; got {self.weight_decay}")
-        if not 0.0 < self.crop_scale <= 1.0:
-            raise InputError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
+        super().__post_init__()  # the ranges declared above (imgclust.configcheck)
         if self.patch_size and self.image_size % self.patch_size:
             raise InputError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
 
@@ -147,37 +121,21 @@ class PICIConfig(MethodConfig):
 class CCConfig(MethodConfig):
     """Options of ``cc`` (Contrastive Clustering's defaults; ``epochs`` CPU-sized, paper: 1000)."""
 
-    image_size: int = 32
-    encoder: str = "cnn"  # cnn | resnet18 | resnet34 | vit
-    vit_size: str = "tiny"  # encoder="vit" only
-    depth: int = 0
-    patch_size: int = 0
-    instance_dim: int = 128
+    image_size: int = option(32, Ge(8))
+    encoder: str = option("cnn", OneOf(CC_ENCODERS))  # cnn | resnet18 | resnet34 | vit
+    vit_size: str = option("tiny", OneOf(VIT_SIZES))  # encoder="vit" only
+    depth: int = option(0, Ge(0))
+    patch_size: int = option(0, Ge(0))
+    instance_dim: int = option(128, Ge(1))
     projector_bn: bool = False  # BatchNorm in G_I / G_C (not in the paper; see heads.pici.InstanceMLP)
-    tau_i: float = 0.5
-    tau_c: float = 1.0
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    crop_scale: float = 0.2
+    tau_i: float = option(0.5, Gt(0))
+    tau_c: float = option(1.0, Gt(0))
+    epochs: int = option(100, Ge(0))
+    batch_size: int = option(256, Ge(2), why="contrastive losses need negatives")
+    lr: float = option(3e-4, Gt(0))
+    weight_decay: float = option(0.0, Ge(0))
+    crop_scale: float = option(0.2, Interval(gt=0, le=1))
     checkpoint: bool = True
-
-    def __post_init__(self) -> None:
-        if self.encoder not in CC_ENCODERS:
-            raise InputError(f"encoder must be one of {', '.join(CC_ENCODERS)}; got {self.encoder!r}")
-        if self.vit_size not in VIT_SIZES:
-            raise InputError(f"vit_size must be one of {', '.join(VIT_SIZES)}; got {self.vit_size!r}")
-        _check_int(self, ("image_size",), 8)
-        _check_int(self, ("instance_dim", "batch_size"), 1)
-        _check_int(self, ("depth", "patch_size", "epochs"), 0)
-        if self.batch_size < 2:
-            raise InputError("batch_size must be >= 2 (contrastive losses need negatives)")
-        _check_positive(self, ("tau_i", "tau_c", "lr"))
-        if not self.weight_decay >= 0:
-            raise InputError(f"weight_decay must be >= 0; got {self.weight_decay}")
-        if not 0.0 < self.crop_scale <= 1.0:
-            raise InputError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
 
 
 # ---------------------------------------------------------------------------- method

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval
 
+from imgclust.configcheck import option
 from imgclust.errors import InputError
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, l2_normalize, register_method
 from imgclust.refine.selftrain import LinearClassifier, self_train
@@ -32,10 +34,10 @@ from imgclust.refine.selftrain import LinearClassifier, self_train
 
 @dataclass
 class ReviewedConfig(MethodConfig):
-    certain_weight: float = 20.0
-    epochs: int = 30
+    certain_weight: float = option(20.0, Gt(0))
+    epochs: int = option(30, Ge(1))
     memory: bool = True
-    memory_similarity: float = 0.999
+    memory_similarity: float = option(0.999, Interval(ge=-1, le=1))  # a cosine similarity
 
 
 @register_method

@@ -61,7 +61,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 
+from imgclust.configcheck import OneOf, option, rule_of
 from imgclust.data.augment import AugmentSpec
 from imgclust.errors import InputError
 from imgclust.heads import spice as spice_heads
@@ -70,6 +72,7 @@ from imgclust.heads.wrap import apply_rows
 from imgclust.losses import spice as losses
 from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, default_pool_size
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
+from imgclust.refine.fixmatch import FixMatchConfig
 from imgclust.refine.semi import SEMI_MODES, fixmatch_classifier, reliable_for_semi
 from imgclust.train.loop import StepInfo
 from imgclust.train.optim import build_optimizer
@@ -81,51 +84,27 @@ from imgclust.views import VIEW_MODES, FeatureViews, make_feature_views
 class SPICESelfConfig(MethodConfig):
     """Options of ``spice-self`` (paper / reference-code defaults unless noted)."""
 
-    heads: int = 10  # number of CLSHeads trained together
-    hidden: int = 128  # MLP hidden units (reference: = feature dim, 512; 128 keeps 1280-d inputs cheap on a CPU)
-    norm: str = "standardize"  # head input: "standardize" (frozen mean/std), "l2" or "none" (reference: raw)
-    pool_size: int = 0  # M; 0: the paper's value for K (1000 for K <= 10, 100 K up to 5000)
-    batch_size: int = 0  # m_2; 0: the paper's 128 (256 from K = 200)
-    ratio: float = 0.5  # r, confident ratio for the prototypes
+    heads: int = option(10, Ge(1))  # number of CLSHeads trained together
+    hidden: int = option(128, Ge(1))  # MLP hidden units (reference: = feature dim, 512; 128 keeps 1280-d inputs cheap on a CPU)
+    norm: str = option("standardize", OneOf(HEAD_NORMS))  # head input: "standardize" (frozen mean/std), "l2" or "none" (reference: raw)
+    pool_size: int = option(0, Ge(0))  # M; 0: the paper's value for K (1000 for K <= 10, 100 K up to 5000)
+    batch_size: int = option(0, Ge(0))  # m_2; 0: the paper's 128 (256 from K = 200)
+    ratio: float = option(0.5, Interval(gt=0, le=1))  # r, confident ratio for the prototypes
     overlap: bool = True  # overlap assignment (paper default) or non-overlap
-    loss: str = "dsce"  # "dsce" | "ce" | "tce" (ablation, paper Table 4)
-    temperature: float = 0.2  # T of the temperature CE ("tce")
-    epochs: int = 30  # reference: 100; CPU default
-    repeats: int = 1  # passes over a pool's labelled samples (Algorithm 1: 1; reference code: 8 at M = 5000)
-    lr: float = 0.005  # Adam (reference)
-    weight_decay: float = 0.0
+    loss: str = option("dsce", OneOf(LOSSES))  # "dsce" | "ce" | "tce" (ablation, paper Table 4)
+    temperature: float = option(0.2, Gt(0))  # T of the temperature CE ("tce")
+    epochs: int = option(30, Ge(1))  # reference: 100; CPU default
+    repeats: int = option(1, Ge(1))  # passes over a pool's labelled samples (Algorithm 1: 1; reference code: 8 at M = 5000)
+    lr: float = option(0.005, Gt(0))  # Adam (reference)
+    weight_decay: float = option(0.0, Ge(0))
     select_every_epoch: bool = True  # keep the (epoch, head) with the lowest whole-data DS-CE
-    views: str = "auto"  # "auto" | "bank" | "online" | "none"
-    n_views: int = 2  # bank: V weak + V strong views per image
-    view_image_size: int = 0  # 0: the backbone's input size
-    shift: float = 0.125  # weak view: max translation (fraction of the side)
-    n_ops: int = 4  # strong view: RandAugment ops per image
-    cutout: float = 0.5  # strong view: max Cutout side (fraction)
+    views: str = option("auto", OneOf(VIEW_MODES))  # "auto" | "bank" | "online" | "none"
+    n_views: int = option(2, Ge(1))  # bank: V weak + V strong views per image
+    view_image_size: int = option(0, Ge(0))  # 0: the backbone's input size
+    shift: float = option(0.125, rule_of(AugmentSpec, "shift"))  # weak view: max translation (fraction of the side)
+    n_ops: int = option(4, rule_of(AugmentSpec, "n_ops"))  # strong view: RandAugment ops per image
+    cutout: float = option(0.5, rule_of(AugmentSpec, "cutout"))  # strong view: max Cutout side (fraction)
     checkpoint: bool = True  # save every epoch under the fit's work dir; a killed run resumes there
-
-    def __post_init__(self) -> None:
-        if self.norm not in HEAD_NORMS:
-            raise InputError(f"norm must be one of {', '.join(HEAD_NORMS)}; got {self.norm!r}")
-        if self.loss not in LOSSES:
-            raise InputError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        if self.views not in VIEW_MODES:
-            raise InputError(f"views must be one of {', '.join(VIEW_MODES)}; got {self.views!r}")
-        for name in ("heads", "hidden", "epochs", "repeats", "n_views"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"{name} must be a positive integer; got {v!r}")
-        for name in ("pool_size", "batch_size", "view_image_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InputError(f"{name} must be a non-negative integer (0: default); got {v!r}")
-        for name in ("overlap", "select_every_epoch", "checkpoint"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false; got {getattr(self, name)!r}")
-        if not 0.0 < self.ratio <= 1.0:
-            raise InputError(f"ratio must be in (0, 1]; got {self.ratio}")
-        if not self.temperature > 0 or not self.lr > 0 or self.weight_decay < 0:
-            raise InputError("temperature and lr must be > 0, weight_decay >= 0")
-        AugmentSpec(self.shift, self.n_ops, self.cutout)  # validates the view options
 
     def spec(self) -> AugmentSpec:
         return AugmentSpec(self.shift, self.n_ops, self.cutout)
@@ -135,41 +114,23 @@ class SPICESelfConfig(MethodConfig):
 class SPICEConfig(SPICESelfConfig):
     """``spice`` = SPICE-Self + SPICE-Semi (reliable labels + FixMatch)."""
 
-    reliable_neighbors: int = 100  # n_s
-    reliable_threshold: float = 0.95  # tau_c: beta_i > tau_c
-    reliable_confidence: float = 0.0  # also max p_i > this (reference code: 0.99; not in the paper)
+    reliable_neighbors: int = option(100, Ge(1))  # n_s
+    reliable_threshold: float = option(0.95, Interval(ge=0, lt=1))  # tau_c: beta_i > tau_c
+    reliable_confidence: float = option(0.0, Interval(ge=0, lt=1))  # also max p_i > this (reference code: 0.99; not in the paper)
     balance_reliable: bool = True  # reference code (paper silent): equal count per cluster that has any
-    semi_mode: str = "head"  # "head" (CPU) | "end_to_end" (GPU)
-    semi_steps: int = 2000
-    semi_batch_size: int = 64  # B
-    mu: int = 7
-    semi_threshold: float = 0.95  # tau
-    semi_lr: float = 0.03
-    semi_weight_decay: float = 5e-4
-    ema: float = 0.999
-    unsup_weight: float = 1.0
-    distill_epochs: int = 30  # end_to_end: head on frozen features fitted to the network's labels
-    semi_min_clusters: float = 0.5  # run SPICE-Semi only if this share of clusters has reliable samples
+    semi_mode: str = option("head", OneOf(SEMI_MODES))  # "head" (CPU) | "end_to_end" (GPU)
+    semi_steps: int = option(2000, rule_of(FixMatchConfig, "steps"))
+    semi_batch_size: int = option(64, rule_of(FixMatchConfig, "batch_size"))  # B
+    mu: int = option(7, rule_of(FixMatchConfig, "mu"))
+    semi_threshold: float = option(0.95, rule_of(FixMatchConfig, "threshold"))  # tau
+    semi_lr: float = option(0.03, rule_of(FixMatchConfig, "lr"))
+    semi_weight_decay: float = option(5e-4, rule_of(FixMatchConfig, "weight_decay"))
+    ema: float = option(0.999, rule_of(FixMatchConfig, "ema"))
+    unsup_weight: float = option(1.0, rule_of(FixMatchConfig, "unsup_weight"))
+    distill_epochs: int = option(30, Ge(1))  # end_to_end: head on frozen features fitted to the network's labels
+    semi_min_clusters: float = option(0.5, Interval(ge=0, le=1))  # run SPICE-Semi only if this share of clusters has reliable samples
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.semi_mode not in SEMI_MODES:
-            raise InputError(f"semi_mode must be one of {', '.join(SEMI_MODES)}; got {self.semi_mode!r}")
-        if not isinstance(self.balance_reliable, bool):
-            raise InputError(f"balance_reliable must be true or false; got {self.balance_reliable!r}")
-        for name in ("reliable_neighbors", "distill_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"{name} must be a positive integer; got {v!r}")
-        if not 0.0 <= self.semi_min_clusters <= 1.0:
-            raise InputError(f"semi_min_clusters must be in [0, 1]; got {self.semi_min_clusters}")
-        if not 0.0 <= self.reliable_threshold < 1.0 or not 0.0 <= self.reliable_confidence < 1.0:
-            raise InputError("reliable_threshold and reliable_confidence must be in [0, 1)")
-        self.fixmatch()  # validates the FixMatch options
-
-    def fixmatch(self):
-        from imgclust.refine.fixmatch import FixMatchConfig
-
+    def fixmatch(self) -> FixMatchConfig:
         return FixMatchConfig(steps=self.semi_steps, batch_size=self.semi_batch_size, mu=self.mu,
                               threshold=self.semi_threshold, unsup_weight=self.unsup_weight, lr=self.semi_lr,
                               weight_decay=self.semi_weight_decay, ema=self.ema)

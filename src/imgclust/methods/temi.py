@@ -50,7 +50,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval
 
+from imgclust.configcheck import OneOf, option
 from imgclust.errors import InputError
 from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
@@ -68,60 +70,38 @@ from imgclust.train.optim import build_optimizer, ema_update_, schedule
 class TEMIConfig(MethodConfig):
     """Options of ``temi`` (TEMI paper / reference-code defaults unless noted)."""
 
-    heads: int = 50  # H, as TEMI and ICCE
-    head: str = "linear"  # "linear" (ICCE's multi-head classifier) | "mlp" (TEMI reference: DINO head)
-    hidden_dim: int = 512  # head=mlp: TEMI reference hidden width
-    bottleneck_dim: int = 256  # head=mlp: L2-normalised bottleneck before the weight-normalised layer
-    neighbors: str = "fixed"  # "fixed": k nearest; "adaptive": ICCE's distance threshold, >= k
-    k: int = 50  # TEMI --knn 50; ICCE's minimum set size
-    threshold: float = 0.3  # adaptive: max cosine distance 1 - cos (ICCE: 0.3)
-    max_neighbors: int = 1000  # adaptive: search cap per image
+    heads: int = option(50, Ge(1))  # H, as TEMI and ICCE
+    head: str = option("linear", OneOf(("linear", "mlp")))  # "linear" (ICCE's multi-head classifier) | "mlp" (TEMI reference: DINO head)
+    hidden_dim: int = option(512, Ge(1))  # head=mlp: TEMI reference hidden width
+    bottleneck_dim: int = option(256, Ge(1))  # head=mlp: L2-normalised bottleneck before the weight-normalised layer
+    neighbors: str = option("fixed", OneOf(MODES))  # "fixed": k nearest; "adaptive": ICCE's distance threshold, >= k
+    k: int = option(50, Ge(1))  # TEMI --knn 50; ICCE's minimum set size
+    threshold: float = option(0.3, Interval(ge=0, le=2))  # adaptive: max cosine distance 1 - cos (ICCE: 0.3)
+    max_neighbors: int = option(1000, Ge(1))  # adaptive: search cap per image
     center_neighbors: bool = False  # mine neighbours on mean-centred features (not in the papers)
-    norm: str = "standardize"  # "standardize" (TEMI --embed_norm) | "batchnorm" (ICCE) | "l2" | "none"
+    norm: str = option("standardize", OneOf(NORMS))  # "standardize" (TEMI --embed_norm) | "batchnorm" (ICCE) | "l2" | "none"
     sinkhorn: bool = False  # ICCE: Sinkhorn-Knopp centring of teacher outputs
-    sinkhorn_iters: int = 3  # ICCE: 3
-    ce_weight: float = 0.0  # ICCE: final weight lambda of the CE term (cosine ramp from 0)
-    epochs: int = 60  # CPU default (~1 min for 10k images, 50 heads, 2 cores); TEMI 100-200, ICCE 400
-    batch_size: int = 256  # ICCE: 256 on CIFAR, 1024 otherwise; TEMI README 1024
-    lr: float = 1e-3  # peak AdamW learning rate (absolute; TEMI: 1e-4 * batch/256)
-    min_lr: float = 1e-5  # end of the cosine decay
-    warmup_epochs: int = 2  # linear warm-up from 0 (TEMI: 10-20 of 100-200)
-    weight_decay: float = 1e-4  # TEMI, ICCE
-    momentum: float = 0.996  # teacher EMA momentum (TEMI --momentum_teacher)
-    student_temp: float = 0.1
-    teacher_temp: float = 0.1
-    beta: float = 0.6  # TEMI's beta in the beta-PMI
-    prior_momentum: float = 0.9  # EMA of the cluster prior (TEMI probs_momentum)
+    sinkhorn_iters: int = option(3, Ge(0))  # ICCE: 3 (>= 1 when sinkhorn is on)
+    ce_weight: float = option(0.0, Ge(0))  # ICCE: final weight lambda of the CE term (cosine ramp from 0)
+    epochs: int = option(60, Ge(1))  # CPU default (~1 min for 10k images, 50 heads, 2 cores); TEMI 100-200, ICCE 400
+    batch_size: int = option(256, Ge(1))  # ICCE: 256 on CIFAR, 1024 otherwise; TEMI README 1024
+    lr: float = option(1e-3, Gt(0))  # peak AdamW learning rate (absolute; TEMI: 1e-4 * batch/256)
+    min_lr: float = option(1e-5, Ge(0))  # end of the cosine decay
+    warmup_epochs: int = option(2, Ge(0))  # linear warm-up from 0 (TEMI: 10-20 of 100-200)
+    weight_decay: float = option(1e-4, Ge(0))  # TEMI, ICCE
+    momentum: float = option(0.996, Interval(ge=0, le=1))  # teacher EMA momentum (TEMI --momentum_teacher)
+    student_temp: float = option(0.1, Gt(0))
+    teacher_temp: float = option(0.1, Gt(0))
+    beta: float = option(0.6, Gt(0))  # TEMI's beta in the beta-PMI
+    prior_momentum: float = option(0.9, Interval(ge=0, le=1))  # EMA of the cluster prior (TEMI probs_momentum)
     checkpoint: bool = True  # save every epoch under the fit's work dir; a killed run resumes there
 
     def __post_init__(self) -> None:
-        if self.neighbors not in MODES:
-            raise InputError(f"neighbors must be one of {', '.join(MODES)}; got {self.neighbors!r}")
-        if self.norm not in NORMS:
-            raise InputError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
-        for name in ("sinkhorn", "center_neighbors", "checkpoint"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false; got {getattr(self, name)!r}")
-        if self.head not in ("linear", "mlp"):
-            raise InputError(f"head must be 'linear' or 'mlp'; got {self.head!r}")
-        for name in ("heads", "k", "epochs", "batch_size", "max_neighbors", "hidden_dim", "bottleneck_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        super().__post_init__()  # the ranges declared above (imgclust.configcheck)
         if self.sinkhorn and self.sinkhorn_iters < 1:
-            raise InputError(f"sinkhorn_iters must be >= 1; got {self.sinkhorn_iters}")
-        if not 0.0 <= self.threshold <= 2.0:
-            raise InputError(f"threshold is a cosine distance in [0, 2]; got {self.threshold}")
+            raise InputError(f"with sinkhorn on, sinkhorn_iters must be >= 1; got {self.sinkhorn_iters}")
         if self.max_neighbors < self.k:
             raise InputError(f"max_neighbors ({self.max_neighbors}) must be >= k ({self.k})")
-        for name in ("momentum", "prior_momentum"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InputError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
-        for name in ("student_temp", "teacher_temp", "beta", "lr"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0; got {getattr(self, name)}")
-        for name in ("ce_weight", "min_lr", "weight_decay", "warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0; got {getattr(self, name)}")
 
 
 @dataclass

@@ -46,10 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 
 from imgclust.backbones.base import Backbone
 from imgclust.backbones.pretrained_dir import make_encoder, preprocess_for, save_pretrained
+from imgclust.configcheck import SEED_MAX, OneOf, check_fields, option
 from imgclust.data.base import ImageSource
 from imgclust.data.batches import ImageBatches
 from imgclust.errors import InputError
@@ -76,50 +78,38 @@ _DEFAULTS = {
 class PretrainConfig:
     """Options of ``imgclust pretrain`` (``proj_hidden = 0`` means the encoder's width)."""
 
-    method: str = "simclr"
+    method: str = option("simclr", OneOf(METHODS))
     arch: str = "resnet18"
-    image_size: int = 32
-    epochs: int = 100
-    batch_size: int = 256
-    base_lr: float | None = None  # per-method default (_DEFAULTS), scaled by batch / 256
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 10
-    temperature: float | None = None  # simclr 0.5, mocov2 0.2
-    proj_hidden: int | None = None
-    proj_dim: int | None = None
-    pred_hidden: int = 4096  # BYOL predictor
-    momentum: float | None = None  # BYOL tau_base 0.996; MoCo m 0.99
-    queue_size: int = 4096  # MoCo (65536 on ImageNet; a few thousand for datasets of that size)
-    lambd: float = 5e-3  # Barlow Twins
-    precision: str = "auto"
-    seed: int = 0
-    monitor_size: int = 1000
-    knn_k: int = 20
-    patch_size: int | None = None  # ViTs
+    image_size: int = option(32, Ge(1))
+    epochs: int = option(100, Ge(1))
+    batch_size: int = option(256, Ge(2), why="contrastive losses need pairs")
+    base_lr: float | None = option(None, Gt(0))  # per-method default (_DEFAULTS), scaled by batch / 256
+    weight_decay: float = option(5e-4, Ge(0))
+    warmup_epochs: int = option(10, Ge(0))
+    temperature: float | None = option(None, Ge(0))  # simclr 0.5, mocov2 0.2 (> 0 there; unused by byol / barlowtwins)
+    proj_hidden: int | None = option(None, Ge(0))
+    proj_dim: int | None = option(None, Ge(1))
+    pred_hidden: int = option(4096, Ge(1))  # BYOL predictor
+    momentum: float | None = option(None, Interval(ge=0, lt=1))  # BYOL tau_base 0.996; MoCo m 0.99
+    queue_size: int = option(4096, Ge(1))  # MoCo (65536 on ImageNet; a few thousand for datasets of that size)
+    lambd: float = option(5e-3, Ge(0))  # Barlow Twins
+    precision: str = option("auto", OneOf(PRECISIONS))
+    seed: int = option(0, Interval(ge=0, le=SEED_MAX))
+    monitor_size: int = option(1000, Ge(1))
+    knn_k: int = option(20, Ge(1))
+    patch_size: int | None = option(None, Ge(1))  # ViTs
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown pre-training method {self.method!r}; allowed: {', '.join(METHODS)}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("epochs", "batch_size", "image_size", "queue_size", "monitor_size", "knn_k"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise InputError("batch_size must be >= 2 (contrastive losses need pairs)")
-        if self.warmup_epochs < 0:
-            raise InputError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check_fields(self)  # the ranges declared above (imgclust.configcheck)
         d = _DEFAULTS[self.method]
         for k in ("proj_hidden", "proj_dim", "temperature", "base_lr"):
             if getattr(self, k) is None:
                 setattr(self, k, d[k])
         if self.momentum is None:
             self.momentum = 0.996 if self.method == "byol" else 0.99
-        if not 0.0 <= self.momentum < 1.0:
-            raise InputError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.method in ("simclr", "mocov2") and not self.temperature > 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature}")
+            raise InputError(f"{self.method} needs temperature > 0; got {self.temperature}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -50,8 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 
+from imgclust.configcheck import check_fields, option
 from imgclust.data.augment import DEFAULT_SPEC, AugmentSpec, augment
 from imgclust.data.base import ImageSource
 from imgclust.data.batches import ImageBatches
@@ -140,25 +142,18 @@ def select_reliable(
 class FixMatchConfig:
     """FixMatch's defaults (Sohn et al. 2020), except the number of steps (a CPU budget)."""
 
-    steps: int = 2000  # FixMatch: 2**20 on a GPU; a head on frozen features converges in far fewer
-    batch_size: int = 64  # B (labelled)
-    mu: int = 7  # unlabelled : labelled ratio
-    threshold: float = 0.95  # tau
-    unsup_weight: float = 1.0  # lambda_u
-    lr: float = 0.03
-    momentum: float = 0.9  # SGD, Nesterov
-    weight_decay: float = 5e-4
-    ema: float = 0.999
+    steps: int = option(2000, Ge(1))  # FixMatch: 2**20 on a GPU; a head on frozen features converges in far fewer
+    batch_size: int = option(64, Ge(1))  # B (labelled)
+    mu: int = option(7, Ge(1))  # unlabelled : labelled ratio
+    threshold: float = option(0.95, Interval(ge=0, le=1))  # tau
+    unsup_weight: float = option(1.0, Ge(0))  # lambda_u
+    lr: float = option(0.03, Gt(0))
+    momentum: float = option(0.9, Interval(ge=0, lt=1))  # SGD, Nesterov
+    weight_decay: float = option(5e-4, Ge(0))
+    ema: float = option(0.999, Interval(ge=0, lt=1))
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "mu"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"fixmatch {name} must be a positive integer; got {v!r}")
-        if not 0.0 <= self.threshold <= 1.0 or not 0.0 <= self.ema < 1.0 or not 0.0 <= self.momentum < 1.0:
-            raise InputError("fixmatch threshold must be in [0, 1], ema and momentum in [0, 1)")
-        if not self.lr > 0 or self.weight_decay < 0 or self.unsup_weight < 0:
-            raise InputError("fixmatch lr must be > 0, weight_decay and unsup_weight >= 0")
+        check_fields(self)  # the ranges declared above (imgclust.configcheck)
 
 
 def train_fixmatch(

@@ -74,9 +74,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval, MinLen
 from torch import nn
 
 from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_copy
+from imgclust.configcheck import OneOf, check_fields, option
 from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
 from imgclust.heads.wrap import BackboneHead
@@ -112,80 +114,47 @@ class ICSRConfig:
 
     base: str = "kmeans"  # `cluster --method icsr`: the method fitted first (refine uses the model dir's)
     base_options: dict = field(default_factory=dict)
-    epochs: int = 60  # passes over the data (a linear head on features converges in far fewer than 240)
-    schedule_epochs: int = 240  # Eq. (11) and the p growth run on t' = t * schedule_epochs / epochs (paper: 240)
-    first_refresh: int = 10  # epochs on the base model's pseudo-labels and ranking before the head relabels
-    min_steps: int = 20  # an epoch is one pass over the data but at least this many SGD steps (small sets)
-    beta0: float = 0.02  # Eq. (11)
-    percents: list | tuple = DEFAULT_PERCENTS  # p_1..p_m in %
-    percent_growth: float = 1.0  # points added to every p_j ...
-    percent_every: int = 50  # ... every this many epochs
-    k_start: float = 1 / 3  # k_0 = k_start * N_c
-    k_stop: float = 2 / 3  # largest k about k_stop * N_c
-    k_step: int = 5  # k^
-    metric: str = "euclidean"  # euclidean | cosine | kl
-    rank_on: str = "features"  # features (frozen, see rank_normalize) | proba (the model's output, as the paper)
+    epochs: int = option(60, Ge(1))  # passes over the data (a linear head on features converges in far fewer than 240)
+    schedule_epochs: int = option(240, Ge(1))  # Eq. (11) and the p growth run on t' = t * schedule_epochs / epochs (paper: 240)
+    first_refresh: int = option(10, Ge(0))  # epochs on the base model's pseudo-labels and ranking before the head relabels
+    min_steps: int = option(20, Ge(0))  # an epoch is one pass over the data but at least this many SGD steps (small sets)
+    beta0: float = option(0.02, Gt(0))  # Eq. (11)
+    percents: list | tuple = option(DEFAULT_PERCENTS, MinLen(1), each=Interval(gt=0, le=100))  # p_1..p_m in %, increasing
+    percent_growth: float = option(1.0, Ge(0))  # points added to every p_j ...
+    percent_every: int = option(50, Ge(1))  # ... every this many epochs
+    k_start: float = option(1 / 3, Interval(gt=0, le=1))  # k_0 = k_start * N_c
+    k_stop: float = option(2 / 3, Interval(gt=0, le=1))  # largest k about k_stop * N_c
+    k_step: int = option(5, Ge(1))  # k^
+    metric: str = option("euclidean", OneOf(METRICS))  # euclidean | cosine | kl
+    rank_on: str = option("features", OneOf(RANK_ON))  # features (frozen, see rank_normalize) | proba (the model's output, as the paper)
     # | embedding (end_to_end: the tuned backbone's features of weak views; head mode: = features)
     rank_normalize: bool = True  # rank_on=features: L2-normalise the features first
-    rank_every: int = 1  # epochs between two rankings (and pseudo-label refreshes)
-    weighting: str = "icsr"  # icsr (Eq. 11) | uniform (every sample weight 1: plain self-training, an ablation)
-    lr: float = 0.01  # SGD with Nesterov momentum 0.9; x0.1 for the last quarter (reference code)
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    views: str = "noise"  # noise | auto | bank | online | none (see the module doc)
-    n_views: int = 2  # bank: V weak + V strong views per image
-    noise_std: float = 0.5  # views=noise: Gaussian noise, in units of each feature's std
-    feature_dropout: float = 0.2  # views=noise: share of (standardised) features zeroed
-    block_rows: int = 1024  # rows per block of the within-cluster distance matrix
+    rank_every: int = option(1, Ge(1))  # epochs between two rankings (and pseudo-label refreshes)
+    weighting: str = option("icsr", OneOf(WEIGHTING))  # icsr (Eq. 11) | uniform (every sample weight 1: plain self-training, an ablation)
+    lr: float = option(0.01, Gt(0))  # SGD with Nesterov momentum 0.9; x0.1 for the last quarter (reference code)
+    weight_decay: float = option(1e-4, Ge(0))
+    batch_size: int = option(256, Ge(1))
+    views: str = option("noise", OneOf(ICSR_VIEWS))  # noise | auto | bank | online | none (see the module doc)
+    n_views: int = option(2, Ge(1))  # bank: V weak + V strong views per image
+    noise_std: float = option(0.5, Ge(0))  # views=noise: Gaussian noise, in units of each feature's std
+    feature_dropout: float = option(0.2, Interval(ge=0, lt=1))  # views=noise: share of (standardised) features zeroed
+    block_rows: int = option(1024, Ge(1))  # rows per block of the within-cluster distance matrix
     # end-to-end mode: after the head stage, fine-tune a copy of the backbone + the head on images
-    mode: str = "head"  # head (linear head on frozen features, CPU) | end_to_end (then backbone + head, GPU)
-    finetune: str = "all"  # end_to_end: all (the paper: the whole network) | last_blocks
-    finetune_blocks: int = 2  # finetune=last_blocks: trailing blocks / stages that train
-    e2e_epochs: int = 30  # end_to_end: epochs of the image stage (paper: 240 on a GPU)
-    e2e_lr: float = 0.005  # end_to_end: SGD lr of backbone and head (paper: 0.005, momentum 0.9)
-    e2e_batch_size: int = 128  # end_to_end: images per step (paper: 128)
-    clip_grad: float = 1.0  # end_to_end: gradient-norm clip (0 = off; without it the network collapsed on digits)
-    image_size: int | None = None  # end_to_end: image side (default: the backbone's, as the features)
+    mode: str = option("head", OneOf(MODES))  # head (linear head on frozen features, CPU) | end_to_end (then backbone + head, GPU)
+    finetune: str = option("all", OneOf(FINETUNE_SCOPES))  # end_to_end: all (the paper: the whole network) | last_blocks
+    finetune_blocks: int = option(2, Ge(1))  # finetune=last_blocks: trailing blocks / stages that train
+    e2e_epochs: int = option(30, Ge(1))  # end_to_end: epochs of the image stage (paper: 240 on a GPU)
+    e2e_lr: float = option(0.005, Gt(0))  # end_to_end: SGD lr of backbone and head (paper: 0.005, momentum 0.9)
+    e2e_batch_size: int = option(128, Ge(1))  # end_to_end: images per step (paper: 128)
+    clip_grad: float = option(1.0, Ge(0))  # end_to_end: gradient-norm clip (0 = off; without it the network collapsed on digits)
+    image_size: int | None = option(None, Ge(8))  # end_to_end: image side (default: the backbone's, as the features)
     checkpoint: bool = True  # end_to_end: save after every epoch in the cache entry; a re-run resumes
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "schedule_epochs", "percent_every", "k_step", "rank_every", "batch_size", "n_views", "block_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"icsr {name} must be a positive integer; got {v!r}")
-        for name in ("first_refresh", "min_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InputError(f"icsr {name} must be an integer >= 0; got {v!r}")
-        check_percents(self.percents)
-        if self.metric not in METRICS:
-            raise InputError(f"icsr metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
-        if self.rank_on not in RANK_ON:
-            raise InputError(f"icsr rank_on must be one of {', '.join(RANK_ON)}; got {self.rank_on!r}")
-        if self.weighting not in WEIGHTING:
-            raise InputError(f"icsr weighting must be one of {', '.join(WEIGHTING)}; got {self.weighting!r}")
-        if self.views not in ICSR_VIEWS:
-            raise InputError(f"icsr views must be one of {', '.join(ICSR_VIEWS)}; got {self.views!r}")
-        if not 0 < self.k_start <= self.k_stop <= 1:
-            raise InputError(f"icsr needs 0 < k_start <= k_stop <= 1; got {self.k_start}, {self.k_stop}")
-        if not self.beta0 > 0 or not self.lr > 0 or self.weight_decay < 0 or self.percent_growth < 0:
-            raise InputError("icsr beta0 and lr must be > 0, weight_decay and percent_growth >= 0")
-        if self.noise_std < 0 or not 0 <= self.feature_dropout < 1:
-            raise InputError("icsr noise_std must be >= 0 and feature_dropout in [0, 1)")
-        if self.mode not in MODES:
-            raise InputError(f"icsr mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.finetune not in FINETUNE_SCOPES:
-            raise InputError(f"icsr finetune must be one of {', '.join(FINETUNE_SCOPES)}; got {self.finetune!r}")
-        for name in ("finetune_blocks", "e2e_epochs", "e2e_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"icsr {name} must be a positive integer; got {v!r}")
-        if not self.e2e_lr > 0 or not self.clip_grad >= 0:
-            raise InputError(f"icsr needs e2e_lr > 0 and clip_grad >= 0; got {self.e2e_lr}, {self.clip_grad}")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
-            raise InputError(f"icsr image_size must be an integer >= 8 (or unset); got {self.image_size!r}")
-        if not isinstance(self.base, str) or not isinstance(self.base_options, dict):
-            raise InputError("icsr base must be a method name and base_options a table of its options")
+        check_fields(self)  # the ranges declared above (imgclust.configcheck)
+        check_percents(self.percents)  # strictly increasing
+        if not self.k_start <= self.k_stop:
+            raise InputError(f"icsr needs k_start <= k_stop; got {self.k_start}, {self.k_stop}")
 
 
 class NoiseViews(FeatureViews):

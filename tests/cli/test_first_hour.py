@@ -21,7 +21,7 @@ CLI = [sys.executable, "-m", "imgclust.cli"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    src = str(Path(__file__).resolve().parent.parent / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = dict(os.environ, IMGCLUST_QUIET="1", OMP_NUM_THREADS="1", IMGCLUST_REPORT_MAP="pca",
                PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(extra)
@@ -309,7 +309,7 @@ def test_one_map_text_for_both_commands():
     for cmd in ("cluster", "report"):
         res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "400"})
         assert " ".join(MAP_HELP.split()) in " ".join(res.output.replace("│", " ").split()), cmd
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "below 2,000 points, else UMAP if umap-learn is installed, else t-SNE up to 5,000 points" in " ".join(
         readme.split())
 

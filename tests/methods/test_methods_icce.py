@@ -14,7 +14,7 @@ from imgclust.errors import InputError
 from imgclust.methods import FitContext, get_method
 from imgclust.metrics import cluster_acc
 
-# As tests/test_methods_temi.py: few heads and short epochs on digits pixels.
+# As tests/methods/test_methods_temi.py: few heads and short epochs on digits pixels.
 FAST = {"heads": 10, "epochs": 25, "batch_size": 128, "k": 10, "warmup_epochs": 1, "momentum": 0.9,
         "center_neighbors": True, "st_epochs": 15}
 
