@@ -145,7 +145,7 @@ class TEMI(ClusteringMethod):
         super().__init__(n_clusters, config)
         self.teacher_: MultiHeadClassifier | MultiHeadMLP | None = None
         self.best_head_: int = 0
-        self.head_labels_: np.ndarray | None = None  # (H, N) int32, teacher assignments of the fit features
+        self.head_labels_: np.ndarray | None = None  # (H, N) int16, teacher assignments of the fit features
         self.head_losses_: np.ndarray | None = None  # (H,) last-epoch mean loss per head
         self.prior_: torch.Tensor | None = None
 
