@@ -71,6 +71,7 @@ from imgclust.methods.base import (
     MethodConfig,
     register_method,
 )
+from imgclust.train import dist
 from imgclust.train.checkpoint import Checkpoint, data_digest
 from imgclust.train.loop import LoopSpec, StepInfo, run_loop
 from imgclust.train.optim import build_optimizer
@@ -263,6 +264,13 @@ class SPICESelf(ClusteringMethod):
                               weight_decay=cfg.weight_decay)
         m, m2 = self._pool_and_batch(n)
         n_pools = max(1, n // m)  # Algorithm 1: floor(N / M) pools per epoch
+        # --- issue 20: data-parallel under torchrun. Every rank draws the same pool, views and
+        # pseudo-labels (same generator, same heads: the per-cluster top-confident selection is made
+        # on the whole pool on every rank, identically, without communication) and trains on its
+        # slice of each mini-batch; run_loop averages the gradients over ranks.
+        if m2 % dist.world_size():
+            raise InputError(f"{self.name}: batch size {m2} must be a multiple of the {dist.world_size()} processes")
+        mine = dist.shard(m2)
         state: dict = {"loss_sum": torch.zeros(cfg.heads, dtype=torch.float64), "best_loss": float("inf"),
                        "best_state": None, "best_epoch": -1, "head_losses": None, "best_head": 0}
 
@@ -284,7 +292,7 @@ class SPICESelf(ClusteringMethod):
                 for _ in range(cfg.repeats):
                     order = torch.randperm(n_lab, generator=gen).to(device)
                     for st in range(steps):
-                        cols = order[st * m2:(st + 1) * m2]
+                        cols = order[st * m2:(st + 1) * m2][mine.start:mine.stop]  # issue 20: this rank's slice
                         yield strong[idx[:, cols]], lab[:, cols]  # (H, m2, D): each head its own samples
 
         def step(batch, info: StepInfo) -> torch.Tensor:
@@ -294,6 +302,7 @@ class SPICESelf(ClusteringMethod):
             return per_head.mean()
 
         def epoch_end(epoch: int, means: dict[str, float], info: StepInfo) -> dict:
+            dist.all_reduce_mean(state["loss_sum"])  # issue 20: the global batch's loss on every rank
             train_loss = (state["loss_sum"] / max(info.it, 1)).numpy()
             state["loss_sum"] = torch.zeros_like(state["loss_sum"])
             out: dict = {"train_loss": [round(float(v), 5) for v in train_loss]}
