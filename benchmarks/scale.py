@@ -114,11 +114,8 @@ def pipeline(args) -> dict:
                                         "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
     cfg = model.config
     t = time.perf_counter()
-    if dist.is_main():  # rank 0 mines and caches; the others read the cache
-        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=args.progress, exact_max_rows=args.exact_max_rows)
-    dist.barrier()
-    if not dist.is_main():
-        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=args.progress, exact_max_rows=args.exact_max_rows)
+    # under torchrun rank 0 mines and caches, the others wait and read the cache (inside the call)
+    nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=args.progress, exact_max_rows=args.exact_max_rows)
     rows.update(neighbors_s=time.perf_counter() - t, neighbors_rss_mb=rss_mb(), index=nb.info.get("index"),
                 recall_at_50=nb.info.get("recall_at_k"), neighbors_cache=nb.info.get("cache"),
                 neighbors_anon_mb=anon.take())

@@ -88,6 +88,20 @@ def heads(args):
             "teacher": {k: v.tolist() for k, v in st.items() if k.startswith("teacher.") and v.is_floating_point()}}
 
 
+def neighbors(args):
+    """load_or_mine_neighbors with a shared work dir: rank 0 mines and writes, the others read (issue 20)."""
+    from sklearn.datasets import load_digits
+
+    from imgclust.neighbors import load_or_mine_neighbors
+    from imgclust.train import dist
+
+    nb = load_or_mine_neighbors(load_digits().data.astype(np.float32), args["work"], k=10, progress=False,
+                                exact_max_rows=args["exact_max_rows"])
+    status = torch.tensor([{"written": 1, "hit": 2}.get(nb.info["cache"], 9)])
+    return {"cache": dist.all_gather_cat(status).tolist(), "indices": nb.indices.tolist(),
+            "recall": nb.info.get("recall_at_k")}
+
+
 def spice(args):
     """SPICE-Self heads on the 1,797 digits (64-d), 1 or 2 processes, same global mini-batches (issue 20)."""
     from sklearn.datasets import load_digits

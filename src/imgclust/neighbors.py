@@ -349,7 +349,28 @@ def load_or_mine_neighbors(
     The file is written atomically (temporary name, then rename), so a crash never leaves a
     truncated file that a later run would trust. A cache directory that cannot be written
     (read-only) only disables caching; ``info["cache"]`` says what happened.
+
+    Under torchrun (issue 20) with a ``work_dir``, rank 0 mines and writes the cache while the
+    other ranks wait on a barrier, then read it (a cache hit) instead of mining the same sets
+    again. Across nodes the work dir must be on a shared filesystem; where it is not (or rank 0
+    could not write), the other ranks mine for themselves — the same sets, only slower.
     """
+    from imgclust.train import dist
+
+    kw = {"mode": mode, "k": k, "threshold": threshold, "max_neighbors": max_neighbors,
+          "exact_max_rows": exact_max_rows, "seed": seed, "progress": progress, "center": center}
+    if work_dir is None or dist.world_size() == 1:
+        return _load_or_mine(features, work_dir, **kw)
+    if dist.is_main():
+        sets = _load_or_mine(features, work_dir, **kw)
+        dist.barrier()
+        return sets
+    dist.barrier()
+    return _load_or_mine(features, work_dir, **{**kw, "progress": False})
+
+
+def _load_or_mine(features: np.ndarray, work_dir: str | Path | None, *, mode: str, k: int, threshold: float,
+                  max_neighbors: int, exact_max_rows: int, seed: int, progress: bool, center: bool) -> NeighborSets:
     params = {"mode": mode, "k": int(k), "max_neighbors": int(max_neighbors),
               "threshold": float(threshold) if mode == "adaptive" else None,
               "exact_max_rows": int(exact_max_rows), "nprobe": IVF_NPROBE, "train": IVF_TRAIN_PER_LIST,

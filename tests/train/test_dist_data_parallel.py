@@ -58,3 +58,11 @@ def test_self_training_two_processes_equal_one(tmp_path):
     for a, b in zip(one["grid"], two["grid"]):
         assert b["holdout_acc"] == pytest.approx(a["holdout_acc"], abs=1e-3)
     assert np.mean(np.asarray(two["labels"]) == np.asarray(one["labels"])) > 0.995
+
+
+def test_rank0_mines_neighbours_once_the_other_rank_reads_the_cache(tmp_path):
+    args = {"work": str(tmp_path / "work"), "exact_max_rows": 500}  # the IVF path, as at scale
+    two = run_ranks("neighbors", args, tmp_path / "two.json", world=2)
+    assert two["cache"] == [1, 2]  # rank 0: written, rank 1: a cache hit
+    one = run_ranks("neighbors", {**args, "work": str(tmp_path / "one")}, tmp_path / "one.json", world=1)
+    assert two["indices"] == one["indices"] and two["recall"] == one["recall"]

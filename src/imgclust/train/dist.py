@@ -47,7 +47,12 @@ def init_from_env() -> bool:
     import torch.distributed as d
 
     if not d.is_initialized():
-        d.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # issue 20: ranks wait on barriers while rank 0 alone mines neighbours (> 1 h at 10M rows on 2
+        # cores) or the slowest rank finishes its extraction shard; torch's default 30 min would abort them
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=float(os.environ.get("IMGCLUST_DIST_TIMEOUT_S", 6 * 3600)))
+        d.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     return True
 
 
