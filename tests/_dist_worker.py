@@ -107,9 +107,8 @@ def spice(args):
     from sklearn.datasets import load_digits
 
     import imgclust.methods  # noqa: F401  (registers the methods)
-    from imgclust.methods.base import FitContext, get_method
-
     import imgclust.methods.spice as sp
+    from imgclust.methods.base import FitContext, get_method
 
     seen, loss = set(), sp.cluster_loss
 

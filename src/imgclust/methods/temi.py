@@ -277,10 +277,12 @@ class TEMI(ClusteringMethod):
         return np.concatenate(outs, axis=-2)
 
     @torch.no_grad()
-    def predict_heads(self, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    def predict_heads(self, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """Cluster of every image under every head (teacher): (H, N) int16 (int32 above 32,768 clusters)."""
         t = self._check().eval()
         x = np.asarray(features, dtype=np.float32)
+        # issue 20: blocks of 2^24 logits (64 MB; 3,355 rows at 50 heads x K = 100, where 65,536 rows were 1.3 GB)
+        chunk = chunk or max(256, (1 << 24) // max(1, t.n_heads * self.n_clusters))
         # issue 20: int16 labels (1 GB at 10M x 50 heads instead of 2 GB); int16 keeps K < 2^15 arithmetic-safe
         out = np.zeros((t.n_heads, len(x)), dtype=np.int16 if self.n_clusters <= 2**15 else np.int32)
         for s in range(0, len(x), chunk):
