@@ -110,6 +110,8 @@ def pipeline(args) -> dict:
     rows["features_anon_mb"] = anon.take()
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
 
+    if args.synthetic_heads:  # the streaming stages alone: consensus + self-training on stand-in head labels
+        return streaming_stages(args, x, synthetic_heads(args.n, args.heads, args.k), rows, anon)
     model = get_method("temi")(args.k, {"heads": args.heads, "epochs": args.epochs, "batch_size": args.batch_size,
                                         "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
     cfg = model.config
@@ -146,10 +148,30 @@ def pipeline(args) -> dict:
     if args.heads_only or not dist.is_main():
         dist.shutdown()
         return rows
+    return streaming_stages(args, x, head_labels, rows, anon)
 
+
+def synthetic_heads(n: int, heads: int, k: int, noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    """(heads, n) int16 stand-in head labels: noisy, relabelled copies of one K-way labelling."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, k, n).astype(np.int16)
+    out = np.empty((heads, n), np.int16)
+    for h in range(heads):
+        for s in range(0, n, 1 << 20):
+            t = truth[s:s + (1 << 20)]
+            out[h, s:s + len(t)] = rng.permutation(k).astype(np.int16)[
+                np.where(rng.random(len(t)) < noise, rng.integers(0, k, len(t)), t)]
+    return out
+
+
+def streaming_stages(args, x, head_labels, rows: dict, anon) -> dict:
+    """Consensus (MCLA + HBGF) over the (H, N) head labels, then self-training on the memmap."""
     from imgclust.consensus import consensus
     from imgclust.refine.selftrain import self_train
+    from imgclust.train import dist
 
+    rows["synthetic_heads"] = bool(args.synthetic_heads)
+    anon.take()
     t = time.perf_counter()
     res = consensus(head_labels, args.k, methods=("mcla", "hbgf"), seed=0)
     rows.update(consensus_s=time.perf_counter() - t, consensus_rss_mb=rss_mb(), consensus_anon_mb=anon.take(),
@@ -160,7 +182,7 @@ def pipeline(args) -> dict:
     t = time.perf_counter()
     st = self_train(x, labels, args.k, lrs=(1e-3, 1e-2), weight_decays=(1e-4,), epochs=args.st_epochs,
                     batch_size=1024, seed=0, progress=args.progress)
-    pred = np.concatenate([st.classifier.logits(x[s:s + 65536]).argmax(1) for s in range(0, len(x), 65536)])
+    pred = st.classifier.predict(x)  # blocks of 65,536 rows
     rows.update(selftrain_s=time.perf_counter() - t, selftrain_rss_mb=rss_mb(), selftrain_anon_mb=anon.take(),
                 selftrain_holdout_acc=max((g.get("holdout_acc") or 0.0) for g in st.grid) if st.grid else None,
                 selftrain_agreement=float((pred == labels).mean()))
@@ -174,6 +196,7 @@ def launch(args, world: int, heads_only: bool) -> dict:
               "--epochs", str(args.epochs), "--k", str(args.k), "--batch-size", str(args.batch_size),
               "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out)]
     common += ["--reuse-heads"] * args.reuse_heads + ["--progress"] * args.progress
+    common += ["--synthetic-heads"] * args.synthetic_heads
     if heads_only:
         common.append("--heads-only")
     # The child's options travel in the environment: torchrun's own parser would take "--n" for "--nnodes".
@@ -203,6 +226,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--reuse-heads", action="store_true", help="reuse the heads' labels a previous run left in --work")
     ap.add_argument("--progress", action="store_true", help="progress bars (stderr)")
+    ap.add_argument("--synthetic-heads", action="store_true", help="skip neighbours and heads: consensus and "
+                    "self-training on stand-in head labels (noisy copies of one labelling), the streaming stages alone")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--heads-only", action="store_true")
     ap.add_argument("--out", default=None)
