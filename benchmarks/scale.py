@@ -200,7 +200,8 @@ def launch(args, world: int, heads_only: bool) -> dict:
     if heads_only:
         common.append("--heads-only")
     # The child's options travel in the environment: torchrun's own parser would take "--n" for "--nnodes".
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "IMGCLUST_SCALE_CHILD": json.dumps(common[1:])}
     if world == 1:
         cmd = [sys.executable, __file__]
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--exact-max-rows", type=int, default=200_000, help="IVF above this many rows (lower it to "
                     "measure the approximate index's recall on a small N)")
     ap.add_argument("--ratio", type=int, default=0, help="also time the heads with this many processes (and 1)")
+    ap.add_argument("--threads", type=int, default=0, help="threads per process (default: cores / processes)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--reuse-heads", action="store_true", help="reuse the heads' labels a previous run left in --work")
     ap.add_argument("--progress", action="store_true", help="progress bars (stderr)")
