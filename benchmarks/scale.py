@@ -35,6 +35,42 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class AnonPeak:
+    """Peak *anonymous* resident memory (``RssAnon`` of /proc/self/status, sampled every 0.2 s).
+
+    ``ru_maxrss`` also counts the memory-mapped feature file's resident pages (file-backed, page
+    cache that the kernel drops under pressure): at 10M x 384 that alone is up to 15 GB. RssAnon is
+    what the process itself holds (arrays, indexes, tensors), the number that must stay small.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = self.now()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def now() -> float:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self.now())
+
+    def take(self) -> float:
+        """Peak since the last call (then reset to the current value)."""
+        p, self.peak = max(self.peak, self.now()), self.now()
+        return round(p, 1)
+
+
 def make_features(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
     from numpy.lib.format import open_memmap
 
@@ -62,6 +98,7 @@ def pipeline(args) -> dict:
     from imgclust.train import dist
 
     dist.init_from_env()
+    anon = AnonPeak()
     work = Path(args.work)
     rows: dict = {"n": args.n, "dim": args.dim, "heads": args.heads, "epochs": args.epochs,
                   "processes": dist.world_size(), "threads": torch.get_num_threads()}
@@ -70,42 +107,85 @@ def pipeline(args) -> dict:
     dist.barrier()
     x = np.load(work / "features.npy", mmap_mode="r")
     rows["features_s"], rows["features_rss_mb"] = time.perf_counter() - t, rss_mb()
+    rows["features_anon_mb"] = anon.take()
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
 
+    if args.synthetic_heads:  # the streaming stages alone: consensus + self-training on stand-in head labels
+        return streaming_stages(args, x, synthetic_heads(args.n, args.heads, args.k), rows, anon)
     model = get_method("temi")(args.k, {"heads": args.heads, "epochs": args.epochs, "batch_size": args.batch_size,
                                         "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
     cfg = model.config
     t = time.perf_counter()
-    if dist.is_main():  # rank 0 mines and caches; the others read the cache
-        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False, exact_max_rows=args.exact_max_rows)
-    dist.barrier()
-    if not dist.is_main():
-        nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=False, exact_max_rows=args.exact_max_rows)
+    # under torchrun rank 0 mines and caches, the others wait and read the cache (inside the call)
+    nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=args.progress, exact_max_rows=args.exact_max_rows)
     rows.update(neighbors_s=time.perf_counter() - t, neighbors_rss_mb=rss_mb(), index=nb.info.get("index"),
-                recall_at_50=nb.info.get("recall_at_k"), neighbors_cache=nb.info.get("cache"))
+                recall_at_50=nb.info.get("recall_at_k"), neighbors_cache=nb.info.get("cache"),
+                neighbors_anon_mb=anon.take())
+    del nb
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
 
-    t = time.perf_counter()
-    model.fit(x, FitContext(seed=0, progress=False, work_dir=work))
-    ep = model.history_["epoch_s"]
-    rows.update(heads_s=time.perf_counter() - t, heads_epoch_s=float(np.median(ep)), heads_rss_mb=rss_mb())
+    t, cpu = time.perf_counter(), time.process_time()
+    # the heads' labels are kept in the work dir, so a re-run after a later stage failed skips the heads
+    tag = f"{args.n}-{args.heads}-{args.epochs}-{args.k}-{args.batch_size}-p{dist.world_size()}"
+    saved = work / f"head_labels-{tag}.npy"
+    if saved.is_file() and not args.heads_only and args.reuse_heads:
+        head_labels = np.load(saved)
+        rows.update(heads_reused=str(saved))
+    else:
+        model.fit(x, FitContext(seed=0, progress=args.progress, work_dir=work))
+        ep = model.history_["epoch_s"]
+        head_labels = model.head_labels_
+        rows.update(heads_epoch_s=float(np.median(ep)), head_labels_dtype=str(head_labels.dtype))
+        if dist.is_main() and not args.heads_only:
+            np.save(saved, head_labels)
+        del model
+    # CPU seconds of the heads summed over ranks: on a shared machine the wall ratio also measures how
+    # the scheduler shares the cores (2 processes get 2 shares); the CPU total shows the cost of parallelism
+    cpu_t = torch.tensor([time.process_time() - cpu], dtype=torch.float64)
+    rows.update(heads_s=time.perf_counter() - t, heads_cpu_s=float(dist.all_reduce_sum(cpu_t)[0]),
+                heads_rss_mb=rss_mb(), heads_anon_mb=anon.take())
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
     if args.heads_only or not dist.is_main():
         dist.shutdown()
         return rows
+    return streaming_stages(args, x, head_labels, rows, anon)
 
+
+def synthetic_heads(n: int, heads: int, k: int, noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    """(heads, n) int16 stand-in head labels: noisy, relabelled copies of one K-way labelling."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, k, n).astype(np.int16)
+    out = np.empty((heads, n), np.int16)
+    for h in range(heads):
+        for s in range(0, n, 1 << 20):
+            t = truth[s:s + (1 << 20)]
+            out[h, s:s + len(t)] = rng.permutation(k).astype(np.int16)[
+                np.where(rng.random(len(t)) < noise, rng.integers(0, k, len(t)), t)]
+    return out
+
+
+def streaming_stages(args, x, head_labels, rows: dict, anon) -> dict:
+    """Consensus (MCLA + HBGF) over the (H, N) head labels, then self-training on the memmap."""
     from imgclust.consensus import consensus
     from imgclust.refine.selftrain import self_train
+    from imgclust.train import dist
 
+    rows["synthetic_heads"] = bool(args.synthetic_heads)
+    anon.take()
     t = time.perf_counter()
-    res = consensus(model.head_labels_, args.k, methods=("mcla", "hbgf"), seed=0)
-    rows.update(consensus_s=time.perf_counter() - t, consensus_rss_mb=rss_mb(), consensus=res.summary().get("method"))
+    res = consensus(head_labels, args.k, methods=("mcla", "hbgf"), seed=0)
+    rows.update(consensus_s=time.perf_counter() - t, consensus_rss_mb=rss_mb(), consensus_anon_mb=anon.take(),
+                consensus=res.summary())
+    labels = res.labels
+    del res, head_labels
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
     t = time.perf_counter()
-    st = self_train(x, res.labels, args.k, lrs=(1e-3,), weight_decays=(1e-4,), epochs=args.st_epochs,
-                    batch_size=1024, seed=0)
-    rows.update(selftrain_s=time.perf_counter() - t, selftrain_rss_mb=rss_mb(),
-                selftrain_holdout_acc=max((g.get("holdout_acc") or 0.0) for g in st.grid) if st.grid else None)
+    st = self_train(x, labels, args.k, lrs=(1e-3, 1e-2), weight_decays=(1e-4,), epochs=args.st_epochs,
+                    batch_size=1024, seed=0, progress=args.progress)
+    pred = st.classifier.predict(x)  # blocks of 65,536 rows
+    rows.update(selftrain_s=time.perf_counter() - t, selftrain_rss_mb=rss_mb(), selftrain_anon_mb=anon.take(),
+                selftrain_holdout_acc=max((g.get("holdout_acc") or 0.0) for g in st.grid) if st.grid else None,
+                selftrain_agreement=float((pred == labels).mean()))
     dist.shutdown()
     return rows
 
@@ -115,10 +195,13 @@ def launch(args, world: int, heads_only: bool) -> dict:
     common = [__file__, "--child", "--n", str(args.n), "--dim", str(args.dim), "--heads", str(args.heads),
               "--epochs", str(args.epochs), "--k", str(args.k), "--batch-size", str(args.batch_size),
               "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out)]
+    common += ["--reuse-heads"] * args.reuse_heads + ["--progress"] * args.progress
+    common += ["--synthetic-heads"] * args.synthetic_heads
     if heads_only:
         common.append("--heads-only")
     # The child's options travel in the environment: torchrun's own parser would take "--n" for "--nnodes".
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "IMGCLUST_SCALE_CHILD": json.dumps(common[1:])}
     if world == 1:
         cmd = [sys.executable, __file__]
@@ -141,7 +224,12 @@ def main() -> None:
     ap.add_argument("--exact-max-rows", type=int, default=200_000, help="IVF above this many rows (lower it to "
                     "measure the approximate index's recall on a small N)")
     ap.add_argument("--ratio", type=int, default=0, help="also time the heads with this many processes (and 1)")
+    ap.add_argument("--threads", type=int, default=0, help="threads per process (default: cores / processes)")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--reuse-heads", action="store_true", help="reuse the heads' labels a previous run left in --work")
+    ap.add_argument("--progress", action="store_true", help="progress bars (stderr)")
+    ap.add_argument("--synthetic-heads", action="store_true", help="skip neighbours and heads: consensus and "
+                    "self-training on stand-in head labels (noisy copies of one labelling), the streaming stages alone")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--heads-only", action="store_true")
     ap.add_argument("--out", default=None)
@@ -156,6 +244,7 @@ def main() -> None:
     if args.work is None:
         tmp = tempfile.mkdtemp(prefix="imgclust-scale-")
         args.work = tmp
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     try:
         results = []
         if args.ratio:
@@ -163,12 +252,13 @@ def main() -> None:
             many = launch(args, args.ratio, heads_only=True)
             results += [one, many]
             print(f"heads epoch, 1 vs {args.ratio} processes: {one['heads_epoch_s']:.1f} s vs "
-                  f"{many['heads_epoch_s']:.1f} s (ratio {one['heads_epoch_s'] / many['heads_epoch_s']:.2f})")
+                  f"{many['heads_epoch_s']:.1f} s (ratio {one['heads_epoch_s'] / many['heads_epoch_s']:.2f}); "
+                  f"heads CPU s summed over ranks {one['heads_cpu_s']:.1f} vs {many['heads_cpu_s']:.1f}")
         else:
             results.append(launch(args, 1, heads_only=False))
-        cols = ["n", "processes", "features_s", "neighbors_s", "index", "recall_at_50", "heads_epoch_s",
-                "consensus_s", "selftrain_s", "features_rss_mb", "neighbors_rss_mb", "heads_rss_mb",
-                "consensus_rss_mb", "selftrain_rss_mb"]
+        cols = ["n", "processes", "features_s", "neighbors_s", "index", "recall_at_50", "heads_s", "heads_epoch_s", "heads_cpu_s",
+                "consensus_s", "selftrain_s", "features_anon_mb", "neighbors_anon_mb", "heads_anon_mb",
+                "consensus_anon_mb", "selftrain_anon_mb", "selftrain_rss_mb"]
         print(" | ".join(cols))
         for r in results:
             print(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))

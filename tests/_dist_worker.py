@@ -88,6 +88,59 @@ def heads(args):
             "teacher": {k: v.tolist() for k, v in st.items() if k.startswith("teacher.") and v.is_floating_point()}}
 
 
+def neighbors(args):
+    """load_or_mine_neighbors with a shared work dir: rank 0 mines and writes, the others read (issue 20)."""
+    from sklearn.datasets import load_digits
+
+    from imgclust.neighbors import load_or_mine_neighbors
+    from imgclust.train import dist
+
+    nb = load_or_mine_neighbors(load_digits().data.astype(np.float32), args["work"], k=10, progress=False,
+                                exact_max_rows=args["exact_max_rows"])
+    status = torch.tensor([{"written": 1, "hit": 2}.get(nb.info["cache"], 9)])
+    return {"cache": dist.all_gather_cat(status).tolist(), "indices": nb.indices.tolist(),
+            "recall": nb.info.get("recall_at_k")}
+
+
+def spice(args):
+    """SPICE-Self heads on the 1,797 digits (64-d), 1 or 2 processes, same global mini-batches (issue 20)."""
+    from sklearn.datasets import load_digits
+
+    import imgclust.methods  # noqa: F401  (registers the methods)
+    import imgclust.methods.spice as sp
+    from imgclust.methods.base import FitContext, get_method
+
+    seen, loss = set(), sp.cluster_loss
+
+    def counting_loss(logits, targets, *a, **k):  # the mini-batch rows this rank trains on
+        if torch.is_grad_enabled():
+            seen.add(int(targets.shape[-1]))
+        return loss(logits, targets, *a, **k)
+
+    sp.cluster_loss = counting_loss
+    x = load_digits().data.astype(np.float32)
+    m = get_method("spice-self")(10, args["config"])
+    m.fit(x, FitContext(seed=0, progress=False))
+    return {"rows_per_step": sorted(seen), "labels": m.labels_.tolist(), "head_losses": [float(v) for v in m.head_losses_],
+            "best_head": m.best_head_, "train_loss": m.history_["train_loss"],
+            "heads": {k: v.tolist() for k, v in m.state_dict().items() if v.is_floating_point()}}
+
+
+def selftrain(args):
+    """Self-training (grid + refit) on noisy digit pseudo-labels with sample weights, 1 or 2 processes."""
+    from sklearn.datasets import load_digits
+
+    from imgclust.refine.selftrain import self_train
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    noisy = np.where(rng.random(len(y)) < 0.3, rng.integers(0, 10, len(y)), y)
+    r = self_train(x.astype(np.float32), noisy, 10, weights=rng.random(len(y)).astype(np.float32),
+                   epochs=args["epochs"], batch_size=args["batch_size"], seed=1)
+    return {"weight": r.classifier.weight.tolist(), "bias": r.classifier.bias.tolist(), "lr": r.lr,
+            "grid": r.grid, "labels": r.classifier.predict(x.astype(np.float32)).tolist()}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     task, out_path, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -274,6 +274,10 @@ def mine_neighbors(
     index, index_info = _build_index(xn, exact_max_rows, seed)
     info.update(index_info)
     sizes = np.zeros(n, dtype=np.int64)
+    # issue 20: fixed sets fill one preallocated (N x cap) buffer (at 10M x 50 a list of parts plus
+    # their concatenation held 2 x 2 GB); adaptive sets vary in size and stay a list of parts.
+    buf = np.empty(n * cap, idx_dtype) if mode == "fixed" else None
+    pos = 0
     parts: list[np.ndarray] = []
     bar = progress_bar(n, "neighbours", unit="img", enable=progress and n >= 20_000)
     for s in range(0, n, chunk):
@@ -287,14 +291,23 @@ def mine_neighbors(
             rank = np.arange(cap)[None, :]
             take = valid & ((sims >= min_sim) | (rank < k_eff))
         sizes[rows] = take.sum(axis=1)
-        parts.append(ids[take].astype(idx_dtype))  # row-major: rows stay in order, best first
+        kept = ids[take].astype(idx_dtype)  # row-major: rows stay in order, best first
+        if buf is not None:
+            buf[pos:pos + len(kept)] = kept
+            pos += len(kept)
+        else:
+            parts.append(kept)
         bar.update(len(rows))
     bar.close()
     if info["index"] != "flat-ip":  # --- issue 20: how good is the approximate index on this data?
         info.update(_sampled_recall(index, xn, cap, seed))
+    del index  # issue 20: the IVF-SQ8 index is 3.8 GB at 10M x 384; free it before the sets are finished
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes, out=indptr[1:])
-    indices = np.concatenate(parts) if parts else np.zeros(0, idx_dtype)
+    if buf is not None:
+        indices = buf if pos == len(buf) else buf[:pos].copy()  # a copy only when the index returned fewer
+    else:
+        indices = np.concatenate(parts) if parts else np.zeros(0, idx_dtype)
     info.update(mean_size=float(sizes.mean()), min_size=int(sizes.min()), max_size=int(sizes.max()))
     if mode == "adaptive":
         info["capped_fraction"] = float((sizes >= cap).mean())
@@ -336,7 +349,28 @@ def load_or_mine_neighbors(
     The file is written atomically (temporary name, then rename), so a crash never leaves a
     truncated file that a later run would trust. A cache directory that cannot be written
     (read-only) only disables caching; ``info["cache"]`` says what happened.
+
+    Under torchrun (issue 20) with a ``work_dir``, rank 0 mines and writes the cache while the
+    other ranks wait on a barrier, then read it (a cache hit) instead of mining the same sets
+    again. Across nodes the work dir must be on a shared filesystem; where it is not (or rank 0
+    could not write), the other ranks mine for themselves — the same sets, only slower.
     """
+    from imgclust.train import dist
+
+    kw = {"mode": mode, "k": k, "threshold": threshold, "max_neighbors": max_neighbors,
+          "exact_max_rows": exact_max_rows, "seed": seed, "progress": progress, "center": center}
+    if work_dir is None or dist.world_size() == 1:
+        return _load_or_mine(features, work_dir, **kw)
+    if dist.is_main():
+        sets = _load_or_mine(features, work_dir, **kw)
+        dist.barrier()
+        return sets
+    dist.barrier()
+    return _load_or_mine(features, work_dir, **{**kw, "progress": False})
+
+
+def _load_or_mine(features: np.ndarray, work_dir: str | Path | None, *, mode: str, k: int, threshold: float,
+                  max_neighbors: int, exact_max_rows: int, seed: int, progress: bool, center: bool) -> NeighborSets:
     params = {"mode": mode, "k": int(k), "max_neighbors": int(max_neighbors),
               "threshold": float(threshold) if mode == "adaptive" else None,
               "exact_max_rows": int(exact_max_rows), "nprobe": IVF_NPROBE, "train": IVF_TRAIN_PER_LIST,

@@ -45,7 +45,7 @@ def test_clusters_digits_well_above_chance_and_keeps_every_head(fitted, digits_x
     x, y = digits_xy
     m = fitted[name]
     assert cluster_acc(y, m.labels_) > 0.6  # chance is ~0.1
-    assert m.head_labels_.shape == (8, len(x)) and m.head_labels_.dtype == np.int32
+    assert m.head_labels_.shape == (8, len(x)) and m.head_labels_.dtype == np.int16  # issue 20: compact
     np.testing.assert_array_equal(m.labels_, m.head_labels_[m.best_head_])
     assert m.best_head_ == int(np.argmin(m.history_["head_losses"]))
     assert len(m.history_["loss"]) == 30 and m.history_["best_head"] == m.best_head_

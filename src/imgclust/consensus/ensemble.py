@@ -13,6 +13,16 @@ mutual information between a candidate labelling lambda and the H given ones::
     NMI(a, b)    = I(a; b) / sqrt(H(a) H(b))        (the geometric normalisation of the paper)
 
 computed from contingency tables with one ``np.bincount`` per block of heads.
+
+Streaming (issue 20, 10M objects x 50 heads): the labels are stored in the smallest integer
+type the largest K_h allows (uint8 up to 256 clusters: 0.5 GB at 10M x 50 instead of 2 GB of
+int32), and every N-sized computation runs over blocks of :data:`ROW_BLOCK` objects — the
+contingency tables and B^T B are integer counts summed block by block, and ``B @ M`` (the
+object embeddings and associations of HBGF, MCLA, HGPA) is :meth:`Ensemble.project_rows`, a
+gather-and-add over the heads in the same order and precision as scipy's CSR product, so the
+blocked results are bit-identical to the whole-matrix ones (tests/consensus/). The membership
+matrix B itself (H ones per row: 4 GB of CSR at 10M x 50) is only built for CSPA (N <= 5,000)
+and for HGPA's sample.
 """
 
 from __future__ import annotations
@@ -24,12 +34,25 @@ import scipy.sparse as sp
 
 from imgclust.errors import InputError
 
+ROW_BLOCK = 1 << 20  # objects per block of N-sized work (a multiple of faiss's 4096-query search blocks)
+
+
+def compact_dtype(n_labels: int) -> type:
+    """The smallest integer type that holds labels 0..n_labels-1 (uint8, int16 or int32)."""
+    return np.uint8 if n_labels <= 256 else np.int16 if n_labels <= 2**15 else np.int32
+
+
+def row_blocks(n: int, block: int = ROW_BLOCK):
+    """Slices covering 0..n-1 in blocks of ``block`` rows."""
+    for s in range(0, n, max(1, int(block))):
+        yield slice(s, min(s + block, n))
+
 
 @dataclass
 class Ensemble:
     """H labellings of N objects, each relabelled to 0..K_h-1 (unused labels dropped)."""
 
-    labels: np.ndarray  # (H, N) int32, compact per head
+    labels: np.ndarray  # (H, N) compact per head, uint8/int16/int32 (:func:`compact_dtype` of max K_h)
     n_clusters: np.ndarray  # (H,) K_h
     offsets: np.ndarray  # (H + 1,) first column of head h in the membership matrix
 
@@ -42,22 +65,28 @@ class Ensemble:
             raise InputError(f"expected head labels shaped (H, N) with H, N >= 1; got {lab.shape}")
         if not np.issubdtype(lab.dtype, np.integer):
             raise InputError(f"head labels must be integers, got {lab.dtype}")
-        if (lab < 0).any():
-            raise InputError("head labels must be >= 0 (every head assigns every object)")
         h, n = lab.shape
-        out = np.empty((h, n), dtype=np.int32)
+        # relabel each head to 0..K_h-1 (a preprocessing pass, O(N) per head, one head in memory at a time):
+        # first the map of every head, then the output in the smallest type its largest K_h fits
+        maps: list[tuple[str, np.ndarray]] = []
         ks = np.empty(h, dtype=np.int64)
-        for i in range(h):  # relabel each head to 0..K_h-1 (a preprocessing pass, O(N) per head)
-            top = int(lab[i].max())
+        for i in range(h):
+            row = np.asarray(lab[i])
+            if int(row.min()) < 0:
+                raise InputError("head labels must be >= 0 (every head assigns every object)")
+            top = int(row.max())
             if top <= 16 * n + 1024:  # small label values: a lookup table beats sorting
-                present = np.bincount(lab[i], minlength=top + 1) > 0
-                table = (np.cumsum(present) - 1).astype(np.int32)
-                out[i] = table[lab[i]]
+                present = np.bincount(row, minlength=top + 1) > 0
+                maps.append(("table", (np.cumsum(present) - 1).astype(np.int32)))
                 ks[i] = int(present.sum())
             else:
-                uniq, inv = np.unique(lab[i], return_inverse=True)
-                out[i] = inv
+                uniq = np.unique(row)
+                maps.append(("sorted", uniq))
                 ks[i] = len(uniq)
+        out = np.empty((h, n), dtype=compact_dtype(int(ks.max())))
+        for i, (kind, m) in enumerate(maps):
+            row = np.asarray(lab[i])
+            out[i] = m[row] if kind == "table" else np.searchsorted(m, row)
         offsets = np.concatenate([[0], np.cumsum(ks)])
         return cls(out, ks, offsets)
 
@@ -73,38 +102,64 @@ class Ensemble:
     def n_columns(self) -> int:
         return int(self.offsets[-1])
 
-    def membership(self, dtype: type = np.float32) -> sp.csr_matrix:
-        """B (N, C): B[n, offsets[h] + labels[h, n]] = 1; H ones per row, CSR (int32 indices)."""
-        h, n = self.labels.shape
+    def membership(self, dtype: type = np.float32, rows: np.ndarray | None = None) -> sp.csr_matrix:
+        """B (N, C): B[n, offsets[h] + labels[h, n]] = 1; H ones per row, CSR (int32 indices).
+
+        ``rows`` (indices): only those objects' rows, in that order (``B[rows]``).
+        """
+        lab = self.labels if rows is None else self.labels[:, rows]
+        h, n = lab.shape
         if n * h >= 2**31:
             raise InputError(f"{n} objects x {h} heads exceed 2^31 memberships; use fewer heads or objects")
-        cols = (self.labels + self.offsets[:-1, None].astype(np.int32)).T.ravel()  # row-major: n, then h
+        cols = (lab + self.offsets[:-1, None].astype(np.int32)).T.ravel()  # row-major: n, then h
         indptr = np.arange(0, n * h + 1, h, dtype=np.int32)
         return sp.csr_matrix((np.ones(n * h, dtype=dtype), cols, indptr), shape=(n, self.n_columns), copy=False)
 
-    def cooccurrence(self, block: int = 8) -> np.ndarray:
+    def project_rows(self, mat: np.ndarray, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """``B[rows] @ mat`` without building B: (len(rows), M) in the result type of float32 and mat.
+
+        Object n's row is the sum of ``mat[offsets[h] + labels[h, n]]`` over the heads, added in
+        head order from zero — the operations (and rounding) of scipy's CSR x dense product on B,
+        whose row n holds exactly those columns in that order (so results are bit-identical).
+        """
+        lab = self.labels[:, rows]
+        out = np.zeros((lab.shape[1], mat.shape[1]), dtype=np.result_type(np.float32, mat.dtype))
+        for h in range(self.n_heads):
+            out += mat[int(self.offsets[h]) + lab[h].astype(np.intp)]
+        return out
+
+    def cooccurrence(self, block: int = 8, row_block: int = ROW_BLOCK) -> np.ndarray:
         """B^T B as a dense (C, C) float64 matrix: objects shared by every pair of clusters.
 
         Counted head pair by head pair with ``np.bincount`` on combined label codes (blocks
-        of heads at a time): O(N H^2) work and O(C^2 + block N) memory. scipy's sparse
-        product computes the same matrix ~6x slower (1M objects x 50 heads: 102 s vs 16 s).
+        of heads at a time): O(N H^2) work and O(C^2 + block x row_block) memory (the counts
+        of every block of ``row_block`` objects are added up; integer counts, so the sum is
+        exact). scipy's sparse product computes the same matrix ~6x slower (1M objects x 50
+        heads: 102 s vs 16 s).
         """
         h = self.n_heads
         kmax = int(self.n_clusters.max())
+        cont_all = {}  # (i, first j of the block) -> (len(js), kmax, kmax) int64 counts
+        for rows in row_blocks(self.n_objects, row_block):
+            lab = self.labels[:, rows]
+            for i in range(h):
+                li = lab[i].astype(np.int64) * kmax
+                for s in range(i, h, block):
+                    js = np.arange(s, min(s + block, h))
+                    codes = (np.arange(len(js))[:, None] * (kmax * kmax) + li[None, :] + lab[js]).ravel()
+                    cont = np.bincount(codes, minlength=len(js) * kmax * kmax).reshape(len(js), kmax, kmax)
+                    if (i, s) in cont_all:
+                        cont_all[i, s] += cont
+                    else:
+                        cont_all[i, s] = cont
         out = np.zeros((self.n_columns, self.n_columns))
-        lab = self.labels
-        for i in range(h):
-            li = lab[i].astype(np.int64) * kmax
-            for s in range(i, h, block):
-                js = np.arange(s, min(s + block, h))
-                codes = (np.arange(len(js))[:, None] * (kmax * kmax) + li[None, :] + lab[js]).ravel()
-                cont = np.bincount(codes, minlength=len(js) * kmax * kmax).reshape(len(js), kmax, kmax)
-                ki = int(self.n_clusters[i])
-                for t, j in enumerate(js):
-                    kj = int(self.n_clusters[j])
-                    blk = cont[t, :ki, :kj]
-                    out[self.offsets[i]:self.offsets[i + 1], self.offsets[j]:self.offsets[j + 1]] = blk
-                    out[self.offsets[j]:self.offsets[j + 1], self.offsets[i]:self.offsets[i + 1]] = blk.T
+        for (i, s), cont in cont_all.items():
+            ki = int(self.n_clusters[i])
+            for t, j in enumerate(range(s, min(s + block, h))):
+                kj = int(self.n_clusters[j])
+                blk = cont[t, :ki, :kj]
+                out[self.offsets[i]:self.offsets[i + 1], self.offsets[j]:self.offsets[j + 1]] = blk
+                out[self.offsets[j]:self.offsets[j + 1], self.offsets[i]:self.offsets[i + 1]] = blk.T
         return out
 
     def column_sizes(self) -> np.ndarray:
@@ -119,7 +174,7 @@ def _entropy(counts: np.ndarray, n: int, axis: int = -1) -> np.ndarray:
         return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=axis)
 
 
-def nmi_to_heads(ens: Ensemble, labels: np.ndarray, block: int = 8) -> np.ndarray:
+def nmi_to_heads(ens: Ensemble, labels: np.ndarray, block: int = 8, row_block: int = ROW_BLOCK) -> np.ndarray:
     """NMI (geometric normalisation) between ``labels`` (N,) and every head: (H,).
 
     Two constant labellings score 1 (identical); a constant against a non-constant one 0.
@@ -132,11 +187,14 @@ def nmi_to_heads(ens: Ensemble, labels: np.ndarray, block: int = 8) -> np.ndarra
     kmax = int(ens.n_clusters.max())
     out = np.empty(ens.n_heads)
     h_lam = _entropy(np.bincount(lam, minlength=k), n)
-    for s in range(0, ens.n_heads, block):  # blocks of heads bound the temporary to block * N codes
-        hb = ens.labels[s:s + block].astype(np.int64)
-        nb = hb.shape[0]
-        codes = (np.arange(nb)[:, None] * kmax + hb) * k + lam[None, :]
-        cont = np.bincount(codes.ravel(), minlength=nb * kmax * k).reshape(nb, kmax, k).astype(np.float64)
+    for s in range(0, ens.n_heads, block):  # blocks of heads x objects bound the temporary codes
+        nb = min(block, ens.n_heads - s)
+        cont_i = np.zeros(nb * kmax * k, dtype=np.int64)
+        for rows in row_blocks(n, row_block):
+            hb = ens.labels[s:s + block, rows].astype(np.int64)
+            codes = (np.arange(nb)[:, None] * kmax + hb) * k + lam[None, rows]
+            cont_i += np.bincount(codes.ravel(), minlength=nb * kmax * k)
+        cont = cont_i.reshape(nb, kmax, k).astype(np.float64)
         rows, cols = cont.sum(2), cont.sum(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = cont * n / (rows[:, :, None] * cols[:, None, :])

@@ -11,16 +11,27 @@ is spectral and works on B alone (O(N H) memory):
 
 then k-means on the object embedding (Ng-Jordan-Weiss style). Cheap at 1,000,000 objects:
 the only N-sized work is two sparse products.
+
+Streaming (issue 20): up to ``whole_bytes`` (256 MB: 670,000 objects at K = 100) the (N, K)
+embedding is built whole exactly as before. Above, it is computed for blocks of objects
+(:meth:`Ensemble.project_rows`) and never held whole: k-means trains on a seeded sample of
+K x 256 rows (faiss's own cap, ``max_points_per_centroid``: above it faiss subsampled the full
+matrix anyway, with its own generator) and assigns every block (at 10M x K = 100 the whole
+embedding would be 4 GB).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from imgclust.consensus.ensemble import Ensemble
+from imgclust.consensus.ensemble import ROW_BLOCK, Ensemble, row_blocks
+
+KMEANS_POINTS_PER_CENTROID = 256  # faiss.ClusteringParameters().max_points_per_centroid
+WHOLE_BYTES = 256 << 20  # an (N, K) float32 embedding up to this size is built whole (as before issue 20)
 
 
-def hbgf(ens: Ensemble, k: int, *, seed: int = 0) -> np.ndarray:
+def hbgf(ens: Ensemble, k: int, *, seed: int = 0, row_block: int = ROW_BLOCK,
+         whole_bytes: int = WHOLE_BYTES) -> np.ndarray:
     inter = ens.cooccurrence()  # B^T B
     sizes = np.diag(inter).copy()
     dc = 1.0 / np.sqrt(np.maximum(sizes, 1.0))
@@ -37,11 +48,23 @@ def hbgf(ens: Ensemble, k: int, *, seed: int = 0) -> np.ndarray:
     top = np.argsort(evals)[::-1][:kk]
     s = np.sqrt(np.maximum(evals[top], 1e-12))
     proj = (evecs[:, top] * dc[:, None] / s / np.sqrt(ens.n_heads)).astype(np.float32)  # D_c^-1/2 V S^-1 / sqrt(H)
-    u = np.asarray(ens.membership(dtype=np.float32) @ proj)  # (N, K) = A V S^-1, left singular vectors
-    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+
+    def embed(rows: slice | np.ndarray) -> np.ndarray:
+        u = ens.project_rows(proj, rows)  # (n, K) rows of A V S^-1, the left singular vectors
+        u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(u, dtype=np.float32)
+
     import faiss
 
-    km = faiss.Kmeans(u.shape[1], k, niter=25, nredo=3, seed=int(seed) % (2**31), verbose=False)
-    x = np.ascontiguousarray(u, dtype=np.float32)
-    km.train(x)
-    return km.index.search(x, 1)[1].ravel().astype(np.int64)
+    n = ens.n_objects
+    km = faiss.Kmeans(proj.shape[1], k, niter=25, nredo=3, seed=int(seed) % (2**31), verbose=False)
+    cap = k * KMEANS_POINTS_PER_CENTROID
+    if n <= cap or n * proj.shape[1] * 4 <= whole_bytes:  # the whole embedding: faiss samples it itself
+        x = embed(slice(0, n))
+        km.train(x)
+        return km.index.search(x, 1)[1].ravel().astype(np.int64)
+    km.train(embed(np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))))
+    out = np.empty(n, dtype=np.int64)
+    for rows in row_blocks(n, row_block):
+        out[rows] = km.index.search(embed(rows), 1)[1].ravel()
+    return out

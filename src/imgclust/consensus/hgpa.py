@@ -24,18 +24,17 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from imgclust.consensus.ensemble import Ensemble
+from imgclust.consensus.ensemble import ROW_BLOCK, Ensemble, row_blocks
 from imgclust.consensus.partition import kahypar_partition
 
 HGPA_SAMPLE = 4000
 
 
-def hgpa(ens: Ensemble, k: int, *, seed: int = 0, sample: int = HGPA_SAMPLE) -> np.ndarray:
+def hgpa(ens: Ensemble, k: int, *, seed: int = 0, sample: int = HGPA_SAMPLE, row_block: int = ROW_BLOCK) -> np.ndarray:
     n = ens.n_objects
     rng = np.random.default_rng(seed)
     idx = np.arange(n) if n <= sample else np.sort(rng.choice(n, size=sample, replace=False))
-    b = ens.membership()
-    bs = b[idx].tocsc()  # (n_s, C): column c lists the sampled members of hyperedge c
+    bs = ens.membership(rows=idx).tocsc()  # (n_s, C): column c lists the sampled members of hyperedge c
     keep = np.flatnonzero(np.diff(bs.indptr) > 0)  # hyperedges with at least one sampled member
     bs = bs[:, keep]
     part_s = kahypar_partition(bs.indptr, bs.indices, len(idx), k, seed=seed)
@@ -47,6 +46,8 @@ def hgpa(ens: Ensemble, k: int, *, seed: int = 0, sample: int = HGPA_SAMPLE) -> 
     share[keep] = (bs.T @ onehot).toarray()
     share /= np.maximum(share.sum(1, keepdims=True), 1.0)
     # ... summed over every object's H hyperedges; the sampled objects keep their block.
-    out = np.asarray(b @ share).argmax(1).astype(np.int64)
+    out = np.empty(n, dtype=np.int64)
+    for rows in row_blocks(n, row_block):  # issue 20: blocks of objects, never B or (N, K) whole
+        out[rows] = ens.project_rows(share, rows).argmax(1)
     out[idx] = part_s
     return out

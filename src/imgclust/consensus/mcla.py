@@ -13,6 +13,8 @@
 3. Collapse: object n's association with meta-cluster m is the mean of B[n, c] over the
    clusters c in m — the fraction of m's clusters that contain n.
 4. Assign every object to its most associated meta-cluster (ties: the lowest index).
+   Streaming (issue 20): steps 3-4 run over blocks of objects (:meth:`Ensemble.project_rows`,
+   bit-identical to the product with B), so the (N, K) association matrix is never whole.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from imgclust.consensus.ensemble import Ensemble
+from imgclust.consensus.ensemble import ROW_BLOCK, Ensemble, row_blocks
 from imgclust.consensus.partition import metis_partition
 
 
-def mcla(ens: Ensemble, k: int, *, seed: int = 0, max_degree: int | None = None) -> np.ndarray:
+def mcla(ens: Ensemble, k: int, *, seed: int = 0, max_degree: int | None = None,
+         row_block: int = ROW_BLOCK) -> np.ndarray:
     inter = ens.cooccurrence()  # (C, C); diagonal = cluster sizes
     c = len(inter)
     size = np.diag(inter).copy()
@@ -44,5 +47,7 @@ def mcla(ens: Ensemble, k: int, *, seed: int = 0, max_degree: int | None = None)
     share = np.zeros((c, n_meta), np.float32)
     share[np.arange(c), meta] = 1.0
     share /= np.maximum(share.sum(0, keepdims=True), 1.0)  # mean over each meta-cluster's clusters
-    assoc = ens.membership(dtype=np.float32) @ share  # (N, K) association of every object
-    return np.asarray(assoc).argmax(1).astype(np.int64)
+    out = np.empty(ens.n_objects, dtype=np.int64)
+    for rows in row_blocks(ens.n_objects, row_block):
+        out[rows] = ens.project_rows(share, rows).argmax(1)  # (n, K) association of every object
+    return out

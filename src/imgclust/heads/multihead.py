@@ -18,7 +18,8 @@ Input normalisation (``norm``), shared by the heads:
   features and frozen (TEMI's "embedding normalisation", ``--embed_norm``).
 * ``"batchnorm"`` — a ``BatchNorm1d(D)`` layer after the backbone (ICCE sec. 3.1, "Batch
   Normalization Layer Following the Backbone"): batch statistics in training, running
-  statistics in evaluation, learnable affine scale/shift.
+  statistics in evaluation, learnable affine scale/shift. Under torchrun the batch
+  statistics are those of the global batch (:func:`imgclust.train.dist.batch_norm`; issue 20).
 
 Initialisation follows ``nn.Linear`` (U(-1/sqrt(D), 1/sqrt(D)) for weights and biases),
 drawn from an explicit ``torch.Generator`` so a seed fixes it.
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from imgclust.errors import InputError
+from imgclust.train import dist
 from imgclust.train.optim import ema_update_  # noqa: F401  (the one EMA update; re-exported here)
 
 NORMS = ("none", "l2", "standardize", "batchnorm")
@@ -71,7 +73,7 @@ class SharedInputNorm(nn.Module):
         if self.norm == "standardize":
             return (x - self.mean) / self.std
         if self.bn is not None:
-            return self.bn(x)
+            return dist.batch_norm(self.bn, x)  # issue 20: global-batch statistics under torchrun (gloo too)
         return x
 
 

@@ -67,12 +67,17 @@ def multihead_logits(heads: nn.Module, features: np.ndarray, head: int | None = 
 
 
 @torch.no_grad()
-def multihead_labels(heads: nn.Module, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """The cluster of every row under every head of a batched multi-head module: (H, N) int32
-    (``chunk`` rows at a time, so the (H, N, K) logits never exist at once)."""
+def multihead_labels(heads: nn.Module, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """The cluster of every row under every head of a batched multi-head module: (H, N) int16
+    (int32 above 32,768 clusters), ``chunk`` rows at a time so the (H, N, K) logits never exist at once.
+
+    Issue 20: by default blocks of 2^24 logits (64 MB: 3,355 rows at 50 heads x K = 100, where 65,536
+    rows were 1.3 GB), and int16 labels (1 GB at 10M x 50 heads instead of 2 GB)."""
     heads.eval()
     x = np.asarray(features, dtype=np.float32)
-    out = np.zeros((heads.n_heads, len(x)), dtype=np.int32)
+    k = int(heads.n_clusters)
+    chunk = chunk or max(256, (1 << 24) // max(1, heads.n_heads * k))
+    out = np.zeros((heads.n_heads, len(x)), dtype=np.int16 if k <= 2**15 else np.int32)
     for s in range(0, len(x), chunk):
         xb = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))
         out[:, s:s + len(xb)] = heads(xb).argmax(-1).numpy()

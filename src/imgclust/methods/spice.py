@@ -74,6 +74,7 @@ from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, default_p
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.refine.fixmatch import FixMatchConfig
 from imgclust.refine.semi import SEMI_MODES, fixmatch_classifier, reliable_for_semi
+from imgclust.train import dist
 from imgclust.train.loop import StepInfo
 from imgclust.train.optim import build_optimizer
 from imgclust.train.recipe import cluster_sizes, run_epochs
@@ -177,6 +178,13 @@ class SPICESelf(ClusteringMethod):
         # SPICE's reference decays every parameter (its Adam has no groups): kept, so no no-decay rule here
         opt = build_optimizer("adam", [{"params": list(heads.parameters())}], lr=cfg.lr, weight_decay=cfg.weight_decay)
         m, m2, n_pools = losses.pool_and_batch(k, n, cfg.pool_size, cfg.batch_size)
+        # --- issue 20: data-parallel under torchrun. Every rank draws the same pool, views and
+        # pseudo-labels (same generator, same heads: the per-cluster top-confident selection is made
+        # on the whole pool on every rank, identically, without communication) and trains on its
+        # slice of each mini-batch; run_loop averages the gradients over ranks.
+        if m2 % dist.world_size():
+            raise InputError(f"{self.name}: batch size {m2} must be a multiple of the {dist.world_size()} processes")
+        mine = dist.shard(m2)
         state: dict = {"loss_sum": torch.zeros(cfg.heads, dtype=torch.float64), "best_loss": float("inf"),
                        "best_state": None, "best_epoch": -1, "head_losses": None, "best_head": 0}
 
@@ -190,6 +198,7 @@ class SPICESelf(ClusteringMethod):
                 strong = views.sample("strong", pool, gen)
                 heads.train()
                 for ib, lb in losses.pool_steps(idx, lab, m2, cfg.repeats, gen):
+                    ib, lb = ib[:, mine.start:mine.stop], lb[:, mine.start:mine.stop]  # issue 20: this rank's slice
                     yield strong[ib], lb  # (H, m2, D): each head its own samples
 
         def step(batch, info: StepInfo) -> torch.Tensor:
@@ -198,6 +207,7 @@ class SPICESelf(ClusteringMethod):
             return per_head.mean()
 
         def epoch_end(epoch: int, means: dict[str, float], info: StepInfo) -> dict:
+            dist.all_reduce_mean(state["loss_sum"])  # issue 20: the global batch's loss on every rank
             out: dict = {"train_loss": [round(float(v), 5) for v in (state["loss_sum"] / max(info.it, 1)).numpy()]}
             state["loss_sum"] = torch.zeros_like(state["loss_sum"])
             if cfg.select_every_epoch or epoch == cfg.epochs - 1:

@@ -126,7 +126,7 @@ class TEMI(ClusteringMethod):
         super().__init__(n_clusters, config)
         self.teacher_: MultiHeadClassifier | MultiHeadMLP | None = None
         self.best_head_: int = 0
-        self.head_labels_: np.ndarray | None = None  # (H, N) int32, teacher assignments of the fit features
+        self.head_labels_: np.ndarray | None = None  # (H, N) int16, teacher assignments of the fit features
         self.head_losses_: np.ndarray | None = None  # (H,) last-epoch mean loss per head
         self.prior_: torch.Tensor | None = None
 
@@ -237,8 +237,8 @@ class TEMI(ClusteringMethod):
         """Teacher logits: all heads (H, N, K), or one head (N, K) when ``head`` is given."""
         return multihead_logits(self._check(), features, head, chunk)
 
-    def predict_heads(self, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        """Cluster of every image under every head (teacher): (H, N) int32."""
+    def predict_heads(self, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """Cluster of every image under every head (teacher): (H, N) int16 (int32 above 32,768 clusters)."""
         return multihead_labels(self._check(), features, chunk)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:

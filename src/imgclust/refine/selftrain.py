@@ -19,6 +19,15 @@ How it runs:
   the lower loss) is retrained on every sample. The labels of the data never enter.
 * Optional per-sample ``weights`` (e.g. ICSR's ranking groups) scale each sample's
   cross-entropy.
+* Streaming (issue 20): the standardised features are never materialised — each batch is
+  gathered from ``features`` (a memory map is read in place) and standardised on the fly
+  (elementwise the same operations, so the same numbers as standardising everything first);
+  the held-out share is an index, not a copy; held-out logits are computed in blocks of
+  ``chunk`` rows above it. At 10M x 384 the former standardised copy alone was 15 GB.
+* Data-parallel under ``torchrun`` (issue 20): every rank draws the same permutation and
+  holdout (same seed) and trains on its slice of each global batch; the batch's total sample
+  weight and the gradients are summed over ranks, so every rank applies the single-process
+  update (up to float summation order).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch.nn.functional as F
 
 from imgclust.errors import InputError
 from imgclust.progress import progress_bar
+from imgclust.train import dist
 
 DEFAULT_LRS = (0.001, 0.01, 0.1, 1.0)
 DEFAULT_WDS = (0.0, 1e-4)
@@ -54,6 +64,13 @@ class LinearClassifier:
         out = [torch.addmm(self.bias, (xt[s:s + chunk] - self.mean) / self.std, self.weight)
                for s in range(0, len(xt), chunk)]
         return (torch.cat(out) if out else torch.zeros(0, self.weight.shape[1])).numpy()
+
+    def predict(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Class of every row (N,) int64, computed block by block (never N x K logits at once)."""
+        out = np.empty(len(x), dtype=np.int64)
+        for s in range(0, len(x), chunk):
+            out[s:s + chunk] = self.logits(x[s:s + chunk], chunk).argmax(1)
+        return out
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(self.logits(x))
@@ -84,10 +101,14 @@ class SelfTrainResult:
 
 
 def _train_grid(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, k: int, lrs: torch.Tensor, wds: torch.Tensor,
-                epochs: int, batch_size: int, gen: torch.Generator, progress: bool, desc: str
+                epochs: int, batch_size: int, gen: torch.Generator, progress: bool, desc: str,
+                mean: torch.Tensor, std: torch.Tensor, subset: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train G = len(lrs) linear heads at once; returns weights (G, D, K) and biases (G, K)."""
-    n, d = x.shape
+    """Train G = len(lrs) linear heads at once; returns weights (G, D, K) and biases (G, K).
+
+    Trains on the rows ``subset`` of x (all when None), standardised batch by batch.
+    """
+    n, d = (len(subset) if subset is not None else x.shape[0]), x.shape[1]
     g = len(lrs)
     bound = 1.0 / math.sqrt(d)
     weight = (torch.rand(g, d, k, generator=gen) * 2 - 1) * bound
@@ -105,10 +126,20 @@ def _train_grid(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, k: int, lrs: 
         perm = torch.randperm(n, generator=gen)
         for it in range(steps):
             rows = perm[it * bs:(it + 1) * bs]
-            logits = torch.einsum("bd,gdk->gbk", x[rows], weight) + bias[:, None, :]
+            if subset is not None:
+                rows = subset[rows]
+            # issue 20: under torchrun each rank takes its slice of the global batch; the weighted
+            # mean's denominator (the batch's total weight) and the gradients are summed over ranks
+            part = dist.shard(len(rows))
+            rows = rows[part.start:part.stop]
+            xb = (x[rows] - mean) / std  # issue 20: standardised per batch (same values as a standardised copy)
+            logits = torch.einsum("bd,gdk->gbk", xb, weight) + bias[:, None, :]
             ce = F.cross_entropy(logits.reshape(-1, k), y[rows].repeat(g), reduction="none").reshape(g, -1)
-            loss = (ce * w[rows]).sum(1) / w[rows].sum().clamp(min=1e-12)  # (G,) weighted mean per head
+            total_w = dist.all_reduce_sum(w[rows].sum())
+            loss = (ce * w[rows]).sum(1) / total_w.clamp(min=1e-12)  # (G,) weighted mean per head
             gw, gb = torch.autograd.grad(loss.sum(), (weight, bias))
+            dist.all_reduce_sum(gw)
+            dist.all_reduce_sum(gb)
             scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0
             with torch.no_grad():
                 mom_w.mul_(0.9).add_(gw + wds[:, None, None] * weight)
@@ -134,6 +165,7 @@ def self_train(
     holdout: float = 0.1,
     seed: int = 0,
     progress: bool = False,
+    chunk: int = 65536,
 ) -> SelfTrainResult:
     """Fit a linear classifier to ``pseudo_labels`` (N,) on ``features`` (N, D); see the module doc."""
     t0 = time.perf_counter()
@@ -154,7 +186,6 @@ def self_train(
     gen = torch.Generator().manual_seed(int(seed))
     x = torch.from_numpy(x_np)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    xs = (x - mean) / std
     y, w = torch.from_numpy(y_np), torch.from_numpy(w_np)
     grid = list(itertools.product(lrs, weight_decays))
     lr_t = torch.tensor([a for a, _ in grid], dtype=torch.float32)
@@ -172,20 +203,34 @@ def self_train(
     if held.any():
         tr = torch.from_numpy(np.flatnonzero(~held))
         ho = torch.from_numpy(np.flatnonzero(held))
-        wg, bg = _train_grid(xs[tr], y[tr], w[tr], n_clusters, lr_t, wd_t, epochs, batch_size, gen, progress,
-                             "self-training grid")
-        with torch.no_grad():
-            logits = torch.einsum("bd,gdk->gbk", xs[ho], wg) + bg[:, None, :]
-            acc = (logits.argmax(-1) == y[ho]).float().mean(1)
-            loss = F.cross_entropy(logits.reshape(-1, n_clusters), y[ho].repeat(len(grid)),
-                                   reduction="none").reshape(len(grid), -1).mean(1)
+        wg, bg = _train_grid(x, y, w, n_clusters, lr_t, wd_t, epochs, batch_size, gen, progress,
+                             "self-training grid", mean, std, subset=tr)
+
+        @torch.no_grad()
+        def held_out(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = torch.einsum("bd,gdk->gbk", (x[rows] - mean) / std, wg) + bg[:, None, :]
+            hits = (logits.argmax(-1) == y[rows]).float()
+            ce = F.cross_entropy(logits.reshape(-1, n_clusters), y[rows].repeat(len(grid)),
+                                 reduction="none").reshape(len(grid), -1)
+            return hits, ce
+
+        if len(ho) <= chunk:  # one block, as before issue 20
+            hits, ce = held_out(ho)
+            acc, loss = hits.mean(1), ce.mean(1)
+        else:  # blocks of held-out rows: sums in float64, then the means
+            acc, loss = torch.zeros(len(grid), dtype=torch.float64), torch.zeros(len(grid), dtype=torch.float64)
+            for s in range(0, len(ho), chunk):
+                hits, ce = held_out(ho[s:s + chunk])
+                acc += hits.double().sum(1)
+                loss += ce.double().sum(1)
+            acc, loss = (acc / len(ho)).float(), (loss / len(ho)).float()
         loss = torch.nan_to_num(loss, nan=float("inf"))
         report = [{"lr": a, "weight_decay": b, "holdout_acc": float(acc[i]), "holdout_loss": float(loss[i])}
                   for i, (a, b) in enumerate(grid)]
         best = min(range(len(grid)), key=lambda i: (-float(acc[i]), float(loss[i])))
     lr, wd = grid[best]
-    wf, bf = _train_grid(xs, y, w, n_clusters, lr_t[best:best + 1], wd_t[best:best + 1], epochs, batch_size, gen,
-                         progress, "self-training")
+    wf, bf = _train_grid(x, y, w, n_clusters, lr_t[best:best + 1], wd_t[best:best + 1], epochs, batch_size, gen,
+                         progress, "self-training", mean, std)
     if not torch.isfinite(wf).all():
         raise InputError(f"self-training diverged at lr={lr}; give smaller learning rates")
     clf = LinearClassifier(wf[0].contiguous(), bf[0].contiguous(), mean, std)

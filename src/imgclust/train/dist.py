@@ -47,7 +47,12 @@ def init_from_env() -> bool:
     import torch.distributed as d
 
     if not d.is_initialized():
-        d.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # issue 20: ranks wait on barriers while rank 0 alone mines neighbours (> 1 h at 10M rows on 2
+        # cores) or the slowest rank finishes its extraction shard; torch's default 30 min would abort them
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=float(os.environ.get("IMGCLUST_DIST_TIMEOUT_S", 6 * 3600)))
+        d.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     return True
 
 
@@ -119,3 +124,34 @@ def shard(n: int, r: int | None = None, w: int | None = None) -> range:
     lo = n * r // w
     hi = n * (r + 1) // w
     return range(lo, hi)
+
+
+def batch_norm(bn: torch.nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` with the batch statistics of the *global* batch (every rank's rows), in training mode.
+
+    ``torch.nn.SyncBatchNorm`` does this on GPUs but refuses CPU tensors ("expected input tensor
+    to be on GPU"), so on gloo it is written here: the mean, then the biased variance around it
+    (two passes, as BatchNorm computes them), each summed over ranks with the *differentiable*
+    ``torch.distributed.nn.functional.all_reduce`` — its backward sums the statistics' gradients
+    over ranks, so after :func:`all_reduce_grads` every parameter has the single-process gradient
+    of the global batch. Running statistics are updated as BatchNorm does (unbiased variance of
+    the global batch). One process, eval mode or no running process group: plain ``bn(x)``.
+    """
+    d = _dist()
+    if d is None or d.get_world_size() == 1 or not bn.training:
+        return bn(x)
+    from torch.distributed.nn.functional import all_reduce
+
+    n = all_reduce(torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device))
+    mean = all_reduce(x.sum(0)) / n
+    var = all_reduce(((x - mean) ** 2).sum(0)) / n  # biased, as the normalisation uses
+    y = (x - mean) / torch.sqrt(var + bn.eps)
+    if bn.affine:
+        y = y * bn.weight + bn.bias
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp(min=1)), alpha=m)
+    return y
