@@ -41,6 +41,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "umap64-kmeans": ("umap-kmeans", {"self_train": False, "pca": 64}),
     "umap64-kmeans-r3+st": ("umap-kmeans", {"runs": 3, "pca": 64}),
     "umap64-kmeans-r5+st": ("umap-kmeans", {"runs": 5, "pca": 64}),
+    # session 3: self-training only on the images every UMAP run agrees on (refine/confident.py)
+    "umap64-kmeans-r3+cst": ("umap-kmeans", {"runs": 3, "pca": 64, "st_confident": True}),
+    "umap64-kmeans-r5+cst": ("umap-kmeans", {"runs": 5, "pca": 64, "st_confident": True}),
     "spectral-kmeans+st": ("spectral-kmeans", {}),
     "spectral-kmeans-r3+st": ("spectral-kmeans", {"runs": 3}),
     "temi": ("temi", {}),

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="km,u30r1,u30r3,u30r3-st,u30r3-conf-st")
     ap.add_argument("--cache-dir", default=os.environ.get("IMGCLUST_CACHE"))
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per variant")
+    ap.add_argument("--graph-cache", type=Path, default=None,
+                    help=".npy for the 20-NN graph of the features (computed once, reused by every variant/run)")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -74,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     from imgclust.metrics import cluster_acc
     from imgclust.reduce import ReduceSpec, reduce_features
     from imgclust.refine.confident import confident_self_train
-    from imgclust.select import generalization_score, knn_score
+    from imgclust.select import generalization_score, knn_graph, knn_score
 
     x, y, work = load(args.source, args.split, args.backbone, args.image_size, args.cache_dir,
                       parse_options(args.backbone_option, "--backbone-option"))
     k, seed = args.k, args.seed
+    if args.graph_cache is not None and args.graph_cache.is_file():
+        graph = np.load(args.graph_cache)
+    else:
+        graph = knn_graph(x, k_nn=20)[0]
+        if args.graph_cache is not None:
+            np.save(args.graph_cache, graph)
     pcs: dict[int, np.ndarray] = {}
     rows = []
     print("| variant | train ACC | train NMI | generalization | knn | balanced | s |\n|---|---:|---:|---:|---:|---:|---:|",
@@ -117,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             elif post == "knn":
                 from imgclust.refine.confident import knn_smooth
 
-                lab = knn_smooth(x, lab, k)
+                lab = knn_smooth(None, lab, k, graph=graph)
         lab = np.asarray(lab)
         secs = time.perf_counter() - t0
-        gen, knn = generalization_score(x, lab, seed=0), knn_score(x, lab)
+        gen, knn = generalization_score(x, lab, seed=0), knn_score(None, lab, graph=[graph])
         row = {"variant": name, "acc": float(cluster_acc(y, lab)), "nmi": float(nmi(y, lab)), "generalization": gen,
                "knn": knn, "balanced": (gen + knn) / 2, "seconds": round(secs, 1), **extra}
         rows.append(row)

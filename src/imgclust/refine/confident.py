@@ -82,17 +82,17 @@ def confident_self_train(features: np.ndarray, run_labels: np.ndarray, consensus
     return ConfidentResult(lab, st.classifier, float(ok.mean()), fallback)
 
 
-def knn_smooth(features: np.ndarray, labels: np.ndarray, k: int, *, n_neighbors: int = 20,
-               iters: int = 2) -> np.ndarray:
-    """Relabel every image by the majority label of its ``n_neighbors`` cosine neighbours, ``iters`` times."""
-    import faiss
+def knn_smooth(features: np.ndarray | None, labels: np.ndarray, k: int, *, n_neighbors: int = 20,
+               iters: int = 2, graph: np.ndarray | None = None) -> np.ndarray:
+    """Relabel every image by the majority label of its ``n_neighbors`` cosine neighbours, ``iters`` times.
 
-    from imgclust.neighbors import l2_normalize
+    ``graph``: precomputed (N, >= n_neighbors + 1) neighbours (:func:`imgclust.select.knn_graph`).
+    """
+    if graph is None:
+        from imgclust.select import knn_graph
 
-    xn = l2_normalize(np.ascontiguousarray(features, dtype=np.float32))
-    index = faiss.IndexFlatIP(xn.shape[1])
-    index.add(xn)
-    _, nb = index.search(xn, int(min(n_neighbors + 1, len(xn))))
+        graph = knn_graph(features, k_nn=n_neighbors)[0]
+    nb = np.asarray(graph)[:, :n_neighbors + 1]
     lab = np.asarray(labels, np.int64).copy()
     rows = np.repeat(np.arange(len(lab)), nb.shape[1])
     for _ in range(iters):
