@@ -41,6 +41,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "umap64-kmeans": ("umap-kmeans", {"self_train": False, "pca": 64}),
     "umap64-kmeans-r3+st": ("umap-kmeans", {"runs": 3, "pca": 64}),
     "umap64-kmeans-r5+st": ("umap-kmeans", {"runs": 5, "pca": 64}),
+    # session 3: self-training only on the images every UMAP run agrees on (refine/confident.py)
+    "umap64-kmeans-r3+cst": ("umap-kmeans", {"runs": 3, "pca": 64, "st_confident": True}),
+    "umap64-kmeans-r5+cst": ("umap-kmeans", {"runs": 5, "pca": 64, "st_confident": True}),
     "spectral-kmeans+st": ("spectral-kmeans", {}),
     "spectral-kmeans-r3+st": ("spectral-kmeans", {"runs": 3}),
     "temi": ("temi", {}),
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list of: {', '.join(ROWS)}")
     ap.add_argument("--option", action="append", default=[], help="row:key=value (one row's option)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--save-labels", type=Path, default=None,
+                    help="folder: every run's fit-split labels as <row>_s<seed>.npy (criteria / Spearman later)")
     args = ap.parse_args(argv)
 
     from sklearn.metrics import normalized_mutual_info_score as nmi
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         method, opts = ROWS[name]
         opts = {**opts, **extra.get(name, {})}
-        accs, nmis, crits, secs = [], [], [], []
+        accs, nmis, crits, secs, fit_accs, fit_nmis = [], [], [], [], [], []
         for seed in args.seeds:
             t0 = time.perf_counter()
             m = get_method(method)(args.k, opts).fit(x, FitContext(seed=seed, progress=False, work_dir=work))
@@ -113,10 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             lab = lab_fit if ev == args.fit_split else m.predict(xe)
             accs.append(float(cluster_acc(ye, lab)))
             nmis.append(float(nmi(ye, lab)))
+            # transductive score of the fit itself (train labels may choose designs; test labels only report)
+            fit_accs.append(float(cluster_acc(y, lab_fit)))
+            fit_nmis.append(float(nmi(y, lab_fit)))
             crits.append(generalization_score(x, lab_fit, seed=0))
             runs.append((crits[-1], accs[-1]))
-            print(f"  {name} seed {seed}: ACC {accs[-1]:.4f} NMI {nmis[-1]:.4f} crit {crits[-1]:.4f} "
-                  f"{secs[-1]:.1f}s", file=sys.stderr, flush=True)
+            if args.save_labels is not None:
+                args.save_labels.mkdir(parents=True, exist_ok=True)
+                np.save(args.save_labels / f"{name}_s{seed}.npy", lab_fit.astype(np.int32))
+            print(f"  {name} seed {seed}: ACC {accs[-1]:.4f} NMI {nmis[-1]:.4f} (fit split: ACC {fit_accs[-1]:.4f} "
+                  f"NMI {fit_nmis[-1]:.4f}) crit {crits[-1]:.4f} {secs[-1]:.1f}s", file=sys.stderr, flush=True)
             cands = getattr(m, "candidate_labels_", None) or {}
             for cname, clab in cands.items():  # auto: every candidate's own result, fitted once
                 sub = extras.setdefault(f"{name}:{cname}", {"acc": [], "nmi": [], "crit": [], "chosen": 0})
@@ -127,21 +138,24 @@ def main(argv: list[str] | None = None) -> int:
                     sub["acc"].append(float(cluster_acc(ye, lab_c)))
                     sub["nmi"].append(float(nmi(ye, lab_c)))
                 sub["crit"].append(generalization_score(x, clab, seed=0))
+                if args.save_labels is not None:
+                    safe = "".join(ch if ch.isalnum() or ch in "-=" else "_" for ch in cname)
+                    np.save(args.save_labels / f"{name}-{safe}_s{seed}.npy", np.asarray(clab, dtype=np.int32))
                 sub["chosen"] += int(chosen)
         rows.append({"row": name, "method": method, "options": opts, "acc": accs, "nmi": nmis, "crit": crits,
-                     "seconds": secs})
+                     "seconds": secs, "fit_acc": fit_accs, "fit_nmi": fit_nmis})
 
     def pm(v: list[float]) -> str:
         return f"{100 * np.mean(v):.2f} ± {100 * np.std(v):.2f}"
 
     print(f"\n{args.source} fit={args.fit_split} ({len(x)}) eval={ev} ({len(xe)}), {args.backbone}, K={args.k}, "
           f"seeds {args.seeds}\n")
-    print("| row | ACC % | NMI % | ACC per seed | label-free crit | s/run |")
-    print("|---|---:|---:|---|---:|---:|")
+    print("| row | ACC % | NMI % | ACC per seed | fit-split ACC % | fit-split NMI % | label-free crit | s/run |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         per = " / ".join(f"{a:.3f}" for a in r["acc"])
-        print(f"| {r['row']} | {pm(r['acc'])} | {pm(r['nmi'])} | {per} | {np.mean(r['crit']):.4f} | "
-              f"{np.mean(r['seconds']):.1f} |")
+        print(f"| {r['row']} | {pm(r['acc'])} | {pm(r['nmi'])} | {per} | {pm(r['fit_acc'])} | {pm(r['fit_nmi'])} | "
+              f"{np.mean(r['crit']):.4f} | {np.mean(r['seconds']):.1f} |")
     for cname, sub in extras.items():
         if sub["acc"]:
             print(f"| {cname} (candidate; chosen {sub['chosen']}/{len(sub['crit'])}) | {pm(sub['acc'])} | "

@@ -85,3 +85,15 @@ def test_generalization_score_on_wide_features_is_the_same_ridge_probe():
         want.append(_kappa(ys[te], (xs[te] @ w).argmax(1), 3))
     assert got == pytest.approx(float(np.mean(want)))
     assert got > 0.5  # separable classes: the probe generalises
+
+
+def test_knn_graph_is_shared_and_scores_as_the_direct_search(blobs):
+    from imgclust.select import knn_graph
+
+    x, y = blobs
+    g = knn_graph(x, k_nn=20)  # a wider graph serves k_nn=10 (its first 10 neighbours)
+    assert g[0].shape == (len(x), 21)
+    for lab in (y, corrupt(y, 0.3, 6, 2)):
+        assert knn_score(None, lab, graph=g) == pytest.approx(knn_score(x, lab))
+    with pytest.raises(InputError):
+        knn_score(None, y[:100], graph=g)

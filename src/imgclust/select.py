@@ -108,23 +108,42 @@ def generalization_score(features: np.ndarray | list[np.ndarray], labels: np.nda
     return float(np.mean(scores))
 
 
-def knn_score(features: np.ndarray | list[np.ndarray], labels: np.ndarray, *, k_nn: int = 10) -> float:
-    """Chance-corrected agreement of every label with the majority of its k cosine neighbours."""
+def knn_graph(features: np.ndarray | list[np.ndarray], *, k_nn: int = 10) -> list[np.ndarray]:
+    """Per space, the (N, k_nn + 1) cosine nearest neighbours (exact, faiss; column 0 ~ the image itself).
+
+    Computed once and passed to :func:`knn_score` for every candidate: the search (N^2 D) is
+    the criterion's whole cost and does not depend on the labels (on 50k x 1,280 features it
+    is minutes on a loaded 2-core machine, per candidate before this was shared).
+    """
     import faiss
 
     from imgclust.neighbors import l2_normalize
 
-    y = np.unique(np.asarray(labels), return_inverse=True)[1]
-    k = int(y.max()) + 1
     out = []
     for s in _as_spaces(features):
         xn = l2_normalize(s)
         index = faiss.IndexFlatIP(xn.shape[1])
         index.add(xn)
-        kk = int(min(k_nn + 1, len(xn)))
-        _, nb = index.search(xn, kk)
+        _, nb = index.search(xn, int(min(k_nn + 1, len(xn))))
+        out.append(nb)
+    return out
+
+
+def knn_score(features: np.ndarray | list[np.ndarray] | None, labels: np.ndarray, *, k_nn: int = 10,
+              graph: list[np.ndarray] | None = None) -> float:
+    """Chance-corrected agreement of every label with the majority of its k cosine neighbours.
+
+    ``graph``: :func:`knn_graph` of the same features (then ``features`` is not read; its first
+    ``k_nn`` neighbours are used).
+    """
+    y = np.unique(np.asarray(labels), return_inverse=True)[1]
+    k = int(y.max()) + 1
+    out = []
+    for nb in (graph if graph is not None else knn_graph(features, k_nn=k_nn)):
+        if len(nb) != len(y):
+            raise InputError("the kNN graph and the labels have different numbers of rows")
         votes = np.zeros((len(y), k))
-        for j in range(1, kk):  # column 0 is (nearly always) the image itself
+        for j in range(1, min(nb.shape[1], k_nn + 1)):  # column 0 is (nearly always) the image itself
             np.add.at(votes, (np.arange(len(y)), y[nb[:, j]]), 1.0)
         out.append(_kappa(y, votes.argmax(1), k))
     return float(np.mean(out))
@@ -169,9 +188,10 @@ def select(candidates: dict[str, np.ndarray], features: np.ndarray | list[np.nda
     labs = [np.asarray(candidates[n]) for n in names]
     rows: list[dict[str, Any]] = []
     anmi = anmi_scores(labs) if len(labs) >= 3 else [None] * len(labs)
+    graph = knn_graph(features)  # once for all candidates
     for name, lab, an in zip(names, labs, anmi):
         row: dict[str, Any] = {"name": name, "generalization": round(generalization_score(features, lab, seed=seed), 5),
-                               "knn": round(knn_score(features, lab), 5),
+                               "knn": round(knn_score(None, lab, graph=graph), 5),
                                "anmi": None if an is None else round(an, 5)}
         # balanced: the global (linear probe) and the local (kNN vote) criterion averaged. Their biases are
         # opposite — generalization favours linear partitions (k-means), knn graph-built ones (UMAP,

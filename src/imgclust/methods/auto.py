@@ -20,7 +20,11 @@ On CIFAR-10 test (fitted on the same 10k images, seed 0) the linear probe alone 
 k-means' linear partition (0.809 vs 0.794 for UMAP-64 + k-means, which is 10 points more
 accurate), even after self-training (0.806); the mean ranks this pair right (0.818 vs
 0.840) but would rank spectral-kmeans above UMAP, hence spectral is not in the large set.
-Not yet measured on the fit-on-train protocol. Numbers: ``docs/notes/issue-18.md``.
+Re-checked on the CIFAR-10 *train* split (50k, session 3): the linear probe again ranks
+k-means + UMAP variants in the reverse order of ACC (Spearman -1.0), ``knn``/``balanced`` put
+every UMAP labelling above k-means (0.859-0.868 vs 0.839) but do not order UMAP variants by
+ACC — so ``balanced`` decides "UMAP or k-means", and the UMAP settings are a design choice
+made on train labels. Numbers: ``docs/notes/issue-18.md``.
 
 Candidates are written ``method`` or ``method?key=value&key=value`` (values parsed as in
 ``--option``), e.g. ``spectral-kmeans?runs=3`` or ``temi?head=mlp&heads=2``.

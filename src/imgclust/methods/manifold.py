@@ -55,6 +55,9 @@ class ManifoldConfig(MethodConfig):
     consensus: list[str] = option(["hbgf", "mcla"], MinLen(1), each=OneOf(CONSENSUS_METHODS))
     self_train: bool = True  # linear classifier on the original features: final labels + new images
     st_epochs: int = option(30, Ge(1))
+    # runs > 1: self-train only on the images where every run agrees with the consensus
+    # (imgclust.refine.confident; issue 18 session 3, chosen on CIFAR-10 train)
+    st_confident: bool = False
     st_lrs: list[float] = option(list(DEFAULT_LRS), MinLen(1), each=Gt(0))
     st_weight_decays: list[float] = option(list(DEFAULT_WDS), MinLen(1), each=Ge(0))
 
@@ -144,7 +147,17 @@ class UMAPKMeans(ClusteringMethod):
             labels = self.run_labels_[0].astype(np.int64)
         self.cluster_labels_ = labels
         self.labels_ = labels
-        if cfg.self_train:
+        if cfg.self_train and cfg.st_confident and cfg.runs > 1:
+            from imgclust.refine.confident import confident_self_train
+
+            cr = confident_self_train(x, self.run_labels_, labels, k, epochs=cfg.st_epochs, lrs=tuple(cfg.st_lrs),
+                                      weight_decays=tuple(cfg.st_weight_decays), seed=ctx.seed, progress=ctx.progress)
+            self.classifier_ = cr.classifier
+            self.history_["self_training"] = {"confident_share": round(cr.confident_share, 4),
+                                              "fallback_to_all": cr.fallback,
+                                              "agreement_with_clustering": float((cr.labels == labels).mean())}
+            self.labels_ = cr.labels
+        elif cfg.self_train:
             st = self_train(x, labels, k, lrs=tuple(cfg.st_lrs), weight_decays=tuple(cfg.st_weight_decays),
                             epochs=cfg.st_epochs, seed=ctx.seed, progress=ctx.progress)
             self.classifier_ = st.classifier
