@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclust.errors import InputError
+from imgclust.heads.wrap import load_frozen
 
 HEAD_NORMS = ("none", "l2", "standardize")
 
@@ -121,13 +122,7 @@ def load_multihead_mlp(state: dict[str, torch.Tensor], prefix: str, k: int, norm
     h, d, e = w1.shape
     if w2.shape[-1] != k:
         raise InputError(f"saved model has K={w2.shape[-1]} clusters, expected {k}")
-    mlp = MultiHeadMLP(d, k, h, e, norm)
-    try:
-        mlp.load_state_dict({kk[len(prefix):]: v for kk, v in state.items() if kk.startswith(prefix)})
-    except RuntimeError as err:
-        raise InputError(f"saved {name} heads do not fit: {err}") from err
-    mlp.requires_grad_(False)
-    return mlp.eval()
+    return load_frozen(MultiHeadMLP(d, k, h, e, norm), state, prefix, f"saved {name} heads do not fit")
 
 
 def selected_heads_state(heads: MultiHeadMLP, best_head: int, head_losses=None) -> dict[str, torch.Tensor]:

@@ -103,12 +103,20 @@ def load_multihead(state: dict[str, torch.Tensor], prefix: str, kind: str, norm:
         raise InputError(f"saved model has K={kk} clusters, expected {k}")
     t: nn.Module = (MultiHeadMLP(d, kk, h, norm, hidden_dim=w.shape[2], bottleneck_dim=v.shape[1]) if mlp
                     else MultiHeadClassifier(d, kk, h, norm))
+    return load_frozen(t, state, prefix, f"saved {name} heads do not match norm={norm!r}")
+
+
+def load_frozen(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, what: str) -> nn.Module:
+    """``module`` loaded from the ``prefix*`` tensors of a saved state, frozen and in eval mode;
+    InputError ``"<what>: <torch's reason>"`` when they do not fit."""
+    from imgclust.errors import InputError
+
     try:
-        t.load_state_dict({key[len(prefix):]: val for key, val in state.items() if key.startswith(prefix)})
+        module.load_state_dict({key[len(prefix):]: val for key, val in state.items() if key.startswith(prefix)})
     except RuntimeError as e:
-        raise InputError(f"saved {name} heads do not match norm={norm!r}: {e}") from e
-    t.requires_grad_(False)
-    return t.eval()
+        raise InputError(f"{what}: {e}") from e
+    module.requires_grad_(False)
+    return module.eval()
 
 
 def predict_finetuned_images(backbone: nn.Module, tuned: dict[str, torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
@@ -141,5 +149,5 @@ def encode_images(images: Any, net: BackboneHead, features: np.ndarray, n_out: i
     return z
 
 
-__all__ = ["BackboneHead", "apply_rows", "encode_images", "load_multihead", "multihead_labels", "multihead_logits",
+__all__ = ["BackboneHead", "apply_rows", "encode_images", "load_frozen", "load_multihead", "multihead_labels", "multihead_logits",
            "predict_finetuned_images"]
