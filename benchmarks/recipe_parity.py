@@ -14,26 +14,13 @@ identical results::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 import warnings
 
 import numpy as np
 import torch
+from port_identity import _digest  # same digest as the ports' parity rows (benchmarks/ is the script dir)
 from sklearn.datasets import load_digits
-
-
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            p = p.detach().cpu().numpy()
-        if isinstance(p, np.ndarray):
-            h.update(np.ascontiguousarray(p).tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=float).encode())
-    return h.hexdigest()[:16]
 
 
 def _tiny_cnn():
