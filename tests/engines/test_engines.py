@@ -183,3 +183,29 @@ def test_jpeg_draft_decodes_smaller_and_resizes_to_nearly_the_same_pixels():
         buf = io.BytesIO()
         Image.fromarray(full).save(buf, "PNG")
         assert decode_image(buf.getvalue()).shape == full.shape
+
+
+@pytest.mark.skipif("openvino" not in available_engines(), reason="openvino is not installed")
+def test_openvino_streams_split_the_batch_and_match_one_latency_request(tmp_path):
+    import openvino as ov
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # engine_threads(): 2 threads -> 2 streams
+    try:
+        eng = build_engine(Tiny(), "openvino", "fp32", "cpu", cache_root=tmp_path)
+    finally:
+        torch.set_num_threads(old)
+    assert eng.streams == 2 and len(eng.requests) == 2
+    assert eng.compiled.get_property("NUM_STREAMS") == 2
+    ref = ov.Core().compile_model(str(eng.artifact / "model.xml"), "CPU",
+                                  {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1})
+    x = _batch(17)
+    want = np.asarray(ref(x)[0])
+    for n in (17, 16, 2, 1):  # uneven split, even split, one row per stream, one stream idle
+        out = eng(x[:n])
+        assert out.shape == (n, 32) and out.dtype == np.float32
+        np.testing.assert_allclose(out, want[:n], rtol=1e-6, atol=1e-6)
+    # Each call's output is a copy: a later call does not overwrite an earlier result.
+    a = eng(x[:4])
+    eng(x[4:8])
+    np.testing.assert_allclose(a, want[:4], rtol=1e-6, atol=1e-6)

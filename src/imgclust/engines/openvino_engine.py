@@ -8,6 +8,16 @@ elsewhere (``effective_precision`` says which ran). ``int8``: post-training quan
 NNCF (``nncf.quantize``, min-max statistics + fast bias correction) calibrated on a sample
 of the user's own images.
 
+Streams (issue 19 session 4): the model is compiled with one single-thread *stream* per
+inference thread (``PERFORMANCE_HINT=THROUGHPUT``, ``NUM_STREAMS`` = threads) and each call
+splits its batch over the streams, run at once. A stream needs no barrier between threads, so
+when the decode workers take a core for a while the other stream keeps going instead of
+spin-waiting for its partner at every layer (the latency mode's 2-thread parallel-for). Per
+image the results are bit-identical to the latency mode (every output compared, max |diff| 0).
+Measured on the large photos of ``benchmarks/extract_speed.py`` (b), whole pipeline, 2 cores
+(docs/notes/issue-19.md, session 4): 1.2-1.3x faster while other work shares the cores (load
+4-5), the same speed (within 2 %) on an idle machine, where nothing preempts the threads.
+
 The converted (and quantised) model is stored in the compiled-model cache
 (:func:`imgclust.engines.base.cached_artifact`); OpenVINO's own blob cache (``CACHE_DIR``)
 beside it makes the per-CPU compilation a load on later runs.
@@ -91,10 +101,20 @@ class OpenVINOEngine(Engine):
         caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         hint = "bf16" if precision == "bf16" and "BF16" in caps else "f32"
         self.effective_precision = "int8" if int8 else ("bf16" if hint == "bf16" else "fp32")
+        threads = engine_threads()
+        self.streams = max(1, threads)
         self.compiled = core.compile_model(str(self.artifact / "model.xml"), "CPU", {
-            "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": engine_threads(), "PERFORMANCE_HINT": "LATENCY"})
-        self.request = self.compiled.create_infer_request()
+            "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        self.request.infer({0: np.ascontiguousarray(batch)})
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        # One stream per thread, each running a slice of the batch at once (module docstring: "Streams").
+        parts = [p for p in np.array_split(np.ascontiguousarray(batch), self.streams) if len(p)]
+        for req, part in zip(self.requests, parts, strict=False):
+            req.start_async({0: np.ascontiguousarray(part)})
+        outs = []
+        for req, _ in zip(self.requests, parts, strict=False):
+            req.wait()
+            outs.append(np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
