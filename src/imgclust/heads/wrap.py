@@ -84,6 +84,17 @@ def multihead_labels(heads: nn.Module, features: np.ndarray, chunk: int | None =
     return out
 
 
+def argmax_blocks(proba: Callable[[np.ndarray], np.ndarray], features: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """``proba(features).argmax(1)`` as (N,) int64, ``chunk`` rows at a time (issue 20): the (N, K) float
+    probabilities of every row never exist at once (4 GB at 10M rows x K = 100). With ``chunk`` equal to the
+    row blocks ``proba`` computes in itself (65,536 for the heads and the self-trained classifier), every
+    block runs the same operations as the whole call, so the labels are bit-identical."""
+    out = np.empty(len(features), dtype=np.int64)
+    for s in range(0, len(features), chunk):
+        out[s:s + chunk] = np.asarray(proba(features[s:s + chunk])).argmax(1)
+    return out
+
+
 def load_multihead(state: dict[str, torch.Tensor], prefix: str, kind: str, norm: str, k: int, name: str) -> nn.Module:
     """A frozen (eval) batched head module from the ``prefix*`` tensors of a saved state: ``kind``
     ``"linear"`` (:class:`~imgclust.heads.multihead.MultiHeadClassifier`) or ``"mlp"``
@@ -149,5 +160,5 @@ def encode_images(images: Any, net: BackboneHead, features: np.ndarray, n_out: i
     return z
 
 
-__all__ = ["BackboneHead", "apply_rows", "encode_images", "load_frozen", "load_multihead", "multihead_labels", "multihead_logits",
+__all__ = ["BackboneHead", "apply_rows", "argmax_blocks", "encode_images", "load_frozen", "load_multihead", "multihead_labels", "multihead_logits",
            "predict_finetuned_images"]

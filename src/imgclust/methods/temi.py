@@ -56,7 +56,7 @@ from imgclust.configcheck import OneOf, option
 from imgclust.errors import InputError
 from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
-from imgclust.heads.wrap import load_multihead, multihead_labels, multihead_logits
+from imgclust.heads.wrap import argmax_blocks, load_multihead, multihead_labels, multihead_logits
 from imgclust.losses.temi import cosine_ramp, temi_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
@@ -245,6 +245,11 @@ class TEMI(ClusteringMethod):
         """Softmax of the teacher's best head at the teacher temperature: (N, K)."""
         logits = torch.from_numpy(self.head_logits(features, self.best_head_))
         return torch.softmax(logits / self.config.teacher_temp, dim=-1).numpy().astype(np.float32)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Cluster of every row (N,) int64: :meth:`predict_proba` block by block (issue 20; ICCE's
+        self-trained classifier too), never the (N, K) probabilities of all rows at once."""
+        return argmax_blocks(self.predict_proba, features)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
