@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Approximate neighbour indexes at scale (issue 20): build seconds, search seconds per 1,000 queries,
+recall@50 against exact search, for the index :mod:`imgclust.neighbors` uses above 200k rows (IVF-flat,
+4 sqrt(N) lists, 16 probes) and the large-N one (IVF sqrt(N) lists + 4-bit PQ fast-scan + SQ8 re-rank)
+at several probes / re-rank factors — on the first ``--n`` rows of a feature file (a memmap is read
+block by block, as the library does).
+
+    nice -n 19 python benchmarks/neighbors_index.py --features /work/bench/20c/1m/features.npy --n 1000000
+
+Search time is measured on ``--queries`` rows and extrapolated to all N (every row is a query when
+neighbours are mined); build time (training + adding every row) is measured in full. CPU seconds are
+the process's (both threads), so they stay comparable when other work shares the cores. Recall: 256
+seeded query rows, exact top-50 by brute force (``faiss.knn``), as ``neighbors._sampled_recall``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def main() -> None:
+    import imgclust.neighbors as nbm
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", required=True, help=".npy (N, D) float32; read as a memmap")
+    ap.add_argument("--n", type=int, default=0, help="first n rows (default: all)")
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--queries", type=int, default=20_000)
+    ap.add_argument("--configs", default="flat,fast:16:4,fast:8:4,fast:32:4,fast:16:2",
+                    help="comma list: 'flat' (IVF-flat, the <4M index) or 'fast:<nprobe>:<k_factor>'")
+    args = ap.parse_args()
+    x = np.load(args.features, mmap_mode="r")
+    x = x[:args.n] if args.n else x
+    n = len(x)
+    xn = nbm._NormalizedRows(x, None)
+    rng = np.random.default_rng(1)
+    q_rows = np.sort(rng.choice(n, size=min(n, args.queries), replace=False))
+    q = xn[q_rows]
+    rows = []
+    built: dict[str, tuple] = {}
+    for cfg in args.configs.split(","):
+        kind, *p = cfg.split(":")
+        if kind == "fast":
+            nbm.FAST_NPROBE, nbm.FAST_K_FACTOR = int(p[0]), int(p[1])
+            nbm.IVF_FAST_MIN_ROWS = 1
+        else:
+            nbm.IVF_FAST_MIN_ROWS = 1 << 62
+        if kind not in built:  # the fast index is built once; probes and re-rank factor are search-time settings
+            (index, info), bw, bc = timed(lambda: nbm._build_index(xn, 0, seed=0))
+            built[kind] = (index, info, bw, bc)
+        index, info, bw, bc = built[kind]
+        if kind == "fast":
+            index.k_factor = nbm.FAST_K_FACTOR
+            nbm.faiss.downcast_index(index.base_index).nprobe = nbm.FAST_NPROBE
+            info = {**info, "nprobe": nbm.FAST_NPROBE, "k_factor": nbm.FAST_K_FACTOR}
+        _, sw, sc = timed(lambda index=index: [index.search(q[s:s + 4096], args.k + 1) for s in range(0, len(q), 4096)])
+        rec, rw, _ = timed(lambda index=index: nbm._sampled_recall(index, xn, args.k, seed=0))
+        row = {"n": n, "config": cfg, **info, "build_s": round(bw, 1), "build_cpu_s": round(bc, 1),
+               "search_s_per_1k": round(1000 * sw / len(q), 3), "search_cpu_s_per_1k": round(1000 * sc / len(q), 3),
+               "search_all_s_est": round(sw * n / len(q), 1), "recall_at_50": rec["recall_at_k"],
+               "recall_check_s": round(rw, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cols = ["config", "index", "nlist", "nprobe", "build_s", "build_cpu_s", "search_s_per_1k", "search_cpu_s_per_1k",
+            "search_all_s_est", "recall_at_50"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "-")) for c in cols))
+
+
+if __name__ == "__main__":
+    main()
