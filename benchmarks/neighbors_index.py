@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="first n rows (default: all)")
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--queries", type=int, default=20_000)
-    ap.add_argument("--configs", default="flat,fast:16:4,fast:8:4,fast:32:4,fast:16:2",
-                    help="comma list: 'flat' (IVF-flat, the <4M index) or 'fast:<nprobe>:<k_factor>'")
+    ap.add_argument("--configs", default="flat,fast:16:4:32,fast:8:4:32,fast:32:4:32,fast:16:2:32,fast:16:4:0",
+                    help="comma list: 'flat' (IVF-flat, the <4M index) or 'fast:<nprobe>:<k_factor>[:<hnsw M, 0: flat "
+                    "coarse quantizer>]'")
     args = ap.parse_args()
     x = np.load(args.features, mmap_mode="r")
     x = x[:args.n] if args.n else x
@@ -52,16 +53,21 @@ def main() -> None:
         kind, *p = cfg.split(":")
         if kind == "fast":
             nbm.FAST_NPROBE, nbm.FAST_K_FACTOR = int(p[0]), int(p[1])
+            nbm.FAST_HNSW = int(p[2]) if len(p) > 2 else 32
             nbm.IVF_FAST_MIN_ROWS = 1
+            kind = f"fast-hnsw{nbm.FAST_HNSW}"
         else:
             nbm.IVF_FAST_MIN_ROWS = 1 << 62
         if kind not in built:  # the fast index is built once; probes and re-rank factor are search-time settings
             (index, info), bw, bc = timed(lambda: nbm._build_index(xn, 0, seed=0))
             built[kind] = (index, info, bw, bc)
         index, info, bw, bc = built[kind]
-        if kind == "fast":
+        if kind.startswith("fast"):
             index.k_factor = nbm.FAST_K_FACTOR
-            nbm.faiss.downcast_index(index.base_index).nprobe = nbm.FAST_NPROBE
+            base = nbm.faiss.downcast_index(index.base_index)
+            base.nprobe = nbm.FAST_NPROBE
+            if nbm.FAST_HNSW:
+                nbm.faiss.downcast_index(base.quantizer).hnsw.efSearch = max(nbm.FAST_HNSW_EF, nbm.FAST_NPROBE)
             info = {**info, "nprobe": nbm.FAST_NPROBE, "k_factor": nbm.FAST_K_FACTOR}
         _, sw, sc = timed(lambda index=index: [index.search(q[s:s + 4096], args.k + 1) for s in range(0, len(q), 4096)])
         rec, rw, _ = timed(lambda index=index: nbm._sampled_recall(index, xn, args.k, seed=0))
