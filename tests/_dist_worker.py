@@ -141,6 +141,24 @@ def selftrain(args):
             "grid": r.grid, "labels": r.classifier.predict(x.astype(np.float32)).tolist()}
 
 
+def consensus(args):
+    """consensus_once on noisy relabelled copies of one labelling: rank 0 computes, the others receive (issue 20)."""
+    import imgclust.consensus as cm
+    from imgclust.train import dist
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 6, 3000)
+    heads = np.stack([rng.permutation(6)[np.where(rng.random(3000) < 0.2, rng.integers(0, 6, 3000), truth)]
+                      for _ in range(8)])
+    ran, real = [], cm.consensus
+    cm.consensus = lambda *a, **k: ran.append(1) or real(*a, **k)
+    res = cm.consensus_once(heads, 6, methods=("mcla", "hbgf"), seed=0)
+    runs = dist.all_gather_cat(torch.tensor([len(ran)])).tolist()
+    same = dist.all_gather_cat(torch.from_numpy(np.asarray(res.labels, np.int64))[None])
+    return {"runs": runs, "labels": res.labels.tolist(), "summary": res.summary(),
+            "ranks_agree": bool((same == same[0]).all()), "candidates": sorted(res.candidates)}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     task, out_path, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
