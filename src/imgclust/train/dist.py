@@ -93,7 +93,8 @@ def broadcast_object(obj, src: int = 0):
     if not d:
         return obj
     box = [obj if d.get_rank() == src else None]
-    d.broadcast_object_list(box, src=src)
+    nccl = d.get_backend() == "nccl"  # NCCL moves the pickled bytes through this rank's own GPU
+    d.broadcast_object_list(box, src=src, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if nccl else None)
     return box[0]
 
 
