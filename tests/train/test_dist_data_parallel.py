@@ -76,3 +76,13 @@ def test_consensus_computed_once_on_rank0_and_broadcast(tmp_path):
     assert two["ranks_agree"] and two["labels"] == one["labels"] and two["summary"]["method"] == one["summary"]["method"]
     assert two["summary"]["anmi"] == one["summary"]["anmi"] and one["summary"]["anmi"][one["summary"]["method"]] > 0.5
     assert two["candidates"] == ["hbgf", "mcla"]  # rank 0 keeps its candidates
+
+
+def test_head_labels_sharded_over_ranks(tmp_path):
+    """TEMI/ICCE's labels of every row under every head: each rank labels its share (501 + 500 of 1,001
+    rows), every rank ends with all of them, equal to one process's labels."""
+    two = run_ranks("head_labels", {}, tmp_path / "two.json", world=2)
+    one = run_ranks("head_labels", {}, tmp_path / "one.json", world=1)
+    assert one["rows"] == [1001] and two["rows"] == [500, 501]
+    assert two["equal_whole"] and two["ranks_agree"] and one["equal_whole"]
+    assert two["dtype"] == "int16" and two["shape"] == [5, 1001] and two["distinct"] == 7

@@ -56,7 +56,13 @@ from imgclust.configcheck import OneOf, option
 from imgclust.errors import InputError
 from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
-from imgclust.heads.wrap import argmax_blocks, load_multihead, multihead_labels, multihead_logits
+from imgclust.heads.wrap import (
+    argmax_blocks,
+    load_multihead,
+    multihead_labels,
+    multihead_labels_sharded,
+    multihead_logits,
+)
 from imgclust.losses.temi import cosine_ramp, temi_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
@@ -216,7 +222,7 @@ class TEMI(ClusteringMethod):
         self.prior_ = state["prior"].cpu()
         self.head_losses_ = head_mean
         self.best_head_ = int(head_mean.argmin())
-        self.head_labels_ = self.predict_heads(x_np)
+        self.head_labels_ = multihead_labels_sharded(self.teacher_, x_np)  # issue 20: each rank labels its share
         self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
         self.history_ = {
             "loss": res.history["head_mean_loss"],  # per epoch, mean over heads and steps
