@@ -102,11 +102,16 @@ def pipeline(args) -> dict:
     work = Path(args.work)
     rows: dict = {"n": args.n, "dim": args.dim, "heads": args.heads, "epochs": args.epochs,
                   "processes": dist.world_size(), "threads": torch.get_num_threads()}
-    t = time.perf_counter()
+    if args.fast_min_rows:  # the large-N neighbour index from this many rows (measure it below 4M)
+        import imgclust.neighbors as nbm
+
+        nbm.IVF_FAST_MIN_ROWS = args.fast_min_rows
+    t, cpu = time.perf_counter(), time.process_time()
     x = make_features(work / "features.npy", args.n, args.dim) if dist.is_main() else None
     dist.barrier()
     x = np.load(work / "features.npy", mmap_mode="r")
     rows["features_s"], rows["features_rss_mb"] = time.perf_counter() - t, rss_mb()
+    rows["features_cpu_s"] = time.process_time() - cpu
     rows["features_anon_mb"] = anon.take()
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
 
@@ -115,12 +120,15 @@ def pipeline(args) -> dict:
     model = get_method("temi")(args.k, {"heads": args.heads, "epochs": args.epochs, "batch_size": args.batch_size,
                                         "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
     cfg = model.config
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     # under torchrun rank 0 mines and caches, the others wait and read the cache (inside the call)
     nb = load_or_mine_neighbors(x, work, k=cfg.k, seed=0, progress=args.progress, exact_max_rows=args.exact_max_rows)
-    rows.update(neighbors_s=time.perf_counter() - t, neighbors_rss_mb=rss_mb(), index=nb.info.get("index"),
+    rows.update(neighbors_s=time.perf_counter() - t, neighbors_cpu_s=time.process_time() - cpu,
+                neighbors_rss_mb=rss_mb(), index=nb.info.get("index"),
                 recall_at_50=nb.info.get("recall_at_k"), neighbors_cache=nb.info.get("cache"),
-                neighbors_anon_mb=anon.take())
+                neighbors_anon_mb=anon.take(),
+                neighbors_info={k: nb.info.get(k) for k in ("nlist", "nprobe", "k_factor", "build_s", "search_s",
+                                                            "recall_s")})
     del nb
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
 
@@ -135,7 +143,8 @@ def pipeline(args) -> dict:
         model.fit(x, FitContext(seed=0, progress=args.progress, work_dir=work))
         ep = model.history_["epoch_s"]
         head_labels = model.head_labels_
-        rows.update(heads_epoch_s=float(np.median(ep)), head_labels_dtype=str(head_labels.dtype))
+        rows.update(heads_epoch_s=float(np.median(ep)), head_labels_dtype=str(head_labels.dtype),
+                    heads_train_s=model.history_.get("train_s"), heads_neighbors_s=model.history_.get("neighbors_s"))
         if dist.is_main() and not args.heads_only:
             np.save(saved, head_labels)
         del model
@@ -172,18 +181,19 @@ def streaming_stages(args, x, head_labels, rows: dict, anon) -> dict:
 
     rows["synthetic_heads"] = bool(args.synthetic_heads)
     anon.take()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     res = consensus(head_labels, args.k, methods=("mcla", "hbgf"), seed=0)
-    rows.update(consensus_s=time.perf_counter() - t, consensus_rss_mb=rss_mb(), consensus_anon_mb=anon.take(),
-                consensus=res.summary())
+    rows.update(consensus_s=time.perf_counter() - t, consensus_cpu_s=time.process_time() - cpu,
+                consensus_rss_mb=rss_mb(), consensus_anon_mb=anon.take(), consensus=res.summary())
     labels = res.labels
     del res, head_labels
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     st = self_train(x, labels, args.k, lrs=(1e-3, 1e-2), weight_decays=(1e-4,), epochs=args.st_epochs,
                     batch_size=1024, seed=0, progress=args.progress)
     pred = st.classifier.predict(x)  # blocks of 65,536 rows
-    rows.update(selftrain_s=time.perf_counter() - t, selftrain_rss_mb=rss_mb(), selftrain_anon_mb=anon.take(),
+    rows.update(selftrain_s=time.perf_counter() - t, selftrain_cpu_s=time.process_time() - cpu,
+                selftrain_rss_mb=rss_mb(), selftrain_anon_mb=anon.take(),
                 selftrain_holdout_acc=max((g.get("holdout_acc") or 0.0) for g in st.grid) if st.grid else None,
                 selftrain_agreement=float((pred == labels).mean()))
     dist.shutdown()
@@ -194,7 +204,8 @@ def launch(args, world: int, heads_only: bool) -> dict:
     out = Path(args.work) / f"result-{world}-{int(heads_only)}.json"
     common = [__file__, "--child", "--n", str(args.n), "--dim", str(args.dim), "--heads", str(args.heads),
               "--epochs", str(args.epochs), "--k", str(args.k), "--batch-size", str(args.batch_size),
-              "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out)]
+              "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out),
+              "--fast-min-rows", str(args.fast_min_rows)]
     common += ["--reuse-heads"] * args.reuse_heads + ["--progress"] * args.progress
     common += ["--synthetic-heads"] * args.synthetic_heads
     if heads_only:
@@ -223,6 +234,8 @@ def main() -> None:
     ap.add_argument("--st-epochs", type=int, default=2)
     ap.add_argument("--exact-max-rows", type=int, default=200_000, help="IVF above this many rows (lower it to "
                     "measure the approximate index's recall on a small N)")
+    ap.add_argument("--fast-min-rows", type=int, default=0, help="the large-N neighbour index (IVF + PQ fast-scan + "
+                    "SQ8 re-rank) from this many rows (default: the library's, 4M)")
     ap.add_argument("--ratio", type=int, default=0, help="also time the heads with this many processes (and 1)")
     ap.add_argument("--threads", type=int, default=0, help="threads per process (default: cores / processes)")
     ap.add_argument("--work", default=None)
@@ -256,8 +269,8 @@ def main() -> None:
                   f"heads CPU s summed over ranks {one['heads_cpu_s']:.1f} vs {many['heads_cpu_s']:.1f}")
         else:
             results.append(launch(args, 1, heads_only=False))
-        cols = ["n", "processes", "features_s", "neighbors_s", "index", "recall_at_50", "heads_s", "heads_epoch_s", "heads_cpu_s",
-                "consensus_s", "selftrain_s", "features_anon_mb", "neighbors_anon_mb", "heads_anon_mb",
+        cols = ["n", "processes", "features_s", "neighbors_s", "neighbors_cpu_s", "index", "recall_at_50", "heads_s",
+                "heads_epoch_s", "heads_cpu_s", "consensus_s", "consensus_cpu_s", "selftrain_s", "selftrain_cpu_s", "features_anon_mb", "neighbors_anon_mb", "heads_anon_mb",
                 "consensus_anon_mb", "selftrain_anon_mb", "selftrain_rss_mb"]
         print(" | ".join(cols))
         for r in results:

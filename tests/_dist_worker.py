@@ -141,6 +141,44 @@ def selftrain(args):
             "grid": r.grid, "labels": r.classifier.predict(x.astype(np.float32)).tolist()}
 
 
+def consensus(args):
+    """consensus_once on noisy relabelled copies of one labelling: rank 0 computes, the others receive (issue 20)."""
+    import imgclust.consensus as cm
+    from imgclust.train import dist
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 6, 3000)
+    heads = np.stack([rng.permutation(6)[np.where(rng.random(3000) < 0.2, rng.integers(0, 6, 3000), truth)]
+                      for _ in range(8)])
+    ran, real = [], cm.consensus
+    cm.consensus = lambda *a, **k: ran.append(1) or real(*a, **k)
+    res = cm.consensus_once(heads, 6, methods=("mcla", "hbgf"), seed=0)
+    runs = dist.all_gather_cat(torch.tensor([len(ran)])).tolist()
+    same = dist.all_gather_cat(torch.from_numpy(np.asarray(res.labels, np.int64))[None])
+    return {"runs": runs, "labels": res.labels.tolist(), "summary": res.summary(),
+            "ranks_agree": bool((same == same[0]).all()), "candidates": sorted(res.candidates)}
+
+
+def head_labels(args):
+    """multihead_labels_sharded: each rank labels its share of the rows, every rank gets all labels (issue 20)."""
+    from sklearn.datasets import load_digits
+
+    import imgclust.heads.wrap as wrap
+    from imgclust.heads.multihead import MultiHeadClassifier
+    from imgclust.train import dist
+
+    x = load_digits().data.astype(np.float32)[:1001]  # odd: unequal shares
+    heads = MultiHeadClassifier(64, 7, 5, "l2", generator=torch.Generator().manual_seed(0))
+    whole = wrap.multihead_labels(heads, x, 100)
+    rows, real = [], wrap.multihead_labels
+    wrap.multihead_labels = lambda h, f, c=None: rows.append(len(f)) or real(h, f, c)
+    got = wrap.multihead_labels_sharded(heads, x, 100)
+    same = dist.all_gather_cat(torch.from_numpy(got.astype(np.int64))[None])
+    return {"rows": dist.all_gather_cat(torch.tensor(rows)).tolist(), "equal_whole": bool((got == whole).all()),
+            "ranks_agree": bool((same == same[0]).all()), "dtype": str(got.dtype), "shape": list(got.shape),
+            "distinct": int(len(np.unique(got)))}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     task, out_path, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

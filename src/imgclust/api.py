@@ -251,7 +251,10 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
             raise InputError(
                 f"K={self.n_clusters} is larger than the number of readable images ({n_valid})"
             )
-        x = self._reduce(feats[valid], fit=True)
+        # --- issue 20: above 2^20 rows, all valid (the usual case): the memory-mapped cache itself, no N x D copy
+        from imgclust.methods.base import FIT_PROBA_BLOCK, fit_labels
+
+        x = self._reduce(feats if len(feats) > FIT_PROBA_BLOCK and valid.all() else feats[valid], fit=True)
         x = self._manifold(x, fit=True, cache_dir=None if fs is None else fs.path)
         method_cls = get_method(self.method)
         model: ClusteringMethod = method_cls(int(self.n_clusters), self.method_options)
@@ -259,13 +262,13 @@ class ImageClusterer(ClusterMixin, BaseEstimator):
         t2 = time.perf_counter()
         # A method that fine-tuned its backbone (``image_level``, e.g. icbpl finetune=last_blocks)
         # no longer matches the cached features: fit_proba is the probabilities of its own pass.
-        proba = model.fit_proba(x)
+        lab, conf = fit_labels(model, x)  # issue 20: the (N, K) probabilities in blocks above 2^20 rows
         self.model_ = model
         self.n_features_in_ = feats.shape[1]
         self.labels_ = np.full(len(feats), -1, dtype=np.int64)
-        self.labels_[valid] = proba.argmax(axis=1)
+        self.labels_[valid] = lab
         self.confidences_ = np.zeros(len(feats), dtype=np.float32)
-        self.confidences_[valid] = proba.max(axis=1)
+        self.confidences_[valid] = conf
         self.valid_ = valid
         self.feature_set_ = fs
         self.source_ = source

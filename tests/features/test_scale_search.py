@@ -38,7 +38,7 @@ def test_kmeans_on_a_sample_assigns_every_row_like_full_kmeans(digits_xy):
     assert a_sampled > a_full - 0.06  # a third of the rows: about as good (restarts alone move ACC by ~0.05)
 
 
-def test_blockwise_ivf_from_a_memmap_equals_in_memory_and_sq8_reports_its_recall(digits_xy, tmp_path, monkeypatch):
+def test_blockwise_ivf_from_a_memmap_equals_in_memory_and_fast_index_reports_its_recall(digits_xy, tmp_path, monkeypatch):
     import imgclust.neighbors as nbm
 
     x, _ = digits_xy
@@ -48,10 +48,68 @@ def test_blockwise_ivf_from_a_memmap_equals_in_memory_and_sq8_reports_its_recall
     b = mine_neighbors(mm, k=10, exact_max_rows=500, progress=False, center=True)
     np.testing.assert_array_equal(a.indices, b.indices)
     assert a.info["recall_at_k"] == b.info["recall_at_k"]
-    monkeypatch.setattr(nbm, "IVF_SQ8_MIN_ROWS", 1000)
+    monkeypatch.setattr(nbm, "IVF_FAST_MIN_ROWS", 1000)
     q = mine_neighbors(mm, k=10, exact_max_rows=500, progress=False)
-    assert q.info["index"] == "ivf-sq8-ip" and 0.3 < q.info["recall_at_k"] <= 1.0
+    assert q.info["index"] == "ivf-pq4fs-sq8refine-ip" and 0.3 < q.info["recall_at_k"] <= 1.0
     bad = x.copy()
     bad[1500, 3] = np.nan
     with pytest.raises(InputError, match="NaN"):
         mine_neighbors(bad, k=10, exact_max_rows=500, progress=False)
+
+
+def test_fast_index_above_its_threshold_recall_matches_every_row_and_is_deterministic(digits_xy, tmp_path, monkeypatch):
+    """Issue 20's large-N index (IVF sqrt(N) + 4-bit PQ fast-scan + SQ8 re-rank), forced on the digits: its
+    recorded recall is the recall over every row (within sampling error), two runs give the same sets, and
+    it only applies from IVF_FAST_MIN_ROWS: below, the cache key of every existing entry is unchanged."""
+    import imgclust.neighbors as nbm
+
+    x, _ = digits_xy
+    assert _params(len(x), 500) == _params_main(len(x), 500)  # IVF-flat below the threshold: keys as before
+    key_before = nbm.neighbor_cache_key(x, **_params(len(x), 500))
+    monkeypatch.setattr(nbm, "IVF_FAST_MIN_ROWS", 1000)
+    fast = mine_neighbors(x, k=20, exact_max_rows=500, progress=False)
+    again = mine_neighbors(x, k=20, exact_max_rows=500, progress=False)
+    exact = mine_neighbors(x, k=20, progress=False)
+    info = fast.info
+    assert info["index"] == "ivf-pq4fs-sq8refine-ip" and info["nlist"] == int(len(x) ** 0.5) and info["pq_m"] == 16
+    assert info["nprobe"] == nbm.FAST_NPROBE and info["k_factor"] == nbm.FAST_K_FACTOR
+    assert min(info["build_s"], info["search_s"], info["recall_s"]) >= 0
+    np.testing.assert_array_equal(fast.indices, again.indices)
+    assert fast.sizes.min() == fast.sizes.max() == 20
+    full = np.mean([len(np.intersect1d(fast.neighbors_of(i), exact.neighbors_of(i))) / 20 for i in range(len(x))])
+    assert 0.5 < full <= 1.0
+    assert abs(info["recall_at_k"] - full) < 0.05
+    # the cache key: a "fast" field only where the fast index applies (here, with the threshold lowered)
+    assert nbm.neighbor_cache_key(x, **_params(len(x), 500)) != key_before
+    assert "fast" not in _params(len(x), 5000) and _params(len(x), 5000) == _params_main(len(x), 5000)
+
+
+def _params(n, exact_max_rows):
+    """The parameters ``_load_or_mine`` hashes into the cache key, read back through a spy."""
+    import imgclust.neighbors as nbm
+
+    seen = {}
+    real = nbm.neighbor_cache_key
+
+    class Seen(Exception):
+        pass
+
+    def spy(features, **params):
+        seen.update(params)
+        raise Seen
+
+    nbm.neighbor_cache_key = spy
+    try:
+        nbm._load_or_mine(np.zeros((n, 4), np.float32), "unused", mode="fixed", k=5, threshold=0.3,
+                          max_neighbors=1000, exact_max_rows=exact_max_rows, seed=0, progress=False, center=False)
+    except Seen:
+        pass
+    finally:
+        nbm.neighbor_cache_key = real
+    return seen
+
+
+def _params_main(n, exact_max_rows):
+    """The cache-key parameters before issue 20's large-N index (main at c58ef7f)."""
+    return {"mode": "fixed", "k": 5, "max_neighbors": 1000, "threshold": None, "exact_max_rows": exact_max_rows,
+            "nprobe": 16, "train": 32, "seed": 0 if n > exact_max_rows else None, "center": False}

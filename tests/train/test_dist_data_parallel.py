@@ -66,3 +66,23 @@ def test_rank0_mines_neighbours_once_the_other_rank_reads_the_cache(tmp_path):
     assert two["cache"] == [1, 2]  # rank 0: written, rank 1: a cache hit
     one = run_ranks("neighbors", {**args, "work": str(tmp_path / "one")}, tmp_path / "one.json", world=1)
     assert two["indices"] == one["indices"] and two["recall"] == one["recall"]
+
+
+def test_consensus_computed_once_on_rank0_and_broadcast(tmp_path):
+    """ICCE's consensus under torchrun: rank 0 computes it, rank 1 receives labels and summary."""
+    two = run_ranks("consensus", {}, tmp_path / "two.json", world=2)
+    one = run_ranks("consensus", {}, tmp_path / "one.json", world=1)
+    assert one["runs"] == [1] and two["runs"] == [1, 0]  # rank 1 never ran it
+    assert two["ranks_agree"] and two["labels"] == one["labels"] and two["summary"]["method"] == one["summary"]["method"]
+    assert two["summary"]["anmi"] == one["summary"]["anmi"] and one["summary"]["anmi"][one["summary"]["method"]] > 0.5
+    assert two["candidates"] == ["hbgf", "mcla"]  # rank 0 keeps its candidates
+
+
+def test_head_labels_sharded_over_ranks(tmp_path):
+    """TEMI/ICCE's labels of every row under every head: each rank labels its share (501 + 500 of 1,001
+    rows), every rank ends with all of them, equal to one process's labels."""
+    two = run_ranks("head_labels", {}, tmp_path / "two.json", world=2)
+    one = run_ranks("head_labels", {}, tmp_path / "one.json", world=1)
+    assert one["rows"] == [1001] and two["rows"] == [500, 501]
+    assert two["equal_whole"] and two["ranks_agree"] and one["equal_whole"]
+    assert two["dtype"] == "int16" and two["shape"] == [5, 1001] and two["distinct"] == 7

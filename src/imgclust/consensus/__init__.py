@@ -100,4 +100,19 @@ def consensus(
     return res
 
 
-__all__ = ["METHODS", "ConsensusResult", "Ensemble", "anmi", "consensus", "nmi_to_heads"]
+def consensus_once(head_labels: np.ndarray, k: int, **kw) -> ConsensusResult:
+    """:func:`consensus`, computed once under torchrun (issue 20): rank 0 runs it and broadcasts the result
+    (labels and summary; the candidates stay on rank 0, the only rank that writes), while the other ranks
+    wait. Every rank holds the same head labels, so before this every rank computed the same consensus:
+    on one machine P copies shared its cores (P times the CPU and the memory). In one process: consensus."""
+    from imgclust.train import dist
+
+    if dist.world_size() == 1:
+        return consensus(head_labels, k, **kw)
+    res = consensus(head_labels, k, **kw) if dist.is_main() else None
+    slim = None if res is None else ConsensusResult(res.labels, res.method, res.anmi, res.seconds, res.skipped)
+    got = dist.broadcast_object(slim)
+    return res if res is not None else got
+
+
+__all__ = ["METHODS", "ConsensusResult", "Ensemble", "anmi", "consensus", "consensus_once", "nmi_to_heads"]

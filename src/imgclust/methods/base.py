@@ -180,6 +180,27 @@ class ClusteringMethod(ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
+FIT_PROBA_BLOCK = 1 << 20  # issue 20: rows per block of fit_labels above this many rows
+
+
+def fit_labels(model: ClusteringMethod, features: np.ndarray, block: int = FIT_PROBA_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, max) of ``model.fit_proba(features)`` per row: the fitted rows' labels and confidences.
+
+    Issue 20: above ``block`` rows (and for a model that classifies features, not images) the
+    probabilities come ``block`` rows at a time, so the (N, K) float matrix of every row never exists
+    (4 GB at 10M rows x K = 100); up to ``block`` rows it is the one call it always was. Blocked, a
+    method's probabilities may differ in the last float bits (BLAS blocks a different number of rows:
+    k-means' confidences by ~3e-7 on the digits), so a label can differ only on a float-level tie."""
+    if len(features) <= block or model.image_level:
+        proba = model.fit_proba(features)
+        return proba.argmax(axis=1), proba.max(axis=1)
+    lab, conf = np.empty(len(features), np.int64), np.empty(len(features), np.float32)
+    for s in range(0, len(features), block):
+        p = model.fit_proba(features[s:s + block])
+        lab[s:s + len(p)], conf[s:s + len(p)] = p.argmax(axis=1), p.max(axis=1)
+    return lab, conf
+
+
 _METHODS: dict[str, type[ClusteringMethod]] = {}
 
 

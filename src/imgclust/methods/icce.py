@@ -33,7 +33,7 @@ from annotated_types import Ge, Gt, Interval, MinLen
 
 from imgclust.configcheck import OneOf, option
 from imgclust.consensus import METHODS as CONSENSUS_METHODS
-from imgclust.consensus import consensus
+from imgclust.consensus import consensus_once
 from imgclust.errors import InputError
 from imgclust.methods.base import FitContext, register_method
 from imgclust.methods.temi import ICCEHeads, ICCEHeadsConfig
@@ -74,7 +74,7 @@ class ICCE(ICCEHeads):
         super().fit(features, ctx)  # stage 1: sets head_labels_, best_head_, labels_ (best head)
         self.best_head_labels_ = self.labels_.copy()
         t0 = time.perf_counter()
-        res = consensus(self.head_labels_, self.n_clusters, methods=cfg.consensus, seed=ctx.seed,
+        res = consensus_once(self.head_labels_, self.n_clusters, methods=cfg.consensus, seed=ctx.seed,  # issue 20: rank 0
                         cspa_max_n=cfg.cspa_max_n, hgpa_sample=cfg.hgpa_sample, progress=ctx.progress)
         self.consensus_labels_ = res.labels
         self.history_["consensus"] = {**res.summary(), "n_clusters": int(res.labels.max()) + 1}

@@ -56,7 +56,13 @@ from imgclust.configcheck import OneOf, option
 from imgclust.errors import InputError
 from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
-from imgclust.heads.wrap import load_multihead, multihead_labels, multihead_logits
+from imgclust.heads.wrap import (
+    argmax_blocks,
+    load_multihead,
+    multihead_labels,
+    multihead_labels_sharded,
+    multihead_logits,
+)
 from imgclust.losses.temi import cosine_ramp, temi_loss
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import MODES, load_or_mine_neighbors, sample_neighbors
@@ -216,7 +222,7 @@ class TEMI(ClusteringMethod):
         self.prior_ = state["prior"].cpu()
         self.head_losses_ = head_mean
         self.best_head_ = int(head_mean.argmin())
-        self.head_labels_ = self.predict_heads(x_np)
+        self.head_labels_ = multihead_labels_sharded(self.teacher_, x_np)  # issue 20: each rank labels its share
         self.labels_ = self.head_labels_[self.best_head_].astype(np.int64)
         self.history_ = {
             "loss": res.history["head_mean_loss"],  # per epoch, mean over heads and steps
@@ -245,6 +251,11 @@ class TEMI(ClusteringMethod):
         """Softmax of the teacher's best head at the teacher temperature: (N, K)."""
         logits = torch.from_numpy(self.head_logits(features, self.best_head_))
         return torch.softmax(logits / self.config.teacher_temp, dim=-1).numpy().astype(np.float32)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Cluster of every row (N,) int64: :meth:`predict_proba` block by block (issue 20; ICCE's
+        self-trained classifier too), never the (N, K) probabilities of all rows at once."""
+        return argmax_blocks(self.predict_proba, features)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:

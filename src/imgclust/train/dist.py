@@ -86,6 +86,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (picklable) on every rank, ``obj`` itself in one process (issue 20: a result
+    computed once, e.g. the consensus, instead of P identical copies competing for one machine's cores)."""
+    d = _dist()
+    if not d:
+        return obj
+    box = [obj if d.get_rank() == src else None]
+    nccl = d.get_backend() == "nccl"  # NCCL moves the pickled bytes through this rank's own GPU
+    d.broadcast_object_list(box, src=src, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if nccl else None)
+    return box[0]
+
+
 def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's ``t`` (same shape on every rank) along ``dim``, in rank order.
     Gradients do not flow through the other ranks' parts."""
