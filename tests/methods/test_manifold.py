@@ -144,3 +144,20 @@ def test_auto_large_set_runs_end_to_end_and_reloads(digits_xy, tmp_path):
     again = get_method("auto")(10, {"large_from": 500})
     again.load_state_dict(m.state_dict())
     np.testing.assert_array_equal(again.predict(x), m.predict(x))
+
+
+def test_auto_model_saved_with_the_former_large_candidate_still_loads_it(digits_xy, tmp_path):
+    """Session 4 replaced the large candidate (pca=64 -> full width); a model saved before names
+    the former one by its pool index (2) and must come back as that candidate, predicting the same."""
+    import torch
+
+    x, _ = digits_xy
+    # a self-trained manifold model (spectral embedding: seconds) stands in for the saved UMAP-64 one
+    old = get_method("umap-kmeans")(10, {"reduce": "spectral:10"}).fit(x, FitContext(seed=0, progress=False,
+                                                                                      work_dir=tmp_path))
+    state = {f"chosen.{k}": v for k, v in old.state_dict().items()}
+    state["chosen_index"] = torch.tensor(2)
+    m = get_method("auto")(10)
+    m.load_state_dict(state)
+    assert m.chosen_.name == "umap-kmeans" and (m.chosen_.config.pca, m.chosen_.config.runs) == (64, 3)
+    np.testing.assert_array_equal(m.predict(x), old.predict(x))
