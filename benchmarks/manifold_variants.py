@@ -46,6 +46,12 @@ VARIANTS: dict[str, dict] = {
     "u100r3-conf-st": {"nn": 100, "runs": 3, "post": "conf-st"},
     "u30r1-p128": {"nn": 30, "runs": 1, "pca": 128},
     "u30r1-d64": {"nn": 30, "runs": 1, "dim": 64},
+    # session 4: UMAP on the full-width features (pca 0), the exact embedding
+    "f30r1": {"nn": 30, "runs": 1, "pca": 0},
+    "f30r3": {"nn": 30, "runs": 3, "pca": 0},
+    "f30r3-st": {"nn": 30, "runs": 3, "pca": 0, "post": "st"},
+    "f30r3-conf-st": {"nn": 30, "runs": 3, "pca": 0, "post": "conf-st"},
+    "f30r1-st": {"nn": 30, "runs": 1, "pca": 0, "post": "st"},
 }
 
 
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per variant")
     ap.add_argument("--graph-cache", type=Path, default=None,
                     help=".npy for the 20-NN graph of the features (computed once, reused by every variant/run)")
+    ap.add_argument("--save-labels", type=Path, default=None,
+                    help="folder: every variant's labels as variant-<name>_s<seed>.npy (criterion_spearman.py)")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -100,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p = v.get("pca", 64)
             if p not in pcs:
-                pcs[p] = pca_project(x, p)
+                pcs[p] = pca_project(x, p) if p > 0 else x  # 0: full width (as umap-kmeans pca=0)
             spec = ReduceSpec("umap", v.get("dim", 10), n_neighbors=v["nn"], min_dist=0.0)
             runs = []
             for r in range(v["runs"]):
-                z, _ = reduce_features(pcs[p], spec, seed=seed + r, cache_dir=work, progress=False)
+                z, info = reduce_features(pcs[p], spec, seed=seed + r, cache_dir=work, progress=False)
+                print(f"  {name} run {r}: UMAP {info.get('cache')} {info.get('seconds')} s", file=sys.stderr, flush=True)
                 runs.append(cluster_embedding(z, k, v.get("clusterer", "kmeans"), 10, seed + r))
             runs_a = np.stack(runs).astype(np.int32)
             if len(runs) > 1:
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"| {name} | {row['acc']:.4f} | {row['nmi']:.4f} | {gen:.4f} | {knn:.4f} | {row['balanced']:.4f} | "
               f"{secs:.0f} | {json.dumps(extra)}", flush=True)
+        if args.save_labels is not None:
+            args.save_labels.mkdir(parents=True, exist_ok=True)
+            np.save(args.save_labels / f"variant-{name}_s{seed}.npy", lab.astype(np.int32))
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({**row, "split": args.split, "seed": seed, "source": args.source}) + "\n")

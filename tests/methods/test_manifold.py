@@ -110,6 +110,8 @@ def test_auto_picks_its_candidates_by_data_size_and_pca_feeds_the_embedding(digi
     assert cfg.for_size(cfg.large_from - 1) == DEFAULT_CANDIDATES
     assert cfg.for_size(cfg.large_from) == LARGE_CANDIDATES
     assert cfg.pool()[:len(DEFAULT_CANDIDATES)] == DEFAULT_CANDIDATES  # saved small-data models keep their index
+    # session 4 made full-width UMAP the large candidate; models saved with the former one keep index 2
+    assert cfg.pool()[2] == "umap-kmeans?runs=3&pca=64" and set(LARGE_CANDIDATES) <= set(cfg.pool())
     assert get_method("auto")(10, {"candidates": ["kmeans"]}).config.for_size(10**6) == ["kmeans"]
     assert (cfg.criterion_for_size(10), cfg.criterion_for_size(cfg.large_from)) == ("generalization", "balanced")
     assert get_method("auto")(10, {"criterion": "knn"}).config.criterion_for_size(10**6) == "knn"
@@ -135,10 +137,27 @@ def test_auto_large_set_runs_end_to_end_and_reloads(digits_xy, tmp_path):
     m = get_method("auto")(10, {"large_from": 500}).fit(x, FitContext(seed=0, progress=False, work_dir=tmp_path))
     sel = m.history_["selection"]
     assert sel["criterion"] == "balanced"
-    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "umap-kmeans?runs=3&pca=64"]
+    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "umap-kmeans?runs=3"]
     best = max(sel["candidates"], key=lambda c: c["balanced"])
     assert sel["chosen"] == best["name"]
     assert cluster_acc(y, m.labels_) > 0.75
     again = get_method("auto")(10, {"large_from": 500})
     again.load_state_dict(m.state_dict())
     np.testing.assert_array_equal(again.predict(x), m.predict(x))
+
+
+def test_auto_model_saved_with_the_former_large_candidate_still_loads_it(digits_xy, tmp_path):
+    """Session 4 replaced the large candidate (pca=64 -> full width); a model saved before names
+    the former one by its pool index (2) and must come back as that candidate, predicting the same."""
+    import torch
+
+    x, _ = digits_xy
+    # a self-trained manifold model (spectral embedding: seconds) stands in for the saved UMAP-64 one
+    old = get_method("umap-kmeans")(10, {"reduce": "spectral:10"}).fit(x, FitContext(seed=0, progress=False,
+                                                                                      work_dir=tmp_path))
+    state = {f"chosen.{k}": v for k, v in old.state_dict().items()}
+    state["chosen_index"] = torch.tensor(2)
+    m = get_method("auto")(10)
+    m.load_state_dict(state)
+    assert m.chosen_.name == "umap-kmeans" and (m.chosen_.config.pca, m.chosen_.config.runs) == (64, 3)
+    np.testing.assert_array_equal(m.predict(x), old.predict(x))
