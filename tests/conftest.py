@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +41,35 @@ def digits_xy():
 
     x, y = load_digits(return_X_y=True)
     return x.astype(np.float32), y
+
+
+def _anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+@pytest.fixture
+def anon_growth_mb() -> Callable:
+    """``measure(fn)`` -> (``fn()``, the peak growth in MB of this process's anonymous memory while it
+    ran): what a memory-mapped input must not be copied into (sampled every 10 ms, and at the end)."""
+
+    def measure(fn: Callable):
+        base, peak, stop = _anon_mb(), [0.0], threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.01):
+                peak[0] = max(peak[0], _anon_mb())
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        try:
+            out = fn()
+        finally:
+            stop.set()
+            t.join()
+        return out, max(peak[0], _anon_mb()) - base
+
+    return measure

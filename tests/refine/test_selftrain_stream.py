@@ -6,8 +6,6 @@ one block, and no N x D copy of the features in anonymous memory.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -40,15 +38,7 @@ def test_memmap_and_blocked_holdout_equal_in_memory(tmp_path) -> None:
     assert (clf.predict(x) == noisy).mean() > 0.6  # it learned the (noisy) pseudo-labels
 
 
-def _anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no RssAnon in /proc/self/status")
-
-
-def test_no_feature_copy_in_memory(tmp_path) -> None:
+def test_no_feature_copy_in_memory(tmp_path, anon_growth_mb) -> None:
     """300k x 64 float32 (73 MB) memory-mapped: the run's anonymous memory grows by far less
     (a standardised copy, as before issue 20, grew it by ~130 MB)."""
     n, d = 300_000, 64
@@ -56,19 +46,6 @@ def test_no_feature_copy_in_memory(tmp_path) -> None:
     np.save(tmp_path / "x.npy", rng.standard_normal((n, d), dtype=np.float32))
     x = np.load(tmp_path / "x.npy", mmap_mode="r")
     y = rng.integers(0, 5, n)
-    base = _anon_mb()
-    peak = [base]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.02):
-            peak[0] = max(peak[0], _anon_mb())
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        self_train(x, y, 5, lrs=(0.01,), weight_decays=(0.0,), epochs=1, batch_size=1024, seed=0)
-    finally:
-        stop.set()
-        t.join()
-    assert peak[0] - base < 0.5 * n * d * 4 / 2**20
+    _, grew = anon_growth_mb(lambda: self_train(x, y, 5, lrs=(0.01,), weight_decays=(0.0,), epochs=1,
+                                                batch_size=1024, seed=0))
+    assert grew < 0.5 * n * d * 4 / 2**20

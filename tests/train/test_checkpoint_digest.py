@@ -5,10 +5,8 @@ existing checkpoints still resume), without a copy of the file in anonymous memo
 from __future__ import annotations
 
 import hashlib
-import threading
 
 import numpy as np
-import pytest
 import torch
 
 from imgclust.train.checkpoint import data_digest
@@ -35,15 +33,7 @@ def test_digest_equals_whole_bytes_for_every_kind_of_array():
     assert data_digest(x) != data_digest(x[:-1]) and data_digest(x) != data_digest(x.astype(np.float64))
 
 
-def _anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no RssAnon in /proc/self/status")
-
-
-def test_memmap_digest_without_a_copy_in_memory(tmp_path):
+def test_memmap_digest_without_a_copy_in_memory(tmp_path, anon_growth_mb):
     """200k x 384 float32 (293 MB) memory-mapped: anonymous memory grows by < 100 MB (``tobytes()``, as
     before issue 20, grew it by the whole array)."""
     n, d = 200_000, 384
@@ -54,18 +44,6 @@ def test_memmap_digest_without_a_copy_in_memory(tmp_path):
     x.flush()
     del x
     mm = np.load(tmp_path / "x.npy", mmap_mode="r")
-    base, peak, stop = _anon_mb(), [0.0], threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.01):
-            peak[0] = max(peak[0], _anon_mb())
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        got = data_digest(mm)
-    finally:
-        stop.set()
-        t.join()
-    assert max(peak[0], _anon_mb()) - base < 100
+    got, grew = anon_growth_mb(lambda: data_digest(mm))
+    assert grew < 100
     assert got == _whole(np.load(tmp_path / "x.npy"))
