@@ -9,19 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from test_consensus import noisy_heads  # the same noisy ensembles as the whole-matrix tests
 
 from imgclust.consensus import Ensemble, nmi_to_heads
 from imgclust.consensus.hbgf import hbgf
 from imgclust.consensus.hgpa import hgpa
 from imgclust.consensus.mcla import mcla
-
-
-def noisy_heads(n: int, k: int, h: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.permutation(np.arange(n) % k)
-    heads = np.stack([rng.permutation(k)[np.where(rng.random(n) < noise, rng.integers(0, k, n), y)]
-                      for _ in range(h)])
-    return y, heads
 
 
 @pytest.mark.parametrize("k, dtype", [(6, np.uint8), (300, np.int16)])
