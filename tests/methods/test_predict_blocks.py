@@ -67,3 +67,23 @@ def test_fit_labels_blocks_equal_one_call(digits_xy):
     assert seen == [len(x)]
     np.testing.assert_array_equal(lab1, proba.argmax(1))
     np.testing.assert_array_equal(conf1, proba.max(1))
+
+
+@pytest.mark.parametrize("name", ["temi", "spice"])
+def test_fit_on_the_read_only_memmap_warns_nothing_and_equals_the_array(digits_xy, tmp_path, name):
+    """The streaming path hands the methods the read-only memory-mapped cache itself: no copy, no
+    torch "not writable" warning on the user's console, and the same labels as an in-memory array."""
+    import warnings
+
+    x, _ = digits_xy
+    np.save(tmp_path / "f.npy", np.ascontiguousarray(x, dtype=np.float32))
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert not mm.flags.writeable
+    opts = {"heads": 4, "epochs": 2, "batch_size": 128} if name == "temi" else {"epochs": 2, "batch_size": 128}
+    fit = lambda f: get_method(name)(10, opts).fit(f, FitContext(seed=0, progress=False)).labels_  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fit(mm)
+    assert not [w for w in caught if "not writable" in str(w.message)]
+    np.testing.assert_array_equal(got, fit(np.array(x, dtype=np.float32)))
+    assert len(np.unique(got)) > 1

@@ -40,6 +40,20 @@ class BackboneHead(nn.Module):
         return self.head(self.embed(x))
 
 
+def features_tensor(x: np.ndarray) -> torch.Tensor:
+    """The frozen features as a tensor without a copy, also when ``x`` is the read-only memory-mapped cache.
+
+    torch warns on every read-only array ("not writable ... undefined behavior"): the methods only
+    read their features (no in-place op touches this tensor), so the warning is noise for the user,
+    and copying N x D to silence it is what issue 20's streaming path must not do.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
+
+
 @torch.no_grad()
 def apply_rows(fn: Callable[[torch.Tensor], torch.Tensor], features: np.ndarray, n_out: int,
                chunk: int = 65536) -> np.ndarray:

@@ -99,7 +99,7 @@ from imgclust.data.batches import ImageBatches, fit_image_rows
 from imgclust.errors import InputError
 from imgclust.heads.pedcc import load_or_build_pedcc, pedcc_stats
 from imgclust.heads.projection import Projection, centroid_model_state, load_centroid_model
-from imgclust.heads.wrap import BackboneHead, encode_images, predict_finetuned_images
+from imgclust.heads.wrap import BackboneHead, encode_images, features_tensor, predict_finetuned_images
 from imgclust.losses.icbpl import draw_neighbors, icbpl_loss, pedcc_proba
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
 from imgclust.neighbors import fixed_neighbors, neighbor_overlap
@@ -248,7 +248,7 @@ class ICBPL(ClusteringMethod):
                   ctx: FitContext, gen: torch.Generator, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
         """``finetune="head"``: the projection on the frozen features; Loss2's view from ``aug``."""
         cfg = self.config
-        x = head.standardize(torch.from_numpy(x_np if x_np.flags.writeable else x_np.copy()).to(device))
+        x = head.standardize(features_tensor(x_np).to(device))
         bank = None
         if cfg.aug == "views":  # (V, N, D), rows read per batch
             rows = fit_image_rows(ctx.source, ctx.backbone, ctx.rows, x_np.shape, self.name, "aug=views")

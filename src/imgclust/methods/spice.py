@@ -68,7 +68,7 @@ from imgclust.data.augment import AugmentSpec
 from imgclust.errors import InputError
 from imgclust.heads import spice as spice_heads
 from imgclust.heads.spice import HEAD_NORMS, MultiHeadMLP, SingleHead
-from imgclust.heads.wrap import apply_rows
+from imgclust.heads.wrap import apply_rows, features_tensor
 from imgclust.losses import spice as losses
 from imgclust.losses.spice import LOSSES, cluster_loss, cluster_probs, default_pool_size
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, register_method
@@ -169,7 +169,7 @@ class SPICESelf(ClusteringMethod):
             raise InputError(f"K={k} is larger than the number of images ({n})")
         device = resolve_device(ctx.device)
         gen = torch.Generator().manual_seed(int(ctx.seed))
-        x = torch.from_numpy(x_np).to(device)
+        x = features_tensor(x_np).to(device)
         emb = F.normalize(x, dim=1)
         views = self._views = make_feature_views(x, ctx, mode=cfg.views, n_views=cfg.n_views, device=device,
                                                  image_size=cfg.view_image_size or None, spec=cfg.spec())

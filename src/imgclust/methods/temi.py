@@ -58,6 +58,7 @@ from imgclust.heads import NORMS, MultiHeadClassifier
 from imgclust.heads.mlp import MultiHeadMLP, build_heads
 from imgclust.heads.wrap import (
     argmax_blocks,
+    features_tensor,
     load_multihead,
     multihead_labels,
     multihead_labels_sharded,
@@ -153,7 +154,7 @@ class TEMI(ClusteringMethod):
                                     center=cfg.center_neighbors)
         t_nn = time.perf_counter() - t0
         indptr, indices = nb.torch_view()  # sampling stays on the CPU generator (deterministic)
-        x = torch.from_numpy(x_np).to(device)
+        x = features_tensor(x_np).to(device)
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
         student = build_heads(cfg.head, d, self.n_clusters, cfg.heads, cfg.norm, generator=gen, **self._mlp_dims())
         if cfg.norm == "standardize":
