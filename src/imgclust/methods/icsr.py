@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from imgclust.errors import InputError
-from imgclust.heads.wrap import predict_finetuned_images
+from imgclust.heads.wrap import features_tensor, predict_finetuned_images
 from imgclust.methods.base import ClusteringMethod, FitContext, MethodConfig, get_method, register_method
 from imgclust.refine.icsr import ICSRConfig, make_views, train_icsr, train_icsr_end_to_end
 from imgclust.refine.selftrain import LinearClassifier
@@ -68,7 +68,7 @@ class ICSR(ClusteringMethod):
         truth, source, rows = ctx.truth, ctx.source, ctx.rows
         if truth is None and source is not None and rows is not None and getattr(source, "labels", None) is not None:
             truth = np.asarray(source.labels)[np.asarray(rows)]
-        views = make_views(torch.from_numpy(x), cfg, ctx)
+        views = make_views(features_tensor(x), cfg, ctx)
         res = train_icsr(x, base_proba, self.n_clusters, cfg, views, truth=truth, seed=ctx.seed, progress=ctx.progress)
         hist: dict[str, Any] = dict(res.history)
         if self.image_level:

@@ -81,7 +81,7 @@ from imgclust.backbones.finetune import FINETUNE_SCOPES, trainable_copy
 from imgclust.configcheck import OneOf, check_fields, option
 from imgclust.data.augment import DEFAULT_SPEC
 from imgclust.errors import InputError
-from imgclust.heads.wrap import BackboneHead
+from imgclust.heads.wrap import BackboneHead, features_tensor
 from imgclust.losses.icsr import weighted_cross_entropy
 from imgclust.refine.base import RefinerInfo, register_refiner
 from imgclust.refine.ranking import (
@@ -550,7 +550,7 @@ def train_icsr_end_to_end(
     views = ImageViews(source, rows, pre, DEFAULT_SPEC, dev)
     gen = torch.Generator().manual_seed(int(seed) + 1)
     p0 = head.predict_proba(x).astype(np.float32)
-    xt = torch.from_numpy(x)
+    xt = features_tensor(x)
     rank0 = xt / xt.norm(dim=1, keepdim=True).clamp(min=1e-12) if cfg.rank_normalize else xt
 
     def train_mode(mod: nn.Module) -> None:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclust.errors import InputError
+from imgclust.heads.wrap import features_tensor
 from imgclust.progress import progress_bar
 from imgclust.train import dist
 
@@ -184,7 +185,7 @@ def self_train(
     if w_np.shape != (n,) or (w_np < 0).any() or not np.isfinite(w_np).all():
         raise InputError("sample weights must be N finite values >= 0")
     gen = torch.Generator().manual_seed(int(seed))
-    x = torch.from_numpy(x_np)
+    x = features_tensor(x_np)  # the memory-mapped cache itself on the streaming path: no copy
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
     y, w = torch.from_numpy(y_np), torch.from_numpy(w_np)
     grid = list(itertools.product(lrs, weight_decays))
