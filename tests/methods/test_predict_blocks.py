@@ -69,7 +69,12 @@ def test_fit_labels_blocks_equal_one_call(digits_xy):
     np.testing.assert_array_equal(conf1, proba.max(1))
 
 
-@pytest.mark.parametrize("name", ["temi", "spice", "icce"])
+# icce: heads, consensus and self-training (refine/selftrain.py), all on the memmap
+MEMMAP_OPTS = {"temi": {"heads": 4}, "spice": {},
+               "icce": {"heads": 4, "st_epochs": 2, "st_lrs": [0.01], "st_weight_decays": [0.0]}}
+
+
+@pytest.mark.parametrize("name", sorted(MEMMAP_OPTS))
 def test_fit_on_the_read_only_memmap_warns_nothing_and_equals_the_array(digits_xy, tmp_path, name):
     """The streaming path hands the methods the read-only memory-mapped cache itself: no copy, no
     torch "not writable" warning on the user's console, and the same labels as an in-memory array."""
@@ -79,9 +84,7 @@ def test_fit_on_the_read_only_memmap_warns_nothing_and_equals_the_array(digits_x
     np.save(tmp_path / "f.npy", np.ascontiguousarray(x, dtype=np.float32))
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
     assert not mm.flags.writeable
-    opts = {"epochs": 2, "batch_size": 128}
-    if name != "spice":  # icce: heads, consensus and self-training (refine/selftrain.py) on the memmap
-        opts.update(heads=4, **({"st_epochs": 2, "st_lrs": [0.01], "st_weight_decays": [0.0]} if name == "icce" else {}))
+    opts = {"epochs": 2, "batch_size": 128, **MEMMAP_OPTS[name]}
     fit = lambda f: get_method(name)(10, opts).fit(f, FitContext(seed=0, progress=False)).labels_  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
