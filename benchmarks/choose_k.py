@@ -49,6 +49,10 @@ def load_sets(names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]
             split = "train" if name == "fmnist-train" else "test"
             src = open_source(str(Path(shared) / "data" / "fashion-mnist"), split=split, kind="fashion-mnist")
             bb, size, opts = "pixels", 28, {"grayscale": True}
+        elif name in ("fmnist-l0", "fmnist-train-l0"):  # the default backbone (issue 18's Fashion-MNIST rows)
+            split = "train" if name == "fmnist-train-l0" else "test"
+            src = open_source(str(Path(shared) / "data" / "fashion-mnist"), split=split)
+            bb, size, opts = "efficientnet-lite0", None, {}
         elif name == "cifar10":
             src = open_source(str(Path(shared) / "data" / "cifar10-jpg.tar.gz"), split="test")
             bb, size, opts = "efficientnet-lite0", None, {}

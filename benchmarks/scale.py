@@ -7,6 +7,8 @@ gloo on 127.0.0.1, launched with torchrun).
     nice -n 10 python benchmarks/scale.py --n 1000000                 # full pipeline, 1 process
     nice -n 10 python benchmarks/scale.py --n 100000 --ratio 2        # heads: 1 vs 2 processes, interleaved
     nice -n 10 python benchmarks/scale.py --n 10000000 --epochs 1     # 10M (needs ~16 GB disk for the memmap)
+    ... --n 10000000 --work DIR --stop-after neighbors                # 10M in two sittings: features + neighbours,
+    ... --n 10000000 --work DIR --epochs 1                            # then the rest (the neighbours read from DIR)
 
 Features: a mixture of 100 Gaussians in 384-d (as benchmarks/heads_speed.py), written in blocks of
 100k rows into ``<work>/features.npy`` (open_memmap) so the generator never holds N x D in RAM.
@@ -78,14 +80,18 @@ def make_features(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
         x = np.load(path, mmap_mode="r")
         if x.shape == (n, dim):
             return x
+    # written under a temporary name and renamed when complete: a run killed mid-write leaves no file of
+    # the right shape that a re-run would take for finished (the 10M file takes minutes to write)
+    part = path.with_name(path.name + ".part")
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(100, dim)).astype(np.float32)
-    x = open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    x = open_memmap(part, mode="w+", dtype=np.float32, shape=(n, dim))
     for s in range(0, n, 100_000):
         m = min(100_000, n - s)
         x[s:s + m] = centers[rng.integers(0, 100, m)] + 0.8 * rng.normal(size=(m, dim)).astype(np.float32)
     x.flush()
     del x
+    os.replace(part, path)
     return np.load(path, mmap_mode="r")
 
 
@@ -131,6 +137,9 @@ def pipeline(args) -> dict:
                                                             "recall_s")})
     del nb
     print("stage", json.dumps(rows), file=sys.stderr, flush=True)
+    if args.stop_after == "neighbors":  # a 10M run split over two sittings: the neighbours stay cached in --work
+        dist.shutdown()
+        return rows
 
     t, cpu = time.perf_counter(), time.process_time()
     # the heads' labels are kept in the work dir, so a re-run after a later stage failed skips the heads
@@ -208,6 +217,7 @@ def launch(args, world: int, heads_only: bool) -> dict:
               "--fast-min-rows", str(args.fast_min_rows)]
     common += ["--reuse-heads"] * args.reuse_heads + ["--progress"] * args.progress
     common += ["--synthetic-heads"] * args.synthetic_heads
+    common += ["--stop-after", args.stop_after] if args.stop_after else []
     if heads_only:
         common.append("--heads-only")
     # The child's options travel in the environment: torchrun's own parser would take "--n" for "--nnodes".
@@ -243,6 +253,8 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true", help="progress bars (stderr)")
     ap.add_argument("--synthetic-heads", action="store_true", help="skip neighbours and heads: consensus and "
                     "self-training on stand-in head labels (noisy copies of one labelling), the streaming stages alone")
+    ap.add_argument("--stop-after", choices=["neighbors"], default=None, help="end after this stage (its result "
+                    "stays cached in --work; the same command without it goes on from there)")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--heads-only", action="store_true")
     ap.add_argument("--out", default=None)

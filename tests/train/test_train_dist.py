@@ -39,3 +39,22 @@ def test_two_process_heads_equal_one_process_heads(tmp_path, method, config):
     agree = np.mean(np.asarray(two["labels"]) == np.asarray(one["labels"]))
     assert agree > 0.995
     assert len(set(one["labels"])) > 5  # the heads learnt clusters, not one blob
+
+
+def test_a_gpu_machine_gets_nccl_for_cuda_tensors_and_gloo_for_cpu_ones(monkeypatch):
+    """NCCL alone refuses CPU tensors (the extraction's start flag, CPU-second totals, --device cpu runs):
+    on a GPU machine the group is created with both backends, each for its device."""
+    import torch
+    import torch.distributed as d
+
+    from imgclust.train import dist
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(d, "is_initialized", lambda: False)
+    monkeypatch.setattr(d, "init_process_group", lambda backend, **kw: seen.setdefault("backend", backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dist.init_from_env()
+    assert seen["backend"] == "cpu:gloo,cuda:nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist.backend() == "gloo"

@@ -40,6 +40,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def backend() -> str:
+    """The process group's backend: gloo on CPU; with a GPU, NCCL for CUDA tensors *and* gloo for CPU
+    ones. NCCL alone refuses CPU tensors, and some collectives here are on CPU tensors even when the
+    heads train on GPUs (the extraction's start flag, CPU-second totals, heads run with --device cpu)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_from_env() -> bool:
     """Initialise the default process group from torchrun's environment; False in one process."""
     if not launched():
@@ -52,7 +59,7 @@ def init_from_env() -> bool:
         from datetime import timedelta
 
         timeout = timedelta(seconds=float(os.environ.get("IMGCLUST_DIST_TIMEOUT_S", 6 * 3600)))
-        d.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        d.init_process_group(backend(), timeout=timeout)
     return True
 
 
@@ -93,8 +100,9 @@ def broadcast_object(obj, src: int = 0):
     if not d:
         return obj
     box = [obj if d.get_rank() == src else None]
-    nccl = d.get_backend() == "nccl"  # NCCL moves the pickled bytes through this rank's own GPU
-    d.broadcast_object_list(box, src=src, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if nccl else None)
+    nccl_only = str(d.get_backend()) == "nccl"  # NCCL alone moves the pickled bytes through this rank's GPU
+    d.broadcast_object_list(box, src=src,
+                            device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if nccl_only else None)
     return box[0]
 
 
