@@ -53,6 +53,9 @@ Search (faiss, inner product on L2-normalised float32 rows):
   :func:`_build_fast_index`.
 
 Queries run in chunks, so memory stays at ``chunk x (cap + 1)`` candidates plus the result.
+Above ``exact_max_rows`` with a cache directory, the search resumes after a kill (issue 20: about an
+hour at 10M rows): the filled index is written once, the fixed sets go to a memory-mapped
+``N x k`` file, and ``done.json`` records how many rows are on disk (see :class:`_SearchLog`).
 Sets are stored compactly as CSR arrays: the members of set i are
 ``indices[indptr[i]:indptr[i + 1]]``, sorted by decreasing similarity.
 
@@ -66,6 +69,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +248,90 @@ def _build_fast_index(xn: Any, seed: int) -> tuple[faiss.Index, dict[str, Any]]:
                    "k_factor": FAST_K_FACTOR}
 
 
+RESUME_FLUSH_ROWS = 65_536  # a killed search loses at most this many rows (about a minute at 10M on 2 cores)
+
+
+def _set_search_params(index: faiss.Index, info: dict[str, Any]) -> None:
+    """Probes (and re-ranking factor) of an index read back from disk, as :func:`_build_index` set them."""
+    if info.get("index") == "ivf-flat-ip":
+        faiss.downcast_index(index).nprobe = int(info["nprobe"])
+    elif "k_factor" in info:
+        ref = faiss.downcast_index(index)
+        ref.k_factor = int(info["k_factor"])
+        faiss.downcast_index(ref.base_index).nprobe = int(info["nprobe"])
+
+
+class _SearchLog:
+    """A resumable approximate search of fixed-size sets (issue 20; written by hand: faiss has no resumable
+    batch search). Files in ``path``: ``index.faiss`` (the trained, filled index, written once, atomically),
+    ``ids.npy`` (N x cap memory-mapped ids, -1 where the index returned fewer) and ``sizes.npy``, and
+    ``done.json``: rows ``[0, done)`` are on disk. ``done.json`` is rewritten (atomically) only after both
+    memory maps are flushed, so after kill -9 it never claims rows that were not written."""
+
+    def __init__(self, path: Path, n: int, cap: int, idx_dtype: Any, params: dict[str, Any]) -> None:
+        self.path, self.n, self.cap, self.dtype = path, n, cap, np.dtype(idx_dtype)
+        self.params = {**params, "n": n, "cap": cap, "dtype": self.dtype.name}
+        self.done, self.index_info = 0, None
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            state = json.loads((path / "done.json").read_text())
+        except (OSError, ValueError):
+            state = None
+        if state and state.get("params") == self.params and (path / "index.faiss").is_file() \
+                and (path / "ids.npy").is_file():
+            self.done, self.index_info = int(state["done"]), state["index_info"]
+
+    def load_index(self) -> faiss.Index | None:
+        if self.index_info is None:
+            return None
+        try:
+            index = faiss.read_index(str(self.path / "index.faiss"))
+        except RuntimeError:  # unreadable: build again
+            self.done, self.index_info = 0, None
+            return None
+        _set_search_params(index, self.index_info)
+        return index
+
+    def save_index(self, index: faiss.Index, info: dict[str, Any]) -> None:
+        tmp = self.path / "index.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, self.path / "index.faiss")
+        self.index_info, self.done = dict(info), 0
+        self._write_done()
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        from numpy.lib.format import open_memmap
+
+        mode = "r+" if self.done else "w+"
+        ids = open_memmap(self.path / "ids.npy", mode=mode, dtype=self.dtype, shape=(self.n, self.cap))
+        sizes = open_memmap(self.path / "sizes.npy", mode=mode, dtype=np.int64, shape=(self.n,))
+        return ids, sizes
+
+    def commit(self, ids: np.ndarray, sizes: np.ndarray, done: int) -> None:
+        ids.flush()
+        sizes.flush()
+        self.done = done
+        self._write_done()
+
+    def _write_done(self) -> None:
+        from imgclust.rundir import atomic_open
+
+        with atomic_open(self.path / "done.json", "w") as f:
+            f.write(json.dumps({"params": self.params, "done": self.done, "index_info": self.index_info}))
+
+
+def _compact(ids: np.ndarray, total: int, dtype: Any, block: int = 1 << 20) -> np.ndarray:
+    """The valid (>= 0) ids of an N x cap matrix in row-major order, read block by block."""
+    out = np.empty(total, dtype)
+    pos = 0
+    for s in range(0, len(ids), block):
+        b = np.asarray(ids[s:s + block]).reshape(-1)
+        kept = b[b >= 0]
+        out[pos:pos + len(kept)] = kept
+        pos += len(kept)
+    return out
+
+
 def _drop_self(ids: np.ndarray, sims: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Remove each row's own index from its (c, m) candidate list, keeping m - 1 columns.
 
@@ -302,13 +390,16 @@ def mine_neighbors(
     seed: int = 0,
     progress: bool = True,
     center: bool = False,
+    resume_dir: str | Path | None = None,
 ) -> NeighborSets:
     """Neighbour sets of every row of ``features`` (N, D); see the module docstring.
 
     ``mode="fixed"``: the ``k`` most similar rows. ``mode="adaptive"``: all rows with cosine
     distance ``<= threshold`` (up to ``max_neighbors``), or the ``k`` most similar when
     fewer qualify. Self excluded by index; with N - 1 < k, every other row. ``center``
-    subtracts the mean feature before the cosine (see the module docstring).
+    subtracts the mean feature before the cosine (see the module docstring). ``resume_dir``:
+    fixed sets above ``exact_max_rows`` rows are searched resumably there (:class:`_SearchLog`);
+    the same call after a kill goes on from the last committed row.
     """
     if mode not in MODES:
         raise InputError(f"unknown neighbour mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -337,10 +428,23 @@ def mine_neighbors(
         info.update(threshold=threshold, min_similarity=min_sim, max_neighbors=max_neighbors)
     if cap <= 0:  # a single image: one empty set
         return NeighborSets(np.zeros(n + 1, np.int64), np.zeros(0, idx_dtype), {**info, "index": "none"})
+    log = None
+    if resume_dir is not None and mode == "fixed" and n > exact_max_rows:
+        log = _SearchLog(Path(resume_dir), n, cap, idx_dtype, {"k": k, "seed": seed, "center": bool(center),
+                                                               "exact_max_rows": exact_max_rows})
     t_build = time.perf_counter()
-    index, index_info = _build_index(xn, exact_max_rows, seed)
+    index = log.load_index() if log is not None else None
+    if index is not None:
+        index_info = dict(log.index_info)
+        info.update(resumed_from_row=log.done)
+    else:
+        index, index_info = _build_index(xn, exact_max_rows, seed)
+        if log is not None:
+            log.save_index(index, index_info)
     info.update(index_info)
     t_search = time.perf_counter()
+    if log is not None:
+        return _search_logged(index, xn, log, chunk, progress, info, seed, t_build, t_search)
     sizes = np.zeros(n, dtype=np.int64)
     # issue 20: fixed sets fill one preallocated (N x cap) buffer (at 10M x 50 a list of parts plus
     # their concatenation held 2 x 2 GB); adaptive sets vary in size and stay a list of parts.
@@ -382,6 +486,40 @@ def mine_neighbors(
     info.update(mean_size=float(sizes.mean()), min_size=int(sizes.min()), max_size=int(sizes.max()))
     if mode == "adaptive":
         info["capped_fraction"] = float((sizes >= cap).mean())
+    return NeighborSets(indptr, indices, info)
+
+
+def _search_logged(index: faiss.Index, xn: Any, log: _SearchLog, chunk: int, progress: bool, info: dict[str, Any],
+                   seed: int, t_build: float, t_search: float) -> NeighborSets:
+    """The fixed-set search of :func:`mine_neighbors`, resumable through ``log``."""
+    n, cap = log.n, log.cap
+    ids_mm, sizes_mm = log.open()
+    bar = progress_bar(n, "neighbours", unit="img", enable=progress and n >= 20_000)
+    bar.update(log.done)
+    committed = log.done
+    for s in range(log.done, n, chunk):
+        rows = np.arange(s, min(s + chunk, n))
+        sims, ids = index.search(xn[rows], cap + 1)
+        ids, _ = _drop_self(ids, sims, rows)
+        ids_mm[rows[0]:rows[-1] + 1] = ids  # -1 where an approximate index returned fewer (dropped below)
+        sizes_mm[rows[0]:rows[-1] + 1] = (ids >= 0).sum(axis=1)
+        end = int(rows[-1]) + 1
+        if end - committed >= RESUME_FLUSH_ROWS or end == n:
+            log.commit(ids_mm, sizes_mm, end)
+            committed = end
+        bar.update(len(rows))
+    bar.close()
+    t_recall = time.perf_counter()
+    info.update(_sampled_recall(index, xn, cap, seed))
+    info.update(build_s=round(t_search - t_build, 3), search_s=round(t_recall - t_search, 3),
+                recall_s=round(time.perf_counter() - t_recall, 3))
+    del index
+    sizes = np.array(sizes_mm)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=indptr[1:])
+    indices = _compact(ids_mm, int(indptr[-1]), log.dtype)
+    del ids_mm, sizes_mm
+    info.update(mean_size=float(sizes.mean()), min_size=int(sizes.min()), max_size=int(sizes.max()))
     return NeighborSets(indptr, indices, info)
 
 
@@ -449,20 +587,26 @@ def _load_or_mine(features: np.ndarray, work_dir: str | Path | None, *, mode: st
     fast = _fast_index(len(features), exact_max_rows)
     if fast is not None:  # issue 20: only above the threshold, so the keys of every smaller cache stay
         params["fast"] = fast
-    path = None
+    path = partial = None
     if work_dir is not None:
         path = Path(work_dir) / f"neighbors-{neighbor_cache_key(features, **params)}.npz"
+        partial = path.with_suffix(".partial")  # the resumable search's files (large N), removed when done
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as z:
                     info = json.loads(str(z["info"]))
                     sets = NeighborSets(z["indptr"], z["indices"], {**info, "cache": "hit"})
                 if len(sets) == len(features):
+                    _remove_partial(partial)  # left by a run killed between writing the cache and cleaning up
                     return sets
             except (OSError, ValueError, KeyError):
                 pass  # unreadable: recompute and overwrite
+    resume = None
+    if partial is not None and os.access(partial.parent, os.W_OK):
+        resume = partial
     sets = mine_neighbors(features, mode=mode, k=k, threshold=threshold, max_neighbors=max_neighbors,
-                          exact_max_rows=exact_max_rows, seed=seed, progress=progress, center=center)
+                          exact_max_rows=exact_max_rows, seed=seed, progress=progress, center=center,
+                          resume_dir=resume)
     if path is not None:
         from imgclust.rundir import atomic_open
 
@@ -470,11 +614,19 @@ def _load_or_mine(features: np.ndarray, work_dir: str | Path | None, *, mode: st
             with atomic_open(path, "wb") as f:
                 np.savez(f, indptr=sets.indptr, indices=sets.indices, info=np.array(json.dumps(sets.info)))
             sets.info["cache"] = "written"
+            _remove_partial(partial)
         except OSError as e:
             sets.info["cache"] = f"not written: {e.strerror or e}"
     else:
         sets.info["cache"] = "none"
     return sets
+
+
+def _remove_partial(partial: Path | None) -> None:
+    if partial is not None and partial.is_dir():
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def fixed_neighbors(features: np.ndarray, k: int, work_dir: Path | None = None, seed: int = 0, progress: bool = False,

@@ -113,3 +113,50 @@ def _params_main(n, exact_max_rows):
     """The cache-key parameters before issue 20's large-N index (main at c58ef7f)."""
     return {"mode": "fixed", "k": 5, "max_neighbors": 1000, "threshold": None, "exact_max_rows": exact_max_rows,
             "nprobe": 16, "train": 32, "seed": 0 if n > exact_max_rows else None, "center": False}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["ivf-flat", "ivf-pq-fastscan-refine"])
+def test_a_search_killed_midway_resumes_from_its_last_committed_row_and_ends_with_the_same_sets(
+        digits_xy, tmp_path, monkeypatch, fast):
+    """Issue 20: mining 10M neighbours takes about an hour; a kill must not lose it. The index is read back
+    (not rebuilt), only the rows after the last commit are searched again, and the sets equal an
+    uninterrupted run's; the cache's partial files go once the final cache is written."""
+    import imgclust.neighbors as nbm
+
+    x, _ = digits_xy
+    if fast:
+        monkeypatch.setattr(nbm, "IVF_FAST_MIN_ROWS", 1000)
+    whole = nbm.load_or_mine_neighbors(x, None, k=10, exact_max_rows=500, progress=False)
+    monkeypatch.setattr(nbm, "RESUME_FLUSH_ROWS", 512)
+    real, calls = nbm._drop_self, {"n": 0}
+
+    def dies_at_the_sixth_chunk(ids, sims, rows):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # stands in for kill -9: nothing after this point runs
+        return real(ids, sims, rows)
+
+    monkeypatch.setattr(nbm, "_drop_self", dies_at_the_sixth_chunk)
+    monkeypatch.setattr(nbm, "mine_neighbors", _with_chunk(nbm.mine_neighbors, 128))
+    with pytest.raises(KeyboardInterrupt):
+        nbm.load_or_mine_neighbors(x, tmp_path, k=10, exact_max_rows=500, progress=False)
+    partial = next(tmp_path.glob("neighbors-*.partial"))
+    import json
+
+    assert json.loads((partial / "done.json").read_text())["done"] == 512  # 4 chunks of 128 committed, the 5th lost
+    real_build, built = nbm._build_index, []
+    monkeypatch.setattr(nbm, "_build_index", lambda *a: built.append(1) or real_build(*a))
+    calls["n"] = -10**9  # no more kills
+    resumed = nbm.load_or_mine_neighbors(x, tmp_path, k=10, exact_max_rows=500, progress=False)
+    assert not built and resumed.info["resumed_from_row"] == 512
+    assert calls["n"] == -10**9 + int(np.ceil((len(x) - 512) / 128)) + 2  # the rest of the rows + the recall sample
+    np.testing.assert_array_equal(resumed.indptr, whole.indptr)
+    np.testing.assert_array_equal(resumed.indices, whole.indices)
+    assert resumed.info["recall_at_k"] == whole.info["recall_at_k"]
+    assert not list(tmp_path.glob("neighbors-*.partial")) and len(list(tmp_path.glob("neighbors-*.npz"))) == 1
+
+
+def _with_chunk(fn, chunk):
+    def call(*a, **kw):
+        return fn(*a, **{**kw, "chunk": chunk})
+    return call
