@@ -44,6 +44,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     # session 3: self-training only on the images every UMAP run agrees on (refine/confident.py)
     "umap64-kmeans-r3+cst": ("umap-kmeans", {"runs": 3, "pca": 64, "st_confident": True}),
     "umap64-kmeans-r5+cst": ("umap-kmeans", {"runs": 5, "pca": 64, "st_confident": True}),
+    # session 6: UMAP on the signed square root of the features, centred (the default's large candidate since)
+    "umap-sqrt-kmeans": ("umap-kmeans", {"self_train": False, "power": 0.5, "centre": True}),
+    "umap-sqrt-r3+st": ("umap-kmeans", {"runs": 3, "power": 0.5, "centre": True}),
+    "umap-kmeans-r3+st-raw": ("umap-kmeans", {"runs": 3}),  # session 4-5's large candidate
     "spectral-kmeans+st": ("spectral-kmeans", {}),
     "spectral-kmeans-r3+st": ("spectral-kmeans", {"runs": 3}),
     "temi": ("temi", {}),

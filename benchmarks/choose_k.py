@@ -53,8 +53,8 @@ def load_sets(names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]
             split = "train" if name == "fmnist-train-l0" else "test"
             src = open_source(str(Path(shared) / "data" / "fashion-mnist"), split=split)
             bb, size, opts = "efficientnet-lite0", None, {}
-        elif name == "cifar10":
-            src = open_source(str(Path(shared) / "data" / "cifar10-jpg.tar.gz"), split="test")
+        elif name in ("cifar10", "cifar10-train"):
+            src = open_source(str(Path(shared) / "data" / "cifar10-jpg.tar.gz"), split="train" if name == "cifar10-train" else "test")
             bb, size, opts = "efficientnet-lite0", None, {}
         else:
             raise SystemExit(f"unknown set {name}")

@@ -112,6 +112,7 @@ def test_auto_picks_its_candidates_by_data_size_and_pca_feeds_the_embedding(digi
     assert cfg.pool()[:len(DEFAULT_CANDIDATES)] == DEFAULT_CANDIDATES  # saved small-data models keep their index
     # session 4 made full-width UMAP the large candidate; models saved with the former one keep index 2
     assert cfg.pool()[2] == "umap-kmeans?runs=3&pca=64" and set(LARGE_CANDIDATES) <= set(cfg.pool())
+    assert cfg.pool()[3] == "umap-kmeans?runs=3"  # session 6 changed the embedding's input; index 3 keeps session 4's
     assert get_method("auto")(10, {"candidates": ["kmeans"]}).config.for_size(10**6) == ["kmeans"]
     assert (cfg.criterion_for_size(10), cfg.criterion_for_size(cfg.large_from)) == ("generalization", "balanced")
     assert get_method("auto")(10, {"criterion": "knn"}).config.criterion_for_size(10**6) == "knn"
@@ -137,7 +138,7 @@ def test_auto_large_set_runs_end_to_end_and_reloads(digits_xy, tmp_path):
     m = get_method("auto")(10, {"large_from": 500}).fit(x, FitContext(seed=0, progress=False, work_dir=tmp_path))
     sel = m.history_["selection"]
     assert sel["criterion"] == "balanced"
-    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "umap-kmeans?runs=3"]
+    assert [c["name"] for c in sel["candidates"]] == ["kmeans", "umap-kmeans?runs=3&power=0.5&centre=true"]
     best = max(sel["candidates"], key=lambda c: c["balanced"])
     assert sel["chosen"] == best["name"]
     assert cluster_acc(y, m.labels_) > 0.75
@@ -161,3 +162,27 @@ def test_auto_model_saved_with_the_former_large_candidate_still_loads_it(digits_
     m.load_state_dict(state)
     assert m.chosen_.name == "umap-kmeans" and (m.chosen_.config.pca, m.chosen_.config.runs) == (64, 3)
     np.testing.assert_array_equal(m.predict(x), old.predict(x))
+
+
+def test_embedding_input_is_the_signed_root_minus_its_mean_and_only_the_embedding_sees_it(digits_xy, tmp_path):
+    from imgclust.methods.manifold import embedding_input
+
+    x, y = digits_xy
+    assert embedding_input(x) is x  # the default leaves the features alone (same reduce-cache entries as before)
+    z = embedding_input(x - 8.0, power=0.5, centre=True)  # negative entries keep their sign
+    ref = np.sign(x - 8.0) * np.sqrt(np.abs(x - 8.0))
+    np.testing.assert_allclose(z, ref - ref.mean(0, dtype=np.float64), atol=1e-4)
+    assert np.abs(z.mean(0)).max() < 1e-4 and z.dtype == np.float32
+    ctx = FitContext(seed=0, progress=False, work_dir=tmp_path)
+    m = get_method("spectral-kmeans")(10, {"power": 0.5, "centre": True}).fit(x, ctx)
+    plain = get_method("spectral-kmeans")(10).fit(x, ctx)
+    assert m.history_["embedding_input"] == {"power": 0.5, "centre": True} and "embedding_input" not in plain.history_
+    assert len(list(tmp_path.glob("reduced-*.npy"))) == 2  # its own embedding, cached apart from the plain one
+    assert not np.array_equal(m.cluster_labels_, plain.cluster_labels_)
+    assert cluster_acc(y, m.labels_) > 0.8
+    # the self-trained classifier reads the features as they are: a saved model predicts raw features
+    again = get_method("spectral-kmeans")(10, {"power": 0.5, "centre": True})
+    again.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(again.predict(x), m.labels_)
+    with pytest.raises(InputError):
+        get_method("umap-kmeans")(10, {"power": 0})
