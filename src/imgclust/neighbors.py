@@ -53,8 +53,8 @@ Search (faiss, inner product on L2-normalised float32 rows):
   :func:`_build_fast_index`.
 
 Queries run in chunks, so memory stays at ``chunk x (cap + 1)`` candidates plus the result.
-Above ``exact_max_rows`` with a cache directory, the search resumes after a kill (issue 20: about an
-hour at 10M rows): the filled index is written once, the fixed sets go to a memory-mapped
+From ``RESUME_MIN_ROWS`` (1M) rows with a cache directory, the search resumes after a kill (issue 20:
+about an hour at 10M rows): the filled index is written once, the fixed sets go to a memory-mapped
 ``N x k`` file, and ``done.json`` records how many rows are on disk (see :class:`_SearchLog`).
 Sets are stored compactly as CSR arrays: the members of set i are
 ``indices[indptr[i]:indptr[i + 1]]``, sorted by decreasing similarity.
@@ -249,6 +249,9 @@ def _build_fast_index(xn: Any, seed: int) -> tuple[faiss.Index, dict[str, Any]]:
 
 
 RESUME_FLUSH_ROWS = 65_536  # a killed search loses at most this many rows (about a minute at 10M on 2 cores)
+# From this many rows load_or_mine_neighbors searches resumably (the search takes ~15 min at 1M x 384 on 2 cores;
+# below, a kill loses minutes, and the index is not worth writing to disk: 1.5 GB for IVF-flat at 1M x 384)
+RESUME_MIN_ROWS = 1_000_000
 
 
 def _set_search_params(index: faiss.Index, info: dict[str, Any]) -> None:
@@ -277,8 +280,10 @@ class _SearchLog:
             state = json.loads((path / "done.json").read_text())
         except (OSError, ValueError):
             state = None
+        # the directory is the caller's (load_or_mine_neighbors: named by the cache key, which hashes the
+        # features and every parameter); these params only guard against a directory reused by hand
         if state and state.get("params") == self.params and (path / "index.faiss").is_file() \
-                and (path / "ids.npy").is_file():
+                and (int(state.get("done", 0)) == 0 or (path / "ids.npy").is_file()):
             self.done, self.index_info = int(state["done"]), state["index_info"]
 
     def load_index(self) -> faiss.Index | None:
@@ -602,7 +607,7 @@ def _load_or_mine(features: np.ndarray, work_dir: str | Path | None, *, mode: st
             except (OSError, ValueError, KeyError):
                 pass  # unreadable: recompute and overwrite
     resume = None
-    if partial is not None and os.access(partial.parent, os.W_OK):
+    if partial is not None and len(features) >= RESUME_MIN_ROWS and os.access(partial.parent, os.W_OK):
         resume = partial
     sets = mine_neighbors(features, mode=mode, k=k, threshold=threshold, max_neighbors=max_neighbors,
                           exact_max_rows=exact_max_rows, seed=seed, progress=progress, center=center,

@@ -128,6 +128,7 @@ def test_a_search_killed_midway_resumes_from_its_last_committed_row_and_ends_wit
         monkeypatch.setattr(nbm, "IVF_FAST_MIN_ROWS", 1000)
     whole = nbm.load_or_mine_neighbors(x, None, k=10, exact_max_rows=500, progress=False)
     monkeypatch.setattr(nbm, "RESUME_FLUSH_ROWS", 512)
+    monkeypatch.setattr(nbm, "RESUME_MIN_ROWS", 1000)  # 1M in earnest
     real, calls = nbm._drop_self, {"n": 0}
 
     def dies_at_the_sixth_chunk(ids, sims, rows):
