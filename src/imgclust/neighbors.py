@@ -449,7 +449,30 @@ def mine_neighbors(
     info.update(index_info)
     t_search = time.perf_counter()
     if log is not None:
-        return _search_logged(index, xn, log, chunk, progress, info, seed, t_build, t_search)
+        ids_mm, sizes_mm = _search_logged(index, xn, log, chunk, progress)
+    else:
+        sizes, indices = _search_in_memory(index, xn, mode, cap, k_eff, min_sim, idx_dtype, chunk, progress)
+    t_recall = time.perf_counter()
+    if info["index"] != "flat-ip":  # --- issue 20: how good is the approximate index on this data?
+        info.update(_sampled_recall(index, xn, cap, seed))
+    info.update(build_s=round(t_search - t_build, 3), search_s=round(t_recall - t_search, 3),  # issue 20: where
+                recall_s=round(time.perf_counter() - t_recall, 3))  # the time goes at scale
+    del index  # issue 20: the large-N index is 4.3 GB at 10M x 384; free it before the sets are finished
+    if log is not None:  # read back from the memory maps once the index is gone
+        sizes = np.array(sizes_mm)
+        indices = _compact(ids_mm, int(sizes.sum()), idx_dtype)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=indptr[1:])
+    info.update(mean_size=float(sizes.mean()), min_size=int(sizes.min()), max_size=int(sizes.max()))
+    if mode == "adaptive":
+        info["capped_fraction"] = float((sizes >= cap).mean())
+    return NeighborSets(indptr, indices, info)
+
+
+def _search_in_memory(index: faiss.Index, xn: Any, mode: str, cap: int, k_eff: int, min_sim: float, idx_dtype: Any,
+                      chunk: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The search of :func:`mine_neighbors` held in memory: (N,) set sizes and the sets' members in row order."""
+    n = len(xn)
     sizes = np.zeros(n, dtype=np.int64)
     # issue 20: fixed sets fill one preallocated (N x cap) buffer (at 10M x 50 a list of parts plus
     # their concatenation held 2 x 2 GB); adaptive sets vary in size and stay a list of parts.
@@ -476,27 +499,15 @@ def mine_neighbors(
             parts.append(kept)
         bar.update(len(rows))
     bar.close()
-    t_recall = time.perf_counter()
-    if info["index"] != "flat-ip":  # --- issue 20: how good is the approximate index on this data?
-        info.update(_sampled_recall(index, xn, cap, seed))
-    info.update(build_s=round(t_search - t_build, 3), search_s=round(t_recall - t_search, 3),  # issue 20: where
-                recall_s=round(time.perf_counter() - t_recall, 3))  # the time goes at scale
-    del index  # issue 20: the large-N index is 4.3 GB at 10M x 384; free it before the sets are finished
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=indptr[1:])
     if buf is not None:
-        indices = buf if pos == len(buf) else buf[:pos].copy()  # a copy only when the index returned fewer
-    else:
-        indices = np.concatenate(parts) if parts else np.zeros(0, idx_dtype)
-    info.update(mean_size=float(sizes.mean()), min_size=int(sizes.min()), max_size=int(sizes.max()))
-    if mode == "adaptive":
-        info["capped_fraction"] = float((sizes >= cap).mean())
-    return NeighborSets(indptr, indices, info)
+        return sizes, buf if pos == len(buf) else buf[:pos].copy()  # a copy only when the index returned fewer
+    return sizes, np.concatenate(parts) if parts else np.zeros(0, idx_dtype)
 
 
-def _search_logged(index: faiss.Index, xn: Any, log: _SearchLog, chunk: int, progress: bool, info: dict[str, Any],
-                   seed: int, t_build: float, t_search: float) -> NeighborSets:
-    """The fixed-set search of :func:`mine_neighbors`, resumable through ``log``."""
+def _search_logged(index: faiss.Index, xn: Any, log: _SearchLog, chunk: int,
+                   progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-set search of :func:`mine_neighbors`, resumable through ``log``: the (N, cap) ids (-1 padded)
+    and (N,) sizes, memory-mapped; :func:`mine_neighbors` measures recall and builds the CSR sets from them."""
     n, cap = log.n, log.cap
     ids_mm, sizes_mm = log.open()
     bar = progress_bar(n, "neighbours", unit="img", enable=progress and n >= 20_000)
@@ -514,18 +525,7 @@ def _search_logged(index: faiss.Index, xn: Any, log: _SearchLog, chunk: int, pro
             committed = end
         bar.update(len(rows))
     bar.close()
-    t_recall = time.perf_counter()
-    info.update(_sampled_recall(index, xn, cap, seed))
-    info.update(build_s=round(t_search - t_build, 3), search_s=round(t_recall - t_search, 3),
-                recall_s=round(time.perf_counter() - t_recall, 3))
-    del index
-    sizes = np.array(sizes_mm)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=indptr[1:])
-    indices = _compact(ids_mm, int(indptr[-1]), log.dtype)
-    del ids_mm, sizes_mm
-    info.update(mean_size=float(sizes.mean()), min_size=int(sizes.min()), max_size=int(sizes.max()))
-    return NeighborSets(indptr, indices, info)
+    return ids_mm, sizes_mm
 
 
 def features_digest(features: np.ndarray) -> str:
