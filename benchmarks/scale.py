@@ -8,7 +8,8 @@ gloo on 127.0.0.1, launched with torchrun).
     nice -n 10 python benchmarks/scale.py --n 100000 --ratio 2        # heads: 1 vs 2 processes, interleaved
     nice -n 10 python benchmarks/scale.py --n 10000000 --epochs 1     # 10M (needs ~16 GB disk for the memmap)
     ... --n 10000000 --work DIR --stop-after neighbors                # 10M in two sittings: features + neighbours,
-    ... --n 10000000 --work DIR --epochs 1                            # then the rest (the neighbours read from DIR)
+    ... --n 10000000 --work DIR --epochs 1 --checkpoint --reuse-heads # then the rest (the neighbours read from DIR;
+                                                                      # the heads resume inside their epoch after a kill)
 
 Features: a mixture of 100 Gaussians in 384-d (as benchmarks/heads_speed.py), written in blocks of
 100k rows into ``<work>/features.npy`` (open_memmap) so the generator never holds N x D in RAM.
@@ -124,7 +125,7 @@ def pipeline(args) -> dict:
     if args.synthetic_heads:  # the streaming stages alone: consensus + self-training on stand-in head labels
         return streaming_stages(args, x, synthetic_heads(args.n, args.heads, args.k), rows, anon)
     model = get_method("temi")(args.k, {"heads": args.heads, "epochs": args.epochs, "batch_size": args.batch_size,
-                                        "warmup_epochs": 0, "checkpoint": False})  # no resume between cases
+                                        "warmup_epochs": 0, "checkpoint": args.checkpoint})  # off: no resume between cases
     cfg = model.config
     t, cpu = time.perf_counter(), time.process_time()
     # under torchrun rank 0 mines and caches, the others wait and read the cache (inside the call)
@@ -215,7 +216,7 @@ def launch(args, world: int, heads_only: bool) -> dict:
               "--epochs", str(args.epochs), "--k", str(args.k), "--batch-size", str(args.batch_size),
               "--st-epochs", str(args.st_epochs), "--exact-max-rows", str(args.exact_max_rows), "--work", args.work, "--out", str(out),
               "--fast-min-rows", str(args.fast_min_rows)]
-    common += ["--reuse-heads"] * args.reuse_heads + ["--progress"] * args.progress
+    common += ["--reuse-heads"] * args.reuse_heads + ["--progress"] * args.progress + ["--checkpoint"] * args.checkpoint
     common += ["--synthetic-heads"] * args.synthetic_heads
     common += ["--stop-after", args.stop_after] if args.stop_after else []
     if heads_only:
@@ -250,6 +251,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads per process (default: cores / processes)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--reuse-heads", action="store_true", help="reuse the heads' labels a previous run left in --work")
+    ap.add_argument("--checkpoint", action="store_true", help="checkpoint the heads in --work (per epoch and every "
+                    "10 minutes inside one), so a killed 10M run resumes where it stopped")
     ap.add_argument("--progress", action="store_true", help="progress bars (stderr)")
     ap.add_argument("--synthetic-heads", action="store_true", help="skip neighbours and heads: consensus and "
                     "self-training on stand-in head labels (noisy copies of one labelling), the streaming stages alone")

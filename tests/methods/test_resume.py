@@ -8,6 +8,7 @@ import pytest
 
 from imgclust.methods import FitContext, get_method
 from imgclust.train import checkpoint as ckpt_mod
+from imgclust.train import loop as loop_mod
 
 TEMI = {"heads": 4, "epochs": 3, "batch_size": 128, "k": 10, "warmup_epochs": 1, "momentum": 0.9,
         "center_neighbors": True}
@@ -19,7 +20,7 @@ CASES = {
     "icbpl": {"epochs": 3, "refresh_every": 2, "hidden_dim": 64},
 }
 _DROP = ("epoch_s", "train_s", "neighbors_s", "views_s", "prepare_s", "consensus_s", "mean_epoch_s", "seconds",
-         "resumed_from_epoch", "checkpoint", "neighbors")
+         "resumed_from_epoch", "resumed_at_step", "checkpoint", "neighbors")
 
 
 class Killed(BaseException):
@@ -60,6 +61,35 @@ def test_killed_run_resumes_to_identical_labels(name, digits, tmp_path, monkeypa
 
     m = get_method(name)(10, opts).fit(digits, FitContext(seed=3, progress=False, work_dir=work))
     assert m.history_["resumed_from_epoch"] == 1
+    np.testing.assert_array_equal(m.labels_, ref.labels_)
+    assert _comparable(m.history_) == _comparable(ref.history_)
+    if hasattr(ref, "head_labels_"):
+        np.testing.assert_array_equal(m.head_labels_, ref.head_labels_)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_run_killed_inside_an_epoch_resumes_there_to_identical_labels(name, digits, tmp_path, monkeypatch):
+    """Issue 20: the mid-epoch checkpoint (every 10 minutes by default; here after every step) through
+    each method's real batch iterator and step: killed at the 3rd step of epoch 1, resumed at that step."""
+    opts = CASES[name]
+    ref = get_method(name)(10, opts).fit(digits, FitContext(seed=3, progress=False, work_dir=tmp_path / "ref"))
+    monkeypatch.setattr(loop_mod, "MID_EPOCH_CHECKPOINT_S", 0.0)
+    work = tmp_path / "run"
+    real_save = ckpt_mod.Checkpoint.save
+    at: list[int] = []
+
+    def save_then_die(self, payload):
+        real_save(self, payload)
+        if payload.get("partial") and payload["epoch"] == 1 and payload["partial"]["it"] == 2:
+            at.append(payload["step"])
+            raise Killed
+
+    monkeypatch.setattr(ckpt_mod.Checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        get_method(name)(10, opts).fit(digits, FitContext(seed=3, progress=False, work_dir=work))
+    monkeypatch.setattr(ckpt_mod.Checkpoint, "save", real_save)
+    m = get_method(name)(10, opts).fit(digits, FitContext(seed=3, progress=False, work_dir=work))
+    assert m.history_["resumed_from_epoch"] == 1 and m.history_["resumed_at_step"] == at[0]
     np.testing.assert_array_equal(m.labels_, ref.labels_)
     assert _comparable(m.history_) == _comparable(ref.history_)
     if hasattr(ref, "head_labels_"):

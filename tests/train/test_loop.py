@@ -33,7 +33,8 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(D, 8), nn.LayerNorm(8), nn.Dropout(0.3), nn.Linear(8, K))
 
 
-def _train(ckpt: Checkpoint | None, kill_at: tuple[int, int] | None = None, by_perm: bool = False):
+def _train(ckpt: Checkpoint | None, kill_at: tuple[int, int] | None = None, by_perm: bool = False,
+           every_s: float | None = None):
     """Uses every RNG the loop must restore: a batch generator, torch's global one (dropout)
     and numpy's global one (label noise), plus a carried state tensor and an EMA teacher."""
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
@@ -61,7 +62,7 @@ def _train(ckpt: Checkpoint | None, kill_at: tuple[int, int] | None = None, by_p
         return ce, {"ce": ce, "ema": state["ema_loss"]}
 
     spec = LoopSpec(epochs=EPOCHS, name="toy", lr=schedule("warmup-cosine", 0.05, EPOCHS * 4, warmup=3),
-                    clip_grad_norm=1.0, progress=False)
+                    clip_grad_norm=1.0, progress=False, checkpoint_every_s=every_s)
     res = run_loop(model, step, batches, spec, optimizer=opt,
                    after_step=[lambda info: ema_update_(teacher, model, 0.9)],
                    on_epoch_end=lambda e, means, info: {"w_norm": float(model[0].weight.detach().norm())},
@@ -89,6 +90,29 @@ def test_killed_run_resumes_bit_identical(tmp_path, by_perm):
     # a run resumed from a finished checkpoint trains nothing and returns the same
     model2, _, res2, _ = _train(ckpt, by_perm=by_perm)
     assert res2.resumed_from == EPOCHS and _same(model2, ref_model) and res2.history == ref.history
+
+
+@pytest.mark.parametrize("by_perm", [False, True])
+def test_a_run_killed_inside_an_epoch_resumes_from_its_mid_epoch_checkpoint_bit_identical(tmp_path, by_perm):
+    """Issue 20: one epoch can last hours (50 heads on 10M rows), so the loop also checkpoints inside an
+    epoch (every ``checkpoint_every_s``; 0 here: after every step). Killed at the 3rd step of epoch 2,
+    the re-run starts at that step, not at the epoch's start, and still ends bit-identical: the batch
+    order comes back from the start-of-epoch RNG states, the in-step draws from the saved ones."""
+    ref_model, ref_teacher, ref, ref_state = _train(None, by_perm=by_perm)
+    ckpt = Checkpoint.in_dir(tmp_path, "toy", seed=0)
+    with pytest.raises(Killed):
+        _train(ckpt, kill_at=(2, 2), by_perm=by_perm, every_s=0)
+    saved = ckpt.load()
+    assert saved["epoch"] == 2 and saved["partial"]["it"] == 2 and saved["step"] == 2 * N // BS + 2
+    model, teacher, res, state = _train(ckpt, by_perm=by_perm, every_s=0)
+    assert res.resumed_from == 2 and res.resumed_at_step == 2 * N // BS + 2 and res.steps == ref.steps
+    assert _same(model, ref_model) and _same(teacher, ref_teacher)
+    assert res.history == ref.history and torch.equal(state["ema_loss"], ref_state["ema_loss"])
+    # control: with the default period (10 minutes) the same kill leaves only the epoch-level checkpoint
+    ckpt2 = Checkpoint.in_dir(tmp_path / "default", "toy", seed=0)
+    with pytest.raises(Killed):
+        _train(ckpt2, kill_at=(2, 2), by_perm=by_perm)
+    assert "partial" not in ckpt2.load() and ckpt2.load()["step"] == 2 * N // BS
 
 
 def test_sigkilled_process_resumes_bit_identical(tmp_path):

@@ -231,6 +231,7 @@ class TEMI(ClusteringMethod):
             "best_head": self.best_head_, "head_losses": [float(v) for v in head_mean],
             "best_head_cluster_sizes": np.bincount(self.labels_, minlength=self.n_clusters).tolist(),
             **run, "epoch_s": res.epoch_s, "resumed_from_epoch": res.resumed_from,
+            "resumed_at_step": res.resumed_at_step,
             "checkpoint": None if ckpt.path is None else str(ckpt.path),
         }
 

@@ -14,15 +14,26 @@ per-epoch batch iterator; :func:`run_loop` does the rest, identically for all of
    accumulators), and the RNG states: torch's global generator, numpy's global generator and
    every ``generators`` entry (the generators that draw batches, neighbours, augmentations).
 
-On start the loop loads a matching checkpoint and continues after its last finished epoch, so
-a run killed at any point resumes to bit-identical parameters and history: batches of an epoch
-are drawn either from generators restored to their state at that epoch's start, or from a
-permutation derived from ``(seed, epoch)`` alone (:func:`epoch_permutation`).
+3. inside an epoch that runs longer than ``spec.checkpoint_every_s`` (default
+   :data:`MID_EPOCH_CHECKPOINT_S`, 10 minutes): a mid-epoch checkpoint every that many seconds,
+   which also holds the step within the epoch, the epoch's running sums, and the RNG states at
+   the epoch's start (issue 20: one epoch of 50 heads on 10M rows is ~1.6 h of two cores, and an
+   epoch-level checkpoint alone would lose all of it to a kill).
+
+On start the loop loads a matching checkpoint and continues after its last finished epoch, or
+inside the epoch it was saved in, so a run killed at any point resumes to bit-identical
+parameters and history: batches of an epoch are drawn either from generators restored to their
+state at that epoch's start, or from a permutation derived from ``(seed, epoch)`` alone
+(:func:`epoch_permutation`). A mid-epoch resume rebuilds the epoch's batch iterator from the
+start-of-epoch RNG states, skips the batches already trained on, then restores the RNG states
+saved at the checkpoint, so the draws made inside the steps (neighbours, augmentations, dropout)
+continue where they stopped.
 """
 
 from __future__ import annotations
 
 import time
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +46,8 @@ from imgclust.nonfinite import check_finite
 from imgclust.progress import progress_bar
 from imgclust.train import dist
 from imgclust.train.checkpoint import Checkpoint
+
+MID_EPOCH_CHECKPOINT_S = 600.0  # seconds between mid-epoch checkpoints (only epochs longer than this get one)
 
 
 @dataclass
@@ -49,6 +62,7 @@ class LoopSpec:
     option_value: Any = None  # ... and its current value
     progress: bool = True
     postfix: Sequence[str] = ()  # logged components shown on the progress bar (default: loss)
+    checkpoint_every_s: float | None = None  # mid-epoch checkpoints (None: MID_EPOCH_CHECKPOINT_S; <= 0: every step)
 
 
 @dataclass
@@ -67,6 +81,7 @@ class LoopResult:
     steps: int  # optimiser steps done in total
     resumed_from: int | None  # epochs already done in the loaded checkpoint (None: fresh start)
     epoch_s: list[float] = field(default_factory=list)  # wall seconds per epoch (not bit-reproducible)
+    resumed_at_step: int | None = None  # the global step a mid-epoch checkpoint resumed at (None: none)
 
 
 StepOut = torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]
@@ -87,6 +102,18 @@ def _np_state() -> dict[str, Any]:
 
 def _set_np_state(s: Mapping[str, Any]) -> None:
     np.random.set_state((s["kind"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+
+
+def _rng_states(generators: Sequence[torch.Generator]) -> dict[str, Any]:
+    return {"generators": [g.get_state() for g in generators], "torch_rng": torch.get_rng_state(),
+            "numpy_rng": _np_state()}
+
+
+def _set_rng_states(generators: Sequence[torch.Generator], s: Mapping[str, Any]) -> None:
+    for g, gs in zip(generators, s["generators"], strict=True):
+        g.set_state(gs)
+    torch.set_rng_state(s["torch_rng"])
+    _set_np_state(s["numpy_rng"])
 
 
 def run_loop(
@@ -118,15 +145,14 @@ def run_loop(
     step = 0
     start = 0
     resumed_from = None
+    resumed_at_step = None
+    partial: dict[str, Any] | None = None
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         for name, m in mods.items():
             m.load_state_dict(saved["modules"][name])
         optimizer.load_state_dict(saved["optimizer"])
-        for g, s in zip(generators, saved["generators"], strict=True):
-            g.set_state(s)
-        torch.set_rng_state(saved["torch_rng"])
-        _set_np_state(saved["numpy_rng"])
+        _set_rng_states(generators, saved)
         devices = {k: v.device for k, v in state.items() if isinstance(v, torch.Tensor)}
         state.clear()
         state.update({k: v.to(devices[k]) if k in devices and isinstance(v, torch.Tensor) else v
@@ -135,16 +161,40 @@ def run_loop(
         epoch_s = list(saved["epoch_s"])
         step, start = int(saved["step"]), int(saved["epoch"])
         resumed_from = start
+        partial = saved.get("partial")  # a mid-epoch checkpoint: epoch `start` is under way
+
+    every = MID_EPOCH_CHECKPOINT_S if spec.checkpoint_every_s is None else float(spec.checkpoint_every_s)
+    saving = checkpoint is not None and checkpoint.path is not None and dist.is_main()
+
+    def payload(epoch_done: int) -> dict[str, Any]:
+        return {"epoch": epoch_done, "step": step, "history": history, "epoch_s": epoch_s, "state": state,
+                "modules": {k: m.state_dict() for k, m in mods.items()}, "optimizer": optimizer.state_dict(),
+                **_rng_states(generators)}
 
     lr = None if spec.lr is None else np.asarray(spec.lr, dtype=np.float64)
     bar = progress_bar(spec.epochs, spec.name, unit="epoch", initial=min(start, spec.epochs), enable=spec.progress)
     try:
         for epoch in range(start, spec.epochs):
-            t0 = time.perf_counter()
             sums: dict[str, float] = {}
-            n_steps = 0
-            info = StepInfo(epoch, step, 0, state)
-            for it, batch in enumerate(batches(epoch)):
+            n_steps = skip = 0
+            elapsed = 0.0
+            if partial is not None and int(partial["epoch"]) == epoch:
+                now = _rng_states(generators)  # the states at the checkpoint (loaded above)
+                _set_rng_states(generators, partial["at_start"])
+                sums, n_steps = {k: float(v) for k, v in partial["sums"].items()}, int(partial["n_steps"])
+                skip, elapsed = int(partial["it"]), float(partial["elapsed"])
+                resumed_at_step = step
+            at_start = _rng_states(generators)
+            t0 = time.perf_counter() - elapsed
+            last_save = time.perf_counter()
+            it_batches = iter(batches(epoch))
+            if skip:  # the batches trained on before the checkpoint: drawn again (same RNG), not trained on
+                for _ in itertools.islice(it_batches, skip):
+                    pass
+                _set_rng_states(generators, now)
+            partial = None
+            info = StepInfo(epoch, step, skip, state)
+            for it, batch in enumerate(it_batches, start=skip):
                 info = StepInfo(epoch, step, it, state)
                 if lr is not None:
                     for g in optimizer.param_groups:
@@ -166,6 +216,12 @@ def run_loop(
                     sums[k] = sums.get(k, 0.0) + (float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
                 n_steps += 1
                 step += 1
+                if saving and time.perf_counter() - last_save >= every:
+                    checkpoint.save({**payload(epoch), "partial": {
+                        "epoch": epoch, "it": it + 1, "sums": dict(sums), "n_steps": n_steps,
+                        "elapsed": time.perf_counter() - t0, "at_start": at_start}})
+                    last_save = time.perf_counter()
+                    bar.set_postfix({"step": f"{it + 1}", "saved": time.strftime("%H:%M")})
             means = {k: v / max(n_steps, 1) for k, v in sums.items()}
             for k, v in means.items():
                 history.setdefault(k, []).append(v)
@@ -173,17 +229,11 @@ def run_loop(
             for k, v in (extra or {}).items():
                 history.setdefault(k, []).append(v)
             epoch_s.append(round(time.perf_counter() - t0, 3))
-            if checkpoint is not None and dist.is_main():
-                checkpoint.save({
-                    "epoch": epoch + 1, "step": step, "history": history, "epoch_s": epoch_s, "state": state,
-                    "modules": {k: m.state_dict() for k, m in mods.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "generators": [g.get_state() for g in generators],
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": _np_state(),
-                })
+            if saving:
+                checkpoint.save(payload(epoch + 1))
             shown = tuple(spec.postfix) or ("loss",)
             bar.set_postfix({k: f"{means[k]:.4f}" for k in shown if k in means})
             bar.update(1)
     finally:
         bar.close()
-    return LoopResult(history, step, resumed_from, epoch_s)
+    return LoopResult(history, step, resumed_from, epoch_s, resumed_at_step)

@@ -37,6 +37,7 @@ def run_epochs(method: Any, ctx: Any, data: np.ndarray, model: nn.Module, step: 
     res = run_loop(model, step, batches, spec, optimizer=optimizer, on_epoch_end=on_epoch_end, generators=[generator],
                    state=state, checkpoint=ckpt)
     return res, {"epoch_s": res.epoch_s, "resumed_from_epoch": res.resumed_from,
+                 "resumed_at_step": res.resumed_at_step,
                  "checkpoint": None if ckpt.path is None else str(ckpt.path)}
 
 
