@@ -32,8 +32,8 @@ continue where they stopped.
 
 from __future__ import annotations
 
-import time
 import itertools
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
