@@ -220,3 +220,41 @@ def test_loop_applies_schedule_per_step():
     run_loop(model, step, lambda e: [torch.ones(1, 1)] * 2,
              LoopSpec(epochs=2, lr=[0.4, 0.3, 0.2, 0.1], progress=False), optimizer=opt)
     assert seen == [(0.4, 0.2), (0.3, 0.15), (0.2, 0.1), (0.1, 0.05)]
+
+
+def test_the_bar_counts_steps_when_the_epoch_length_is_known_and_a_mid_epoch_resume_starts_at_its_step(tmp_path):
+    """Issue 20: a 10M-row epoch lasts ~1.6 h; an epoch-unit bar would sit at 0/1 all that time."""
+    from imgclust.progress import record_progress
+
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def event(self, name, **f):
+            self.events.append(f)
+
+    model = nn.Linear(2, 1)
+    opt = build_optimizer("sgd", model, lr=0.1)
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+
+    def step(rows, info):
+        if info.step == stop_at[0]:
+            raise Killed
+        return model(x[rows]).pow(2).mean()
+
+    def run(ckpt):
+        spec = LoopSpec(epochs=3, name="toy steps", progress=False, steps_per_epoch=4, checkpoint_every_s=0)
+        run_loop(model, step, lambda e: (torch.arange(i, i + 10) for i in range(0, 40, 10)), spec,
+                 optimizer=opt, checkpoint=ckpt)
+
+    ckpt = Checkpoint.in_dir(tmp_path, "toy", seed=0)
+    stop_at = [6]  # killed at the 3rd step of epoch 1
+    sink = Sink()
+    with record_progress(sink), pytest.raises(Killed):
+        run(ckpt)
+    stop_at = [-1]
+    sink2 = Sink()
+    with record_progress(sink2):
+        run(ckpt)
+    assert sink.events[0]["total"] == 12 and sink.events[-1]["n"] == 6
+    assert sink2.events[0]["n"] == 6 and sink2.events[-1]["n"] == sink2.events[-1]["total"] == 12

@@ -207,7 +207,7 @@ class TEMI(ClusteringMethod):
         lr = schedule("warmup-cosine", cfg.lr, total, final=cfg.min_lr, warmup=cfg.warmup_epochs * steps_per_epoch)
         res = run_loop(student, step, batches,
                        LoopSpec(cfg.epochs, f"{self.name} heads", lr=lr, option="lr", option_value=cfg.lr,
-                                progress=ctx.progress, postfix=("pmi", "ce", "loss")),
+                                progress=ctx.progress, postfix=("pmi", "ce", "loss"), steps_per_epoch=steps_per_epoch),
                        optimizer=opt, after_step=[lambda info: ema_update_(teacher, student, cfg.momentum)],
                        on_epoch_end=epoch_end, modules={"teacher": teacher}, generators=[gen], state=state,
                        checkpoint=ckpt)

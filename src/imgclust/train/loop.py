@@ -63,6 +63,7 @@ class LoopSpec:
     progress: bool = True
     postfix: Sequence[str] = ()  # logged components shown on the progress bar (default: loss)
     checkpoint_every_s: float | None = None  # mid-epoch checkpoints (None: MID_EPOCH_CHECKPOINT_S; <= 0: every step)
+    steps_per_epoch: int | None = None  # known: the progress bar counts steps (ETA inside a long epoch)
 
 
 @dataclass
@@ -172,7 +173,12 @@ def run_loop(
                 **_rng_states(generators)}
 
     lr = None if spec.lr is None else np.asarray(spec.lr, dtype=np.float64)
-    bar = progress_bar(spec.epochs, spec.name, unit="epoch", initial=min(start, spec.epochs), enable=spec.progress)
+    per = int(spec.steps_per_epoch or 0)  # > 0: the bar counts steps, not epochs
+    done = min(start, spec.epochs)
+    bar = (progress_bar(spec.epochs * per, spec.name, unit="step",
+                        initial=done * per + (int(partial["it"]) if partial is not None and done < spec.epochs else 0),
+                        enable=spec.progress) if per > 0 else
+           progress_bar(spec.epochs, spec.name, unit="epoch", initial=done, enable=spec.progress))
     try:
         for epoch in range(start, spec.epochs):
             sums: dict[str, float] = {}
@@ -221,7 +227,9 @@ def run_loop(
                         "epoch": epoch, "it": it + 1, "sums": dict(sums), "n_steps": n_steps,
                         "elapsed": time.perf_counter() - t0, "at_start": at_start}})
                     last_save = time.perf_counter()
-                    bar.set_postfix({"step": f"{it + 1}", "saved": time.strftime("%H:%M")})
+                    bar.set_postfix({"epoch": f"{epoch + 1}/{spec.epochs}", "saved": time.strftime("%H:%M")})
+                if per > 0:
+                    bar.update(1)
             means = {k: v / max(n_steps, 1) for k, v in sums.items()}
             for k, v in means.items():
                 history.setdefault(k, []).append(v)
@@ -233,7 +241,8 @@ def run_loop(
                 checkpoint.save(payload(epoch + 1))
             shown = tuple(spec.postfix) or ("loss",)
             bar.set_postfix({k: f"{means[k]:.4f}" for k in shown if k in means})
-            bar.update(1)
+            if per <= 0:
+                bar.update(1)
     finally:
         bar.close()
     return LoopResult(history, step, resumed_from, epoch_s, resumed_at_step)
