@@ -52,6 +52,16 @@ VARIANTS: dict[str, dict] = {
     "f30r3-st": {"nn": 30, "runs": 3, "pca": 0, "post": "st"},
     "f30r3-conf-st": {"nn": 30, "runs": 3, "pca": 0, "post": "conf-st"},
     "f30r1-st": {"nn": 30, "runs": 1, "pca": 0, "post": "st"},
+    # session 6-7: the default's UMAP input, sign(x) sqrt|x| centred (manifold.embedding_input), full width;
+    # -gmm: N2D's clusterer (n_init 1 / 5); -mixN: the consensus also takes N k-means runs on the features
+    # (raw: as they are, sqrt: the same input as the UMAP), i.e. an ensemble across the two kinds of candidate
+    "s30r1": {"nn": 30, "runs": 1, "pca": 0, "input": "sqrt"},
+    "s30r1-gmm": {"nn": 30, "runs": 1, "pca": 0, "input": "sqrt", "clusterer": "gmm", "n_init": 1},
+    "s30r1-gmm5": {"nn": 30, "runs": 1, "pca": 0, "input": "sqrt", "clusterer": "gmm", "n_init": 5},
+    "s30r3": {"nn": 30, "runs": 3, "pca": 0, "input": "sqrt"},
+    "s30r3-mix2": {"nn": 30, "runs": 3, "pca": 0, "input": "sqrt", "mix": {"raw": 2}},
+    "s30r3-mix2s": {"nn": 30, "runs": 3, "pca": 0, "input": "sqrt", "mix": {"sqrt": 2}},
+    "s30r3-mix4": {"nn": 30, "runs": 3, "pca": 0, "input": "sqrt", "mix": {"raw": 2, "sqrt": 2}},
 }
 
 
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from imgclust.config import parse_options
     from imgclust.consensus import consensus
     from imgclust.methods import FitContext, get_method
-    from imgclust.methods.manifold import cluster_embedding, pca_project
+    from imgclust.methods.manifold import cluster_embedding, embedding_input, pca_project
     from imgclust.metrics import cluster_acc
     from imgclust.reduce import ReduceSpec, reduce_features
     from imgclust.refine.confident import confident_self_train
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         graph = knn_graph(x, k_nn=20)[0]
         if args.graph_cache is not None:
             np.save(args.graph_cache, graph)
-    pcs: dict[int, np.ndarray] = {}
+    pcs: dict[tuple, np.ndarray] = {}
+    inputs = {"raw": lambda: x, "sqrt": lambda: embedding_input(x, 0.5, True)}
     rows = []
     print("| variant | train ACC | train NMI | generalization | knn | balanced | s |\n|---|---:|---:|---:|---:|---:|---:|",
           flush=True)
@@ -106,15 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         if v.get("base") == "kmeans":
             lab = get_method("kmeans")(k, {}).fit(x, FitContext(seed=seed, progress=False, work_dir=work)).labels_
         else:
-            p = v.get("pca", 64)
-            if p not in pcs:
-                pcs[p] = pca_project(x, p) if p > 0 else x  # 0: full width (as umap-kmeans pca=0)
+            p, inp = v.get("pca", 64), v.get("input", "raw")
+            if (inp, p) not in pcs:
+                xi = inputs[inp]()
+                pcs[inp, p] = pca_project(xi, p) if p > 0 else xi  # 0: full width (as umap-kmeans pca=0)
             spec = ReduceSpec("umap", v.get("dim", 10), n_neighbors=v["nn"], min_dist=0.0)
             runs = []
             for r in range(v["runs"]):
-                z, info = reduce_features(pcs[p], spec, seed=seed + r, cache_dir=work, progress=False)
+                z, info = reduce_features(pcs[inp, p], spec, seed=seed + r, cache_dir=work, progress=False)
                 print(f"  {name} run {r}: UMAP {info.get('cache')} {info.get('seconds')} s", file=sys.stderr, flush=True)
-                runs.append(cluster_embedding(z, k, v.get("clusterer", "kmeans"), 10, seed + r))
+                runs.append(cluster_embedding(z, k, v.get("clusterer", "kmeans"), v.get("n_init", 10), seed + r))
+            for kind, count in v.get("mix", {}).items():  # k-means runs on the features join the ensemble
+                runs += [cluster_embedding(inputs[kind](), k, "kmeans", 10, seed + i) for i in range(count)]
             runs_a = np.stack(runs).astype(np.int32)
             if len(runs) > 1:
                 lab = consensus(runs_a, k, methods=["hbgf", "mcla"], seed=seed).labels.astype(np.int64)
