@@ -185,7 +185,6 @@ def run_loop(
             n_steps = skip = 0
             elapsed = 0.0
             if partial is not None and int(partial["epoch"]) == epoch:
-                now = _rng_states(generators)  # the states at the checkpoint (loaded above)
                 _set_rng_states(generators, partial["at_start"])
                 sums, n_steps = {k: float(v) for k, v in partial["sums"].items()}, int(partial["n_steps"])
                 skip, elapsed = int(partial["it"]), float(partial["elapsed"])
@@ -197,7 +196,7 @@ def run_loop(
             if skip:  # the batches trained on before the checkpoint: drawn again (same RNG), not trained on
                 for _ in itertools.islice(it_batches, skip):
                     pass
-                _set_rng_states(generators, now)
+                _set_rng_states(generators, saved)  # back to the states at the checkpoint
             partial = None
             info = StepInfo(epoch, step, skip, state)
             for it, batch in enumerate(it_batches, start=skip):
