@@ -171,7 +171,7 @@ def head_labels(args):
     heads = MultiHeadClassifier(64, 7, 5, "l2", generator=torch.Generator().manual_seed(0))
     whole = wrap.multihead_labels(heads, x, 100)
     rows, real = [], wrap.multihead_labels
-    wrap.multihead_labels = lambda h, f, c=None: rows.append(len(f)) or real(h, f, c)
+    wrap.multihead_labels = lambda h, f, c=None, progress=False: rows.append(len(f)) or real(h, f, c)
     got = wrap.multihead_labels_sharded(heads, x, 100)
     same = dist.all_gather_cat(torch.from_numpy(got.astype(np.int64))[None])
     return {"rows": dist.all_gather_cat(torch.tensor(rows)).tolist(), "equal_whole": bool((got == whole).all()),

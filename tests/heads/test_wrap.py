@@ -77,3 +77,31 @@ def test_projection_standardizes_encodes_and_reloads():
     state["head.net.0.weight"] = state["head.net.0.weight"] * float("nan")
     with pytest.raises(InputError, match="non-finite"):
         Projection.from_state(state, "head.", 3, 8)
+
+
+def test_labelling_many_rows_reports_progress_and_keeps_the_labels(monkeypatch):
+    """Issue 20: at 10M rows x 50 heads the labelling after the last step takes ~12 min, and it was silent."""
+    import imgclust.heads.wrap as wrap
+    from imgclust.progress import record_progress
+
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def event(self, name, **f):
+            self.events.append((name, f))
+
+    heads = MultiHeadClassifier(8, 4, 3, "l2", generator=torch.Generator().manual_seed(0))
+    x = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
+    quiet = multihead_labels(heads, x, chunk=9)
+    monkeypatch.setattr(wrap, "LABEL_BAR_MIN_ROWS", 30)
+    big, small = Sink(), Sink()
+    with record_progress(big):
+        labels = multihead_labels(heads, x, chunk=9)
+    with record_progress(small):
+        multihead_labels(heads, x[:20], chunk=9)
+    np.testing.assert_array_equal(labels, quiet)
+    assert big.events and all(name == "progress" for name, _ in big.events)
+    assert "3 heads" in big.events[-1][1]["stage"]
+    assert big.events[-1][1]["n"] == big.events[-1][1]["total"] == 40
+    assert small.events == []  # below the threshold: no bar, no log noise

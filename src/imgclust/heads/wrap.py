@@ -80,25 +80,42 @@ def multihead_logits(heads: nn.Module, features: np.ndarray, head: int | None = 
     return np.concatenate(outs, axis=-2)
 
 
+#: :func:`multihead_labels` shows a bar from this many rows (10M rows x 50 heads: ~12 minutes of labelling
+#: after the last training step, which used to be silent; below 1M rows it takes seconds)
+LABEL_BAR_MIN_ROWS = 1_000_000
+
+
 @torch.no_grad()
-def multihead_labels(heads: nn.Module, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
+def multihead_labels(heads: nn.Module, features: np.ndarray, chunk: int | None = None,
+                     progress: bool = False) -> np.ndarray:
     """The cluster of every row under every head of a batched multi-head module: (H, N) int16
     (int32 above 32,768 clusters), ``chunk`` rows at a time so the (H, N, K) logits never exist at once.
 
     Issue 20: by default blocks of 2^24 logits (64 MB: 3,355 rows at 50 heads x K = 100, where 65,536
-    rows were 1.3 GB), and int16 labels (1 GB at 10M x 50 heads instead of 2 GB)."""
+    rows were 1.3 GB), and int16 labels (1 GB at 10M x 50 heads instead of 2 GB). From
+    :data:`LABEL_BAR_MIN_ROWS` rows it reports progress (a bar when ``progress``; the run log always)."""
     heads.eval()
     x = np.asarray(features, dtype=np.float32)
     k = int(heads.n_clusters)
     chunk = chunk or max(256, (1 << 24) // max(1, heads.n_heads * k))
     out = np.zeros((heads.n_heads, len(x)), dtype=np.int16 if k <= 2**15 else np.int32)
+    bar = None
+    if len(x) >= LABEL_BAR_MIN_ROWS:
+        from imgclust.progress import progress_bar
+
+        bar = progress_bar(len(x), f"label rows under {heads.n_heads} heads", unit="row", enable=progress)
     for s in range(0, len(x), chunk):
         xb = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk]))
         out[:, s:s + len(xb)] = heads(xb).argmax(-1).numpy()
+        if bar is not None:
+            bar.update(len(xb))
+    if bar is not None:
+        bar.close()
     return out
 
 
-def multihead_labels_sharded(heads: nn.Module, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
+def multihead_labels_sharded(heads: nn.Module, features: np.ndarray, chunk: int | None = None,
+                             progress: bool = False) -> np.ndarray:
     """:func:`multihead_labels` of every row on every rank, each rank labelling only its contiguous share
     (``dist.shard``) and the shares all-gathered (issue 20: at 10M x 50 heads the labelling is ~1,300 CPU s,
     which P ranks on one machine used to repeat P times). Every rank must call it (a collective). The
@@ -107,11 +124,12 @@ def multihead_labels_sharded(heads: nn.Module, features: np.ndarray, chunk: int 
     from imgclust.train import dist
 
     if dist.world_size() == 1:
-        return multihead_labels(heads, features, chunk)
+        return multihead_labels(heads, features, chunk, progress=progress)
     n, p = len(features), dist.world_size()
     mine, per = dist.shard(n), -(-n // p)
     local = np.zeros((heads.n_heads, per), np.int32)
-    local[:, :len(mine)] = multihead_labels(heads, features[mine.start:mine.stop], chunk)
+    local[:, :len(mine)] = multihead_labels(heads, features[mine.start:mine.stop], chunk,
+                                            progress=progress and dist.is_main())
     parts = dist.all_gather_cat(torch.from_numpy(local)[None], 0).numpy()
     out = np.empty((heads.n_heads, n), dtype=np.int16 if int(heads.n_clusters) <= 2**15 else np.int32)
     for r in range(p):
