@@ -152,6 +152,10 @@ def cluster(
         if fresh:  # bad input found before any output: leave no runs/<timestamp> holding only a log
             _drop_if_only_log(out)
         raise
+    from imgclust.train import dist
+
+    if not dist.is_main():  # under torchrun only rank 0 owns the run directory (the others ran into scratch)
+        return
     if fresh:
         point_latest(out)
     _print_summary(summary, out)
@@ -626,6 +630,15 @@ def _interrupted_exit() -> None:
     sys.exit(143 if term else 130)
 
 
+def _end_process_group(ordered: bool) -> None:
+    """Under torchrun: destroy the process group before the interpreter exits (ranks in step after a
+    finished command, at once after an error). Nothing to do when torch.distributed was never loaded."""
+    if "torch.distributed" in sys.modules:
+        from imgclust.train import dist
+
+        dist.shutdown(ordered=ordered)
+
+
 def main() -> None:
     try:
         signal.signal(signal.SIGTERM, _on_signal)
@@ -641,8 +654,10 @@ def main() -> None:
     # imgclust's own warnings: one line each ("warning: ..."); library warnings go to the
     # run's log.jsonl, with one summary line at exit
     route_warnings()
+    ok = False
     try:
         rv = app(standalone_mode=False)
+        ok = True
     except ImgclustError as e:
         report_warnings()
         typer.echo(f"error: {e}", err=True)
@@ -666,6 +681,8 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    finally:
+        _end_process_group(ordered=ok and not _signal_seen)
     report_warnings()
     if _signal_seen:  # typer caught the KeyboardInterrupt and returned 130
         _interrupted_exit()

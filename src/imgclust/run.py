@@ -64,10 +64,14 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrit
     if dist.init_from_env() and not dist.is_main() and not _IN_RANK_SCRATCH:
         import tempfile
 
+        import dataclasses
+
         _IN_RANK_SCRATCH.append(True)
         try:
             with tempfile.TemporaryDirectory(prefix=f"imgclust-rank{dist.rank()}-") as scratch:
-                return cluster(cfg, Path(scratch) / "run", progress=False, overwrite=True)
+                # no report: it takes no part in any collective, and rank 0 writes the one a user reads
+                return cluster(dataclasses.replace(cfg, report=False), Path(scratch) / "run", progress=False,
+                               overwrite=True)
         finally:
             _IN_RANK_SCRATCH.clear()
     # --- end issue 20

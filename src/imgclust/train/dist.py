@@ -63,10 +63,18 @@ def init_from_env() -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Tear the process group down (call before the process exits)."""
+def shutdown(ordered: bool = True) -> None:
+    """Tear the process group down (call before the process exits).
+
+    ``ordered`` (the normal end of a job): first wait until every rank has got here, so no rank closes
+    its gloo connections while a peer still works with the group; a rank that tears down while its
+    peer is still in a collective or in its own teardown can abort in gloo's threads ("terminate called
+    without an active exception"). After an error, ``ordered=False``: the other ranks may never arrive.
+    """
     d = _dist()
     if d:
+        if ordered:
+            d.barrier()
         d.destroy_process_group()
 
 
@@ -146,22 +154,40 @@ def shard(n: int, r: int | None = None, w: int | None = None) -> range:
     return range(lo, hi)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """A sum over ranks that gradients flow through (the backward of a sum is the sum of the gradients).
+
+    Written here rather than ``torch.distributed.nn.functional.all_reduce``: that one is deprecated
+    (a FutureWarning on every call), and its replacement, ``_functional_collectives``, is private API.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as d
+
+        y = x.clone(memory_format=torch.contiguous_format)
+        d.all_reduce(y, op=d.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _SumOverRanks.apply(grad)
+
+
 def batch_norm(bn: torch.nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     """``bn(x)`` with the batch statistics of the *global* batch (every rank's rows), in training mode.
 
     ``torch.nn.SyncBatchNorm`` does this on GPUs but refuses CPU tensors ("expected input tensor
     to be on GPU"), so on gloo it is written here: the mean, then the biased variance around it
     (two passes, as BatchNorm computes them), each summed over ranks with the *differentiable*
-    ``torch.distributed.nn.functional.all_reduce`` — its backward sums the statistics' gradients
-    over ranks, so after :func:`all_reduce_grads` every parameter has the single-process gradient
-    of the global batch. Running statistics are updated as BatchNorm does (unbiased variance of
+    :class:`_SumOverRanks` — its backward sums the statistics' gradients over ranks, so after
+    :func:`all_reduce_grads` every parameter has the single-process gradient of the global batch. Running statistics are updated as BatchNorm does (unbiased variance of
     the global batch). One process, eval mode or no running process group: plain ``bn(x)``.
     """
     d = _dist()
     if d is None or d.get_world_size() == 1 or not bn.training:
         return bn(x)
-    from torch.distributed.nn.functional import all_reduce
-
+    all_reduce = _SumOverRanks.apply
     n = all_reduce(torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device))
     mean = all_reduce(x.sum(0)) / n
     var = all_reduce(((x - mean) ** 2).sum(0)) / n  # biased, as the normalisation uses
