@@ -62,9 +62,8 @@ def cluster(cfg: RunConfig, out_dir: str | Path, progress: bool = True, overwrit
     from imgclust.train import dist
 
     if dist.init_from_env() and not dist.is_main() and not _IN_RANK_SCRATCH:
-        import tempfile
-
         import dataclasses
+        import tempfile
 
         _IN_RANK_SCRATCH.append(True)
         try:

@@ -181,8 +181,9 @@ def batch_norm(bn: torch.nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     to be on GPU"), so on gloo it is written here: the mean, then the biased variance around it
     (two passes, as BatchNorm computes them), each summed over ranks with the *differentiable*
     :class:`_SumOverRanks` — its backward sums the statistics' gradients over ranks, so after
-    :func:`all_reduce_grads` every parameter has the single-process gradient of the global batch. Running statistics are updated as BatchNorm does (unbiased variance of
-    the global batch). One process, eval mode or no running process group: plain ``bn(x)``.
+    :func:`all_reduce_grads` every parameter has the single-process gradient of the global batch.
+    Running statistics are updated as BatchNorm does (unbiased variance of the global batch).
+    One process, eval mode or no running process group: plain ``bn(x)``.
     """
     d = _dist()
     if d is None or d.get_world_size() == 1 or not bn.training:
