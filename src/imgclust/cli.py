@@ -9,6 +9,7 @@ rerunning resumes from the feature cache.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import warnings
@@ -636,7 +637,11 @@ def _end_process_group(ordered: bool) -> None:
     if "torch.distributed" in sys.modules:
         from imgclust.train import dist
 
-        dist.shutdown(ordered=ordered)
+        try:
+            dist.shutdown(ordered=ordered)
+        except Exception:  # a peer died during the closing barrier: the command's own exit code stands
+            with contextlib.suppress(Exception):
+                dist.shutdown(ordered=False)
 
 
 def main() -> None:
